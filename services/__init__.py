@@ -1,0 +1,1 @@
+"""Entry points of the remote-mvc services: thin wiring around the library."""

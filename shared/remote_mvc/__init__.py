@@ -1,0 +1,51 @@
+"""remote-mvc: remote observable models over Pyro5.
+
+A model server holds a typed, versioned, durable model; controllers change it
+through authenticated, audited calls; viewers anywhere on the network are told
+of every change, in order, and catch up after any gap.
+"""
+
+from .audit import AuditLog, read_audit
+from .auth import Credentials, Identity, generate_credentials
+from .config import Settings
+from .controller import AuthProxy, ModelClient, connect, resolve
+from .errors import (
+    AuthenticationError,
+    AuthError,
+    ConfigError,
+    ConflictError,
+    HistoryCompacted,
+    MVCError,
+    PermissionDenied,
+    PersistenceError,
+    ServiceUnavailable,
+    SubscriptionError,
+    ValidationError,
+)
+from .logs import configure_logging, log_event
+from .metrics import Metrics, MetricsServer
+from .model import ExampleModel, Field, Model, between, max_length, non_empty, one_of
+from .nameserver import NameServer
+from .server import ModelServer, ModelService
+from .service import Service
+from .ticker import Ticker, TickerModel, TickerService
+from .viewer import Viewer, ViewerHost
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuditLog", "read_audit",
+    "Credentials", "Identity", "generate_credentials",
+    "Settings",
+    "AuthProxy", "ModelClient", "connect", "resolve",
+    "MVCError", "ConfigError", "ValidationError", "ConflictError", "AuthError", "AuthenticationError",
+    "PermissionDenied", "PersistenceError", "SubscriptionError", "HistoryCompacted", "ServiceUnavailable",
+    "configure_logging", "log_event",
+    "Metrics", "MetricsServer",
+    "Model", "Field", "ExampleModel", "between", "max_length", "non_empty", "one_of",
+    "NameServer",
+    "ModelServer", "ModelService",
+    "Service",
+    "Ticker", "TickerModel", "TickerService",
+    "Viewer", "ViewerHost",
+]

@@ -1,0 +1,141 @@
+"""One settings object for every service and client.
+
+Defaults live in :class:`Settings`; each field can be overridden from the
+environment as ``MVC_<FIELD>`` (upper case). Unknown ``MVC_*`` variables are an
+error, like Pyro5's own ``PYRO_*`` handling, so a typo never silently falls back
+to a default. Pyro5's settings keep their ``PYRO_`` names and go to Pyro5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["Settings", "PREFIX"]
+
+PREFIX = "MVC_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every knob of remote-mvc, with its default."""
+
+    service: str = "remote-mvc"
+    log_level: str = "INFO"
+    # where services are found
+    ns_host: str = "127.0.0.1"
+    ns_port: int = 9090
+    model_name: str = "remote_mvc.model"
+    ticker_name: str = "remote_mvc.ticker"
+    watch: str = ""  # the name a viewer subscribes to; empty means model_name
+    # where this process listens and what address it puts in its URIs
+    host: str = "127.0.0.1"
+    advertise_host: str = ""  # empty: host, or this machine's address when host is 0.0.0.0
+    port: int = 0
+    metrics_port: int = 0  # 0: an ephemeral port; -1: no metrics server
+    threadpool_size: int = 1200  # Pyro5 workers; idle ones exit, so a high cap costs nothing
+    # durable state
+    state_dir: str = "runtime"
+    state_path: str = ""  # empty: <state_dir>/<service>.sqlite3
+    audit_path: str = ""  # empty: <state_dir>/<service>-audit.jsonl
+    history_limit: int = 10000  # change events kept for catch-up
+    # credentials
+    credentials: str = ""  # inline table: "identity:role:secret[:secret2],..."
+    credentials_file: str = ""  # empty: <state_dir>/credentials.json when it exists
+    identity: str = ""
+    secret: str = ""
+    max_clock_skew: float = 60.0
+    # subscriptions and fan-out
+    viewer_id: str = ""  # empty: <hostname>-<pid>
+    lease_seconds: float = 10.0
+    call_timeout: float = 3.0
+    queue_limit: int = 1000  # events queued for one viewer before a snapshot replaces them
+    batch_max: int = 500  # events sent in one notification call at most
+    register_interval: float = 2.0  # how often services check their name server registration
+    # ticker
+    ticker_interval: float = 1.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``MVC_*`` variables, then explicit overrides."""
+        environ = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in environ.items():
+            if not key.startswith(PREFIX):
+                continue
+            name = key[len(PREFIX):].lower()
+            if name not in fields:
+                known = ", ".join(PREFIX + n.upper() for n in sorted(fields))
+                raise ConfigError(f"unknown setting {key}; known settings: {known}")
+            values[name] = _parse(key, raw, fields[name].type)
+        for name in overrides:
+            if name not in fields:
+                raise ConfigError(f"unknown setting {name!r}")
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (unknown names are an error)."""
+        try:
+            return dataclasses.replace(self, **changes)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def __post_init__(self) -> None:
+        for name in ("lease_seconds", "call_timeout", "ticker_interval", "register_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be positive")
+        for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
+
+    # derived values -------------------------------------------------------
+    @property
+    def watched_name(self) -> str:
+        return self.watch or self.model_name
+
+    def state_file(self) -> Path:
+        return Path(self.state_path or Path(self.state_dir) / f"{self.service}.sqlite3")
+
+    def audit_file(self) -> Path:
+        return Path(self.audit_path or Path(self.state_dir) / f"{self.service}-audit.jsonl")
+
+    def credentials_path(self) -> Path:
+        return Path(self.credentials_file or Path(self.state_dir) / "credentials.json")
+
+    def advertised_host(self) -> str:
+        if self.advertise_host:
+            return self.advertise_host
+        if self.host in ("0.0.0.0", "", "::"):
+            return _own_address()
+        return self.host
+
+    def default_viewer_id(self) -> str:
+        return self.viewer_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _own_address() -> str:
+    """The address other hosts on our network reach us at (a container's IP)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _parse(key: str, raw: str, annotation: Any) -> Any:
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not a valid {kind}") from None
+    return raw

@@ -1,0 +1,102 @@
+"""The one error tree of remote-mvc.
+
+Every error raised on purpose by the library derives from :class:`MVCError`.
+Errors raised inside a server method cross the Pyro5 wire with their type and
+message intact: importing this module registers each class with Pyro5's
+serializer, so a client catches ``ValidationError`` rather than a generic error.
+
+::
+
+    MVCError
+    ├── ConfigError            bad or unknown settings (MVC_* variables)
+    ├── ValidationError        a change that the model's schema refuses
+    ├── ConflictError          expected_revision did not match (optimistic concurrency)
+    ├── AuthError
+    │   ├── AuthenticationError   credentials missing, wrong, stale or replayed
+    │   └── PermissionDenied      authenticated, but the role may not call this
+    ├── PersistenceError       the state or audit log could not be made durable
+    ├── SubscriptionError      unknown or expired subscription (lease ran out)
+    ├── HistoryCompacted       the history no longer reaches back that far: take a snapshot
+    └── ServiceUnavailable     a service could not be found or reached in time
+"""
+
+from __future__ import annotations
+
+from Pyro5.api import register_dict_to_class
+from Pyro5.serializers import SerializerBase
+
+__all__ = [
+    "MVCError",
+    "ConfigError",
+    "ValidationError",
+    "ConflictError",
+    "AuthError",
+    "AuthenticationError",
+    "PermissionDenied",
+    "PersistenceError",
+    "SubscriptionError",
+    "HistoryCompacted",
+    "ServiceUnavailable",
+]
+
+
+class MVCError(Exception):
+    """Base of every error the library raises on purpose."""
+
+
+class ConfigError(MVCError):
+    """A setting is unknown, malformed or out of range."""
+
+
+class ValidationError(MVCError):
+    """A change was refused by the model's schema; nothing was changed."""
+
+
+class ConflictError(MVCError):
+    """The model's revision was not the one the caller expected."""
+
+
+class AuthError(MVCError):
+    """Base of authentication and authorization failures."""
+
+
+class AuthenticationError(AuthError):
+    """The caller's credentials are missing, wrong, stale or replayed."""
+
+
+class PermissionDenied(AuthError):
+    """The caller's role does not allow this call."""
+
+
+class PersistenceError(MVCError):
+    """State or audit could not be written durably; the change was not applied."""
+
+
+class SubscriptionError(MVCError):
+    """The subscription is unknown to the server (expired lease or server restart)."""
+
+
+class HistoryCompacted(MVCError):
+    """The history asked for was pruned; ``first_revision`` is the oldest kept."""
+
+    def __init__(self, message: str, first_revision: int = 0) -> None:
+        super().__init__(message)
+        self.first_revision = first_revision
+
+
+class ServiceUnavailable(MVCError):
+    """A service could not be located or reached within the time allowed."""
+
+
+def _register_wire_types() -> None:
+    """Let Pyro5 rebuild our exceptions on the client with their own class."""
+    for name in __all__:
+        cls = globals()[name]
+
+        def convert(_classname: str, data: dict, cls: type = cls) -> Exception:
+            return SerializerBase.make_exception(cls, data)
+
+        register_dict_to_class(f"{cls.__module__}.{cls.__name__}", convert)
+
+
+_register_wire_types()

@@ -1,0 +1,122 @@
+"""Prometheus metrics and the small HTTP server every process runs.
+
+:class:`Metrics` owns its :class:`~prometheus_client.CollectorRegistry`, so tests
+pass a fresh one and read values back without global state. :class:`MetricsServer`
+serves ``/metrics`` (Prometheus text format) and ``/healthz`` (200 when the
+service says it is healthy, 503 otherwise) on one port.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = ["Metrics", "MetricsServer", "LATENCY_BUCKETS"]
+
+# Sub-millisecond resolution at the fast end, seconds at the slow end.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05,
+    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+
+class Metrics:
+    """Every metric remote-mvc exports, registered in one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.viewers_connected = Gauge(
+            "remote_mvc_viewers_connected", "Viewers currently subscribed.", ["model"], registry=r)
+        self.notifications_sent = Counter(
+            "remote_mvc_notifications_sent", "Notification calls delivered to viewers.", ["model"], registry=r)
+        self.events_delivered = Counter(
+            "remote_mvc_events_delivered", "Change events delivered to viewers (a batch holds several).",
+            ["model"], registry=r)
+        self.notifications_failed = Counter(
+            "remote_mvc_notifications_failed", "Notification calls that failed.", ["model"], registry=r)
+        self.snapshots_sent = Counter(
+            "remote_mvc_snapshots_sent", "Snapshots sent in place of events to viewers that fell behind.",
+            ["model"], registry=r)
+        self.viewers_dropped = Counter(
+            "remote_mvc_viewers_dropped", "Viewers dropped by the server.", ["model", "reason"], registry=r)
+        self.notification_latency = Histogram(
+            "remote_mvc_notification_latency_seconds",
+            "Time from a change being made to a viewer handling it, measured at the viewer.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.modifications = Counter(
+            "remote_mvc_modifications", "Modify attempts by result.", ["model", "result"], registry=r)
+        self.audit_write_failures = Counter(
+            "remote_mvc_audit_write_failures", "Audit records that could not be written.", registry=r)
+        self.model_revision = Gauge(
+            "remote_mvc_model_revision", "Current revision of a model.", ["model"], registry=r)
+        self.viewer_revision = Gauge(
+            "remote_mvc_viewer_revision", "Last revision a viewer applied.", ["model"], registry=r)
+        self.resyncs = Counter(
+            "remote_mvc_viewer_resyncs", "Viewer catch-ups by kind (history or snapshot).", ["model", "kind"],
+            registry=r)
+        self.auth_failures = Counter(
+            "remote_mvc_auth_failures", "Refused connection handshakes.", ["reason"], registry=r)
+        self.registrations = Counter(
+            "remote_mvc_ns_registrations", "Times a service (re-)registered with the name server.", ["name"],
+            registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """Serve ``/metrics`` and ``/healthz`` in a daemon thread."""
+
+    def __init__(self, metrics: Metrics, host: str = "0.0.0.0", port: int = 0,
+                 healthy: Callable[[], bool] = lambda: True) -> None:
+        self.metrics = metrics
+        self.healthy = healthy
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, outer.metrics.exposition(), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok = outer.healthy()
+                    self._reply(200 if ok else 503, b"ok\n" if ok else b"unhealthy\n", "text/plain")
+                else:
+                    self._reply(404, b"not found\n", "text/plain")
+
+            def _reply(self, status: int, body: bytes, ctype: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:  # keep scrapes out of the logs
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,316 @@
+"""The model server: a typed, versioned, durable, observable model over Pyro5.
+
+:class:`ModelServer` is the one object a model service registers. Reads
+(``query``, ``snapshot``, ``history``) and subscriptions are open to every
+authenticated connection; ``modify`` needs the controller role and runs
+validate → audit → commit → apply → notify, in that order, under one lock, so
+revisions are gap-free and every acknowledged change is durable and recorded.
+
+A change event, as viewers and ``history`` see it::
+
+    {"model": "remote_mvc.model", "revision": 7, "time": 1764057600.12,
+     "identity": "controller", "changes": {"value": {"old": 0, "new": 99}},
+     "values": {"name": "xxx", "value": 99}}
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from Pyro5.api import expose
+
+from . import auth
+from ._fanout import Fanout
+from ._store import Store
+from .audit import AuditLog
+from .config import Settings
+from .errors import (
+    ConflictError,
+    HistoryCompacted,
+    MVCError,
+    PermissionDenied,
+    PersistenceError,
+    ValidationError,
+)
+from .logs import log_event
+from .metrics import Metrics
+from .model import Model
+from .service import Service
+
+__all__ = ["ModelServer", "ModelService"]
+
+log = logging.getLogger("remote_mvc.server")
+
+
+def _summary(value: Any, limit: int = 2000) -> Any:
+    """A JSON-safe, bounded copy of untrusted input for the audit log."""
+    if isinstance(value, dict) and len(repr(value)) <= limit:
+        return value
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(truncated)"
+
+
+@expose
+class ModelServer:
+    """A model's values, revision, history and subscribers, served over Pyro5."""
+
+    def __init__(self, name: str, schema: type[Model], store: Store, audit: AuditLog, metrics: Metrics, *,
+                 lease_seconds: float = 10.0, call_timeout: float = 3.0, queue_limit: int = 1000,
+                 batch_max: int = 500, history_limit: int = 10000,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._name = name
+        self._schema = schema
+        self._store = store
+        self._audit = audit
+        self._metrics = metrics
+        self._clock = clock
+        self._lock = threading.RLock()
+        revision, values = store.load(name)
+        self._revision = revision
+        self._values = {**schema.defaults(), **(values or {})}
+        self._history: collections.deque[dict] = collections.deque(maxlen=history_limit)
+        first = max(0, revision - history_limit)
+        self._history.extend(store.events(name, first, history_limit))
+        # request ids of recent changes, so a retried modify is applied at most once
+        self._requests: collections.OrderedDict[str, int] = collections.OrderedDict(
+            (e["request"], e["revision"]) for e in self._history if e.get("request"))
+        self._fanout = Fanout(name, self.snapshot, metrics, lease_seconds=lease_seconds,
+                              call_timeout=call_timeout, queue_limit=queue_limit, batch_max=batch_max,
+                              clock=monotonic)
+        self._revision_gauge = metrics.model_revision.labels(name)
+        self._revision_gauge.set(revision)
+        self._closed = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name=f"lease-reaper-{name}", daemon=True)
+        self._reaper.start()
+        log_event(log, "model_loaded", "model loaded", model=name, revision=revision, values=self._values)
+
+    # reads -----------------------------------------------------------------
+    def query(self) -> dict[str, Any]:
+        """The current values."""
+        with self._lock:
+            return dict(self._values)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Revision and values, read together."""
+        with self._lock:
+            return {"model": self._name, "revision": self._revision, "values": dict(self._values),
+                    "time": self._clock()}
+
+    def schema(self) -> dict[str, dict[str, Any]]:
+        """The fields with their types and defaults."""
+        return self._schema.describe()
+
+    def history(self, since_revision: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """Change events after ``since_revision``, oldest first (at most ``limit``).
+
+        Raises HistoryCompacted when the history no longer reaches back that far:
+        the caller should take a snapshot instead.
+        """
+        if not isinstance(since_revision, int) or not isinstance(limit, int) or limit < 1:
+            raise ValidationError("since_revision and limit must be integers, limit at least 1")
+        with self._lock:
+            if since_revision >= self._revision:
+                return []
+            first = self._history[0]["revision"] if self._history else self._revision + 1
+            if since_revision + 1 < first:
+                raise HistoryCompacted(f"history starts at revision {first}; take a snapshot", first)
+            skip = since_revision + 1 - first
+            return list(self._history)[skip:skip + limit]
+
+    def whoami(self) -> dict[str, Any]:
+        identity, role, address = auth.caller()
+        return {"identity": identity, "role": role, "address": address}
+
+    # changes ---------------------------------------------------------------
+    def modify(self, changes: dict[str, Any], expected_revision: int | None = None,
+               request_id: str | None = None) -> int:
+        """Validate, record, persist and apply a change; notify viewers; return the new revision.
+
+        ``request_id`` (optional, unique per change) makes retries safe: a request
+        id seen before returns the revision it produced without applying again.
+        """
+        identity, role, address = auth.caller()
+        try:
+            auth.require("controller")
+        except PermissionDenied as exc:
+            self._refused(identity, address, changes, "forbidden", exc)
+            raise
+        if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 128):
+            raise ValidationError("request_id must be a string of at most 128 characters")
+        with self._lock:
+            if request_id is not None and request_id in self._requests:
+                return self._requests[request_id]
+            try:
+                normalized = self._schema.validate(self._values, changes)
+                if expected_revision is not None and expected_revision != self._revision:
+                    raise ConflictError(f"expected revision {expected_revision}, model is at {self._revision}")
+            except ConflictError as exc:
+                self._refused(identity, address, changes, "conflict", exc)
+                raise
+            except ValidationError as exc:
+                self._refused(identity, address, changes, "invalid", exc)
+                raise
+            return self._apply(normalized, identity, address, request_id)
+
+    def _modify_local(self, changes: dict[str, Any], identity: str) -> int:
+        """An in-process change (the ticker's clock): validated and durable, not audited."""
+        with self._lock:
+            return self._apply(self._schema.validate(self._values, changes), identity, None, None, audited=False)
+
+    def _apply(self, normalized: dict[str, Any], identity: str, address: str | None, request_id: str | None,
+               audited: bool = True) -> int:
+        """Record, commit and publish an already validated change (lock held)."""
+        revision = self._revision + 1
+        values = {**self._values, **normalized}
+        event = {
+            "model": self._name, "revision": revision, "time": self._clock(), "identity": identity,
+            "changes": {k: {"old": self._values.get(k), "new": v} for k, v in normalized.items()},
+            "values": values,
+        }
+        if request_id is not None:
+            event["request"] = request_id
+        try:
+            if audited:
+                self._audit.record("modify", identity, address, "accepted", model=self._name,
+                                   changes=normalized, revision=revision, request=request_id)
+        except PersistenceError:
+            self._metrics.modifications.labels(self._name, "audit_failed").inc()
+            log_event(log, "modify_refused", "audit log not writable: change refused", level=logging.ERROR,
+                      identity=identity, model=self._name)
+            raise
+        try:
+            self._store.commit(self._name, event)
+        except PersistenceError as exc:
+            self._metrics.modifications.labels(self._name, "persist_failed").inc()
+            log_event(log, "modify_failed", "state not durable: change refused", level=logging.ERROR,
+                      identity=identity, model=self._name, revision=revision, error=str(exc))
+            try:  # the accepted record above must not stand alone
+                if audited:
+                    self._audit.record("modify", identity, address, "failed", model=self._name,
+                                       revision=revision, error=str(exc))
+            except PersistenceError:
+                pass
+            raise
+        self._values = values
+        self._revision = revision
+        self._history.append(event)
+        if request_id is not None:
+            self._requests[request_id] = revision
+            while len(self._requests) > (self._history.maxlen or 10000):
+                self._requests.popitem(last=False)
+        self._revision_gauge.set(revision)
+        self._metrics.modifications.labels(self._name, "accepted").inc()
+        self._fanout.publish(event)
+        log_event(log, "modified", "model modified", model=self._name, revision=revision, identity=identity,
+                  client=address, changes=normalized)
+        return revision
+
+    def _refused(self, identity: str, address: str | None, changes: Any, result: str, exc: MVCError) -> None:
+        self._metrics.modifications.labels(self._name, result).inc()
+        log_event(log, "modify_refused", f"modify refused: {exc}", level=logging.WARNING, model=self._name,
+                  identity=identity, client=address, result=result)
+        try:
+            self._audit.record("modify", identity, address, result, model=self._name,
+                               changes=_summary(changes), error=str(exc))
+        except PersistenceError:
+            pass  # counted in the metric; the refusal stands either way
+
+    def _on_handshake_refused(self, address: str, reason: str) -> None:
+        """Audit a connection refused in the handshake (called by the daemon)."""
+        self._metrics.auth_failures.labels(reason.split(" ")[0]).inc()
+        log_event(log, "handshake_refused", f"connection refused: {reason}", level=logging.WARNING,
+                  client=address, model=self._name)
+        try:
+            self._audit.record("connect", "unknown", address, "refused", model=self._name, error=reason)
+        except PersistenceError:
+            pass
+
+    # subscriptions ---------------------------------------------------------
+    def subscribe(self, callback_uri: str, viewer_id: str, since_revision: int | None = None) -> dict[str, Any]:
+        """Subscribe a viewer's callback object; it first gets what it missed.
+
+        With ``since_revision`` the viewer gets the events after it (or a snapshot
+        when the history no longer reaches back); without, a snapshot.
+        """
+        if not isinstance(callback_uri, str) or not isinstance(viewer_id, str) or not viewer_id:
+            raise ValidationError("subscribe needs a callback URI and a viewer id (strings)")
+        if since_revision is not None and not isinstance(since_revision, int):
+            raise ValidationError("since_revision must be an integer or None")
+        with self._lock:
+            backlog = None
+            if since_revision is not None and since_revision <= self._revision:
+                try:
+                    backlog = self.history(since_revision, limit=self._fanout.queue_limit + 1)
+                except HistoryCompacted:
+                    backlog = None
+                if backlog is not None and len(backlog) != self._revision - since_revision:
+                    backlog = None  # too far behind: a snapshot is cheaper
+            sub = self._fanout.add(viewer_id, callback_uri, backlog)
+            return {"subscription": sub.id, "lease": self._fanout.lease_seconds, "revision": self._revision}
+
+    def renew(self, subscription_ids: list[str]) -> list[str]:
+        """Renew leases; returns the ids this server does not know (re-subscribe those)."""
+        if not isinstance(subscription_ids, (list, tuple)):
+            raise ValidationError("renew takes a list of subscription ids")
+        return self._fanout.renew(list(subscription_ids))
+
+    def unsubscribe(self, subscription_id: str) -> bool:
+        return self._fanout.remove(subscription_id)
+
+    def viewers(self) -> list[dict[str, Any]]:
+        """Who is subscribed, with queue depth and last delivered revision."""
+        return self._fanout.describe()
+
+    def drop_viewer(self, viewer_id: str) -> bool:
+        """Force a viewer off (admin role)."""
+        identity, _, address = auth.require("admin")
+        dropped = self._fanout.drop_viewer(viewer_id, "admin")
+        self._audit.record("drop_viewer", identity, address, "accepted" if dropped else "unknown",
+                           model=self._name, viewer_id=viewer_id)
+        return dropped
+
+    # lifecycle -------------------------------------------------------------
+    def _reap(self) -> None:
+        interval = max(0.05, self._fanout.lease_seconds / 4)
+        while not self._closed.wait(interval):
+            self._fanout.expire()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._fanout.close()
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._fanout)
+
+
+class ModelService(Service):
+    """A process serving one model: store, audit log, model server, daemon, metrics."""
+
+    def __init__(self, settings: Settings, schema: type[Model] | None = None, name: str | None = None,
+                 metrics: Metrics | None = None, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(settings, metrics)
+        from .model import ExampleModel
+
+        name = name or settings.model_name
+        self.store = Store(settings.state_file(), settings.history_limit)
+        self.audit = AuditLog(settings.audit_file(), self.metrics, clock=clock)
+        self.model = ModelServer(
+            name, schema or ExampleModel, self.store, self.audit, self.metrics,
+            lease_seconds=settings.lease_seconds, call_timeout=settings.call_timeout,
+            queue_limit=settings.queue_limit, batch_max=settings.batch_max,
+            history_limit=settings.history_limit, clock=clock)
+        self.on_refused = self.model._on_handshake_refused
+        self.serve(self.model, name)
+        self.on_stop(self.model.close)
+        self.on_stop(self.store.close)
+        self.on_stop(self.audit.close)

@@ -1,0 +1,229 @@
+"""Service lifecycle: a Pyro5 daemon, name registration, metrics, signals.
+
+A :class:`Service` serves objects on one Pyro5 daemon, keeps their names
+registered with the name server (re-registering after a name server restart),
+serves ``/metrics`` and ``/healthz``, and stops gracefully on SIGTERM/SIGINT:
+``start()`` returns at once, ``stop()`` never hangs, ``run()`` does both around
+a wait for a signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import Pyro5.api
+from Pyro5 import config as pyro_config
+from Pyro5.errors import CommunicationError, NamingError, PyroError
+
+from .auth import AuthDaemon, Authenticator, Credentials
+from .config import Settings
+from .logs import log_event
+from .metrics import Metrics, MetricsServer
+
+__all__ = ["Service", "configure_pyro", "locate_ns"]
+
+log = logging.getLogger("remote_mvc.service")
+
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+
+def configure_pyro(settings: Settings) -> None:
+    """Apply the process-wide Pyro5 settings remote-mvc relies on."""
+    cfg = pyro_config
+    cfg.SERVERTYPE = "thread"
+    cfg.THREADPOOL_SIZE = settings.threadpool_size
+    cfg.THREADPOOL_SIZE_MIN = min(4, settings.threadpool_size)
+    cfg.SERIALIZER = "serpent"
+    cfg.DETAILED_TRACEBACK = False
+    cfg.MAX_MESSAGE_SIZE = MAX_MESSAGE_SIZE
+    cfg.SOCK_NODELAY = True
+    cfg.MAX_RETRIES = 0
+
+
+def locate_ns(settings: Settings, timeout: float | None = None) -> Pyro5.api.Proxy:
+    """A proxy to the name server at the configured host and port (never a broadcast)."""
+    ns = Pyro5.api.locate_ns(host=settings.ns_host, port=settings.ns_port)
+    ns._pyroTimeout = timeout or settings.call_timeout
+    return ns
+
+
+class Service:
+    """One process's Pyro5 daemon with registered names, metrics and signal handling."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None,
+                 credentials: Credentials | None = None) -> None:
+        configure_pyro(settings)
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.credentials = credentials if credentials is not None else Credentials.from_settings(settings)
+        self.on_refused: Callable[[str, str], None] | None = None
+        self.daemon: Pyro5.api.Daemon | None = None
+        self._names: dict[str, Pyro5.api.URI] = {}
+        self._registered: set[str] = set()
+        self._objects: list[tuple[Any, str | None, str | None]] = []
+        self._closing = threading.Event()  # stop() began
+        self._stopping = threading.Event()  # the daemon is going down
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.metrics_server: MetricsServer | None = None
+        self._closers: list[Callable[[], None]] = []
+        self._early_closers: list[Callable[[], None]] = []
+
+    # wiring ------------------------------------------------------------------
+    def serve(self, obj: Any, name: str | None = None, object_id: str | None = None) -> None:
+        """Serve ``obj``; with ``name`` it is registered with the name server too."""
+        self._objects.append((obj, name, object_id))
+
+    def on_stop(self, closer: Callable[[], None], early: bool = False) -> None:
+        """Run ``closer`` when the service stops: after the daemon is down, or
+        with ``early`` before it (say goodbye while we can still be reached)."""
+        (self._early_closers if early else self._closers).append(closer)
+
+    def make_daemon(self) -> Pyro5.api.Daemon:
+        s = self.settings
+        authenticator = Authenticator(self.credentials, max_skew=s.max_clock_skew)
+        return AuthDaemon(authenticator, on_refused=self._refused, host=s.host, port=s.port,
+                          nathost=s.advertised_host(), natport=0)
+
+    def _refused(self, address: str, reason: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(address, reason)
+        else:
+            self.metrics.auth_failures.labels(reason.split(" ")[0]).inc()
+
+    # lifecycle ---------------------------------------------------------------
+    def start(self) -> Service:
+        self.daemon = self.make_daemon()
+        for obj, name, object_id in self._objects:
+            uri = self.daemon.register(obj, objectId=object_id or name)
+            if name:
+                self._names[name] = uri
+        self._spawn(self.daemon.requestLoop, "pyro-daemon", lambda: not self._stopping.is_set())
+        if self._names:
+            self._spawn(self._keep_registered, "ns-registrar")
+        if self.settings.metrics_port >= 0:
+            self.metrics_server = MetricsServer(self.metrics, self.settings.host, self.settings.metrics_port,
+                                                healthy=self.healthy).start()
+        log_event(log, "service_started", "service started", uris={n: str(u) for n, u in self._names.items()},
+                  location=self.daemon.locationStr,
+                  metrics_port=self.metrics_server.port if self.metrics_server else None)
+        return self
+
+    def _spawn(self, target: Callable[..., Any], name: str, *args: Any) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def healthy(self) -> bool:
+        return (self.daemon is not None and not self._stopping.is_set()
+                and self._registered >= set(self._names))
+
+    def uri(self, name: str) -> Pyro5.api.URI:
+        return self._names[name]
+
+    def wait_registered(self, timeout: float) -> bool:
+        """Block until every name is registered (for tests and start-up checks)."""
+        deadline = time.monotonic() + timeout
+        while not self._registered >= set(self._names):
+            if time.monotonic() > deadline or self._stopping.is_set():
+                return False
+            self._stopping.wait(0.02)
+        return True
+
+    def _keep_registered(self) -> None:
+        """Make sure each name points at us; after a name server restart, register again."""
+        ns = None
+        interval = self.settings.register_interval
+        while not self._stopping.is_set():
+            try:
+                if ns is None:
+                    ns = locate_ns(self.settings)
+                for name, uri in self._names.items():
+                    try:
+                        current = ns.lookup(name)
+                    except NamingError:
+                        current = None
+                    if current is None or str(current) != str(uri):
+                        ns.register(name, uri, safe=False)
+                        self.metrics.registrations.labels(name).inc()
+                        log_event(log, "registered", f"registered {name} with the name server", registered=name,
+                                  uri=str(uri), replaced=str(current) if current else None)
+                    self._registered.add(name)
+                wait = interval
+            except (CommunicationError, PyroError, OSError) as exc:
+                if self._registered:
+                    log_event(log, "ns_unreachable", "name server unreachable; will register again",
+                              level=logging.WARNING, error=str(exc))
+                self._registered.clear()
+                if ns is not None:
+                    ns._pyroRelease()
+                ns = None
+                wait = min(0.5, interval)
+            self._stopping.wait(wait)
+        if ns is not None:
+            ns._pyroRelease()
+
+    def _unregister(self) -> None:
+        if not self._names:
+            return
+        try:
+            ns = locate_ns(self.settings, timeout=1.0)
+            for name, uri in self._names.items():
+                try:
+                    if str(ns.lookup(name)) == str(uri):
+                        ns.remove(name)
+                except NamingError:
+                    pass
+            ns._pyroRelease()
+        except (CommunicationError, PyroError, OSError):
+            pass  # the name server is gone too; nothing to undo
+
+    def stop(self) -> None:
+        """Stop serving: unregister, shut the daemon down, run closers. Idempotent."""
+        if self._closing.is_set():
+            self._stopped.wait(10)
+            return
+        self._closing.set()
+        log_event(log, "service_stopping", "service stopping")
+        self._run_closers(self._early_closers)
+        self._stopping.set()
+        self._unregister()
+        if self.daemon is not None:
+            self.daemon.shutdown()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._run_closers(self._closers)
+        if self.daemon is not None:
+            self.daemon.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        log_event(log, "service_stopped", "service stopped")
+        self._stopped.set()
+
+    @staticmethod
+    def _run_closers(closers: list[Callable[[], None]]) -> None:
+        for closer in closers:
+            try:
+                closer()
+            except Exception:  # a closer must not keep the others from running
+                log.exception("error while stopping")
+
+    def run(self) -> None:
+        """Start, wait for SIGTERM or SIGINT, stop gracefully."""
+        wake = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log_event(log, "signal", f"received {signal.Signals(signum).name}", signal=signum)
+            wake.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        while not wake.wait(1.0):
+            pass
+        self.stop()

@@ -1,0 +1,104 @@
+"""The ticker: a model that changes on a steady, drift-free clock.
+
+Tick *k* is due at ``start + k * interval`` on a monotonic clock, so a late tick
+does not push the later ones back (no drift), and ticks missed while the
+process was stalled are skipped rather than fired in a burst. ``interval`` and
+``paused`` are fields of the model itself: a controller changes them with an
+ordinary ``modify`` and the clock follows from the next tick on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+
+from .config import Settings
+from .errors import MVCError
+from .logs import log_event
+from .metrics import Metrics
+from .model import Field, Model, between
+from .server import ModelServer, ModelService
+
+__all__ = ["TickerModel", "Ticker", "TickerService", "next_due"]
+
+log = logging.getLogger("remote_mvc.ticker")
+
+
+class TickerModel(Model):
+    """A tick counter, a price that takes a random walk, and the time of the tick."""
+
+    tick = Field(int, 0, between(0, None), doc="ticks so far")
+    price = Field(float, 100.0, between(0.01, None), doc="a price-like random walk")
+    time = Field(float, 0.0, doc="wall-clock time of the last tick (Unix seconds)")
+    interval = Field(float, 1.0, between(0.01, 3600.0), doc="seconds between ticks")
+    paused = Field(bool, False, doc="no ticks while true")
+
+
+def next_due(anchor: float, interval: float, now: float) -> float:
+    """The first tick time ``anchor + k*interval`` (k >= 1) strictly after ``now``."""
+    k = max(1, int((now - anchor) // interval) + 1)
+    return anchor + k * interval
+
+
+class Ticker:
+    """Drive a :class:`ModelServer` holding a :class:`TickerModel` from a clock thread."""
+
+    def __init__(self, server: ModelServer, *, monotonic: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time, seed: int | None = None) -> None:
+        self.server = server
+        self.monotonic = monotonic
+        self.wall = wall
+        self.rng = random.Random(seed)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ticker-clock", daemon=True)
+
+    def start(self) -> Ticker:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def step(self) -> int | None:
+        """Make one tick now (unless paused); return the new revision."""
+        values = self.server.query()
+        if values["paused"]:
+            return None
+        price = max(0.01, round(values["price"] * (1 + self.rng.gauss(0, 0.002)), 4))
+        return self.server._modify_local(
+            {"tick": values["tick"] + 1, "price": price, "time": self.wall()}, "ticker")
+
+    def _run(self) -> None:
+        interval = self.server.query()["interval"]
+        anchor = self.monotonic()
+        while True:
+            due = next_due(anchor, interval, self.monotonic())
+            if self._stop.wait(max(0.0, due - self.monotonic())):
+                return
+            try:
+                self.step()
+            except MVCError as exc:
+                log_event(log, "tick_failed", f"tick failed: {exc}", level=logging.ERROR)
+            current = self.server.query()["interval"]
+            if current != interval:  # re-anchor so the new interval counts from this tick
+                interval, anchor = current, due
+
+
+class TickerService(ModelService):
+    """The ticker model served like any model, with its clock running while it serves."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, seed: int | None = None) -> None:
+        super().__init__(settings, TickerModel, settings.ticker_name, metrics)
+        self.ticker = Ticker(self.model, seed=seed)
+        self.on_stop(self.ticker.stop, early=True)
+
+    def start(self) -> TickerService:
+        super().start()
+        if self.model.revision == 0 and self.model.query()["interval"] != self.settings.ticker_interval:
+            self.model._modify_local({"interval": self.settings.ticker_interval}, "ticker")
+        self.ticker.start()
+        return self
