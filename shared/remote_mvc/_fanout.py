@@ -158,7 +158,7 @@ class Fanout:
     def __len__(self) -> int:
         return len(self._subs)
 
-    def add(self, viewer_id: str, uri: str, backlog: list[dict] | None) -> Subscriber:
+    def add(self, viewer_id: str, uri: str, backlog: list[dict] | None, start: bool = True) -> Subscriber:
         """Subscribe a viewer; ``backlog`` events go first, ``None`` means a snapshot first.
 
         Call with the publisher's lock held so that no event falls between the
@@ -180,7 +180,8 @@ class Fanout:
             self._gauge.set(len(self._subs))
         if old is not None:
             old.stop()
-        sub.start()
+        if start:
+            sub.start()
         log_event(log, "viewer_subscribed", "viewer subscribed", viewer_id=viewer_id, uri=uri,
                   subscription=sub.id, viewers=len(self._subs), model=self.model,
                   replaced=old is not None)

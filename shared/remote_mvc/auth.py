@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from Pyro5.api import Daemon, current_context
+from Pyro5.api import current_context
 
+from ._daemons import TrackedDaemon
 from .errors import AuthenticationError, ConfigError, PermissionDenied
 
 __all__ = [
@@ -152,7 +153,7 @@ class Authenticator:
         return ident.name, ident.role
 
 
-class AuthDaemon(Daemon):
+class AuthDaemon(TrackedDaemon):
     """A Pyro5 daemon that authenticates each connection in the handshake."""
 
     def __init__(self, authenticator: Authenticator, on_refused: Callable[[str, str], None] | None = None,
@@ -169,6 +170,7 @@ class AuthDaemon(Daemon):
                 self.on_refused(_address(conn), str(exc))
             raise
         conn.mvc_identity, conn.mvc_role = identity, role
+        super().validateHandshake(conn, data)
         return {"identity": identity, "role": role}
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import Pyro5.api
-import Pyro5.nameserver
 
+from ._daemons import TrackedNameServerDaemon
 from .config import Settings
 from .metrics import Metrics
 from .service import Service
@@ -33,7 +33,7 @@ class NameServer(Service):
 
     def make_daemon(self) -> Pyro5.api.Daemon:
         s = self.settings
-        daemon = Pyro5.nameserver.NameServerDaemon(host=s.host, port=s.ns_port, storage=self.storage,
+        daemon = TrackedNameServerDaemon(host=s.host, port=s.ns_port, storage=self.storage,
                                                    nathost=s.advertised_host(), natport=0)
         self.ns_uri = daemon.uriFor(daemon.nameserver)
         return daemon

@@ -195,6 +195,9 @@ class Service:
         self._unregister()
         if self.daemon is not None:
             self.daemon.shutdown()
+            close = getattr(self.daemon, "close_connections", None)
+            if close is not None:
+                close()
         for t in self._threads:
             t.join(timeout=5)
         self._run_closers(self._closers)

@@ -21,6 +21,7 @@ from typing import Any
 import Pyro5.api
 from Pyro5.errors import CommunicationError, PyroError
 
+from ._daemons import TrackedDaemon
 from .config import Settings
 from .controller import ModelClient
 from .errors import HistoryCompacted, MVCError
@@ -146,7 +147,7 @@ class ViewerHost(Service):
 
     def make_daemon(self) -> Pyro5.api.Daemon:
         s = self.settings
-        return Pyro5.api.Daemon(host=s.host, port=s.port, nathost=s.advertised_host(), natport=0)
+        return TrackedDaemon(host=s.host, port=s.port, nathost=s.advertised_host(), natport=0)
 
     def add(self, viewer: Viewer) -> Viewer:
         """Host a viewer; it is subscribed by the keeper thread (at once when running)."""

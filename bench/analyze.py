@@ -1,0 +1,129 @@
+"""From what the controller sent and what every viewer recorded to latency and loss figures.
+
+Definitions (all times from ``time.time()`` on the one machine clock):
+
+* a change ``s`` has ``t0(s)``: when the controller started the call that made it;
+* a viewer *has* ``s`` at the handler entry of the delivery of ``s`` itself, or,
+  when ``s`` never came on its own, of the first snapshot at a revision >= ``s``
+  (an explicit "you missed some, here is the state");
+* fan-out latency of ``s`` = max over viewers of (has-time - t0(s));
+* delivery latency = handler entry - t0 of what was delivered, for every delivery;
+* lost = a change a viewer neither got nor was covered for by a later snapshot;
+  duplicated = a change delivered again; out of order = a change delivered after
+  a later one (or a snapshot going backwards).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+
+def pct(values: np.ndarray, q: float) -> float | None:
+    if values.size == 0:
+        return None
+    return float(np.percentile(values, q, method="higher"))
+
+
+def ms(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x * 1000.0, 3)
+
+
+def analyze(sends: list[tuple[int, float, float]], records: dict[str, dict[str, list]],
+            viewers: Iterable[str]) -> dict[str, Any]:
+    """Latency, throughput and loss over the given viewers.
+
+    ``sends``: (seq, t0, t1) per controller call, in call order.
+    ``records``: viewer id -> {"seqs", "times", "kinds"} in arrival order.
+    """
+    viewers = list(viewers)
+    seqs = np.array([s for s, _, _ in sends], dtype=np.int64)
+    t0 = np.array([t for _, t, _ in sends], dtype=np.float64)
+    index = {int(s): k for k, s in enumerate(seqs)}
+    first_seq, final_seq = int(seqs.min()), int(seqs.max())
+    has = np.full((len(viewers), len(seqs)), np.nan)
+    delivery: list[float] = []
+    lost = dup = ooo = snapshots = deliveries = 0
+    behind = []
+    for row, vid in enumerate(viewers):
+        rec = records.get(vid, {"seqs": [], "times": [], "kinds": []})
+        seen: set[int] = set()
+        high = -1
+        snap_seqs: list[int] = []
+        snap_times: list[float] = []
+        for seq, t, kind in zip(rec["seqs"], rec["times"], rec["kinds"]):
+            if seq < first_seq:
+                continue  # from before this scenario (a reconnect resending old state)
+            deliveries += 1
+            k = index.get(seq)
+            if k is not None:
+                delivery.append(t - t0[k])
+            if kind == 1:
+                snapshots += 1
+                if seq < high:
+                    ooo += 1
+                snap_seqs.append(seq)
+                snap_times.append(t)
+            else:
+                if seq in seen:
+                    dup += 1
+                    continue
+                if seq < high:
+                    ooo += 1
+                seen.add(seq)
+                if k is not None:
+                    has[row, k] = t
+            high = max(high, seq)
+        if high < final_seq:
+            behind.append(vid)
+        # changes that came only inside a later snapshot
+        missing = np.nonzero(np.isnan(has[row]))[0]
+        if missing.size and snap_seqs:
+            running_min_time = []  # a snapshot at revision r covers every change <= r
+            best = math.inf
+            order = sorted(range(len(snap_seqs)), key=lambda j: snap_seqs[j], reverse=True)
+            by_rev = []
+            for j in order:
+                best = min(best, snap_times[j])
+                by_rev.append(snap_seqs[j])
+                running_min_time.append(best)
+            by_rev.reverse()
+            running_min_time.reverse()
+            for k in missing:
+                j = bisect.bisect_left(by_rev, int(seqs[k]))
+                if j < len(by_rev):
+                    has[row, k] = running_min_time[j]
+        lost += int(np.isnan(has[row]).sum())
+    fan = has - t0[None, :]
+    complete = ~np.isnan(fan).any(axis=0)
+    fanout = np.nanmax(np.where(np.isnan(fan), -np.inf, fan), axis=0)[complete] if len(viewers) else np.array([])
+    delivery_arr = np.array(delivery)
+    last_time = float(np.nanmax(has)) if np.isfinite(has).any() else math.nan
+    window = last_time - float(t0.min())
+    controller_window = max(s[2] for s in sends) - float(t0.min())
+    return {
+        "viewers": len(viewers),
+        "changes": len(seqs),
+        "first_seq": first_seq,
+        "final_seq": final_seq,
+        "fanout_ms": {"p50": ms(pct(fanout, 50)), "p99": ms(pct(fanout, 99)),
+                      "max": ms(float(fanout.max()) if fanout.size else None)},
+        "delivery_ms": {"p50": ms(pct(delivery_arr, 50)), "p99": ms(pct(delivery_arr, 99))},
+        "call_ms": {"p50": ms(pct(np.array([b - a for _, a, b in sends]), 50)),
+                    "p99": ms(pct(np.array([b - a for _, a, b in sends]), 99))},
+        "controller_changes_per_s": round(len(seqs) / controller_window, 1) if controller_window > 0 else None,
+        "changes_per_s": round(len(seqs) / window, 1) if window > 0 else None,
+        "deliveries": deliveries,
+        "deliveries_per_s": round(deliveries / window, 1) if window > 0 else None,
+        "lost": lost,
+        "out_of_order": ooo,
+        "duplicated": dup,
+        "snapshots": snapshots,
+        "behind": behind[:20],
+        "behind_count": len(behind),
+        "window_s": round(window, 3),
+    }

@@ -1,0 +1,457 @@
+"""Orchestrator: start each system, its viewer processes and the controller; measure; report.
+
+``python -m bench --quick`` is the CI smoke run (small N, a few seconds per
+system); ``python -m bench`` the full run (N = 1, 10, 50, 200, 1000). Both write
+``bench-results/latest.json``, ``latest.md`` and ``fanout_p99.png`` and exit
+non-zero when any system lost, duplicated or reordered a delivery to a healthy
+viewer, or left one behind the final change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.analyze import analyze
+from bench.machine import machine_facts
+from bench.systems import ROOT, System, make, stop_process
+
+ALL_SYSTEMS = ["remote-mvc", "naive-twoway", "naive-oneway", "redis"]
+
+
+@dataclass
+class Config:
+    ns: list[int]
+    procs: int  # viewer processes per run (at most)
+    rate: float
+    paced_seconds: float
+    unpaced_seconds: float
+    unpaced_cap: int  # changes per unpaced run at most
+    delivery_budget: int  # unpaced changes x N at most (bounds the run time at large N)
+    drain_timeout: float
+    slow: bool
+    slow_n: int
+    slow_sleep: float
+
+
+FULL = Config(ns=[1, 10, 50, 200, 1000], procs=4, rate=50.0, paced_seconds=10.0, unpaced_seconds=8.0,
+              unpaced_cap=3000, delivery_budget=400_000, drain_timeout=60.0, slow=True, slow_n=10, slow_sleep=0.2)
+QUICK = Config(ns=[1, 10], procs=2, rate=50.0, paced_seconds=2.0, unpaced_seconds=2.0,
+               unpaced_cap=400, delivery_budget=20_000, drain_timeout=20.0, slow=True, slow_n=10, slow_sleep=0.2)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# viewer processes -------------------------------------------------------------
+
+class ViewerProc:
+    """A viewer process and its JSON-lines pipe."""
+
+    def __init__(self, system: System, first: int, count: int, workdir: Path) -> None:
+        self.ids = [f"v{i}" for i in range(first, first + count)]
+        argv = [sys.executable, "-m", "bench.viewer_proc", "--system", system.name,
+                "--ids", f"{first}:{count}", "--connect", system.viewer_connect()]
+        self.errlog = workdir / f"viewers-{first}.log"
+        self.proc = subprocess.Popen(argv, env=system.viewer_env(), cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=open(self.errlog, "ab"),  # noqa: SIM115
+                                     text=True, bufsize=1)
+        self._lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.stopped = False
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self._lines.put(json.loads(line))
+            except ValueError:
+                pass
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, cmd: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def wait(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None and self._lines.empty():
+                    tail = self.errlog.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"viewer process {self.pid} exited ({self.proc.returncode}):\n{tail}") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"viewer process {self.pid} did not answer within {timeout}s") from None
+
+    def request(self, cmd: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        self.send(cmd)
+        return self.wait(timeout)
+
+    def pause(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+        self.stopped = True
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+        self.stopped = False
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            if self.stopped:
+                self.resume()
+            try:
+                self.send({"cmd": "quit"})
+                self.proc.wait(15)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        stop_process(self.proc, 5)
+
+
+def start_viewers(system: System, layout: list[int], workdir: Path) -> list[ViewerProc]:
+    procs, first = [], 0
+    for count in layout:
+        procs.append(ViewerProc(system, first, count, workdir))
+        first += count
+    for p in procs:
+        reply = p.wait(180)
+        if not reply.get("ready"):
+            raise RuntimeError(f"viewer process {p.pid} not ready: {reply}")
+    total = sum(layout)
+    # the server side must see every subscription before we measure
+    deadline = time.monotonic() + 30
+    while server_subscribers(system) < total:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{system.name}: only {server_subscribers(system)}/{total} subscribed")
+        time.sleep(0.05)
+    return procs
+
+
+def server_subscribers(system: System) -> int:
+    if system.name.startswith("remote-mvc"):
+        return len(system.client.viewers())
+    if system.name == "redis":
+        return system.subscribers()
+    return system.proxy.count()
+
+
+def split(n: int, k: int) -> list[int]:
+    k = max(1, min(n, k))
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
+# server resource usage --------------------------------------------------------
+
+class Sampler:
+    """CPU time and peak RSS of the server process over a measurement window."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.p = psutil.Process(pid)
+        self._stop = threading.Event()
+        self.rss_peak = 0
+        self.threads_peak = 0
+
+    def start(self) -> Sampler:
+        c = self.p.cpu_times()
+        self.cpu0, self.wall0 = c.user + c.system, time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.rss_peak = max(self.rss_peak, self.p.memory_info().rss)
+                self.threads_peak = max(self.threads_peak, self.p.num_threads())
+            except Exception:  # noqa: BLE001 - the process went away
+                return
+            if self._stop.wait(0.1):
+                return
+
+    def stop(self, viewers: int) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        c = self.p.cpu_times()
+        cpu = c.user + c.system - self.cpu0
+        wall = time.monotonic() - self.wall0
+        rss = max(self.rss_peak, self.p.memory_info().rss)
+        cpu_pct = 100.0 * cpu / wall if wall > 0 else 0.0
+        per100 = 100.0 / max(1, viewers)
+        return {"cpu_pct": round(cpu_pct, 1), "cpu_pct_per_100_viewers": round(cpu_pct * per100, 2),
+                "cpu_seconds": round(cpu, 3), "wall_seconds": round(wall, 3),
+                "rss_mb": round(rss / 2**20, 1), "rss_mb_per_100_viewers": round(rss / 2**20 * per100, 2),
+                "threads": self.threads_peak}
+
+
+# the controller ---------------------------------------------------------------
+
+class Controller:
+    """Makes changes one call at a time, paced or as fast as it can; remembers each call's start."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.i = 1
+
+    def run(self, rate: float | None, seconds: float, max_changes: int) -> list[tuple[int, float, float]]:
+        sends: list[tuple[int, float, float]] = []
+        interval = 1.0 / rate if rate else 0.0
+        change = self.system.change
+        clock = time.time
+        start = next_at = clock()
+        while len(sends) < max_changes and clock() - start < seconds:
+            if interval:
+                now = clock()
+                if now < next_at:
+                    time.sleep(next_at - now)
+            t0 = clock()
+            seq = change(self.i, t0)
+            t1 = clock()
+            sends.append((seq, t0, t1))
+            self.i += 1
+            if interval:
+                next_at = max(next_at + interval, t1)  # behind schedule: no catch-up burst
+        return sends
+
+
+# scenarios --------------------------------------------------------------------
+
+class Runner:
+    def __init__(self, cfg: Config, workdir: Path, proto_lib: str, profile_dir: Path | None,
+                 profile_ns: set[int]) -> None:
+        self.cfg = cfg
+        self.workdir = workdir
+        self.proto_lib = proto_lib
+        self.profile_dir = profile_dir
+        self.profile_ns = profile_ns
+        self.results: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self.profiles: list[dict[str, Any]] = []
+
+    def measure(self, system: System, ctl: Controller, procs: list[ViewerProc], scenario: str, n: int, *,
+                rate: float | None, seconds: float, max_changes: int, healthy: list[str] | None = None,
+                extra_collect: list[ViewerProc] = (), profile: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        live = [p for p in procs if not p.stopped]
+        for p in live:
+            p.send({"cmd": "reset"})
+        for p in live:
+            p.wait(30)
+        time.sleep(0.2)
+        spy = self._start_profile(system, scenario, n, seconds) if profile else None
+        sampler = Sampler(system.server_pid).start()
+        sends = ctl.run(rate, seconds, max_changes)
+        final = max(s for s, _, _ in sends)
+        paths = {}
+        for p in live:
+            paths[p] = self.workdir / f"rec-{system.name}-{scenario}-{n}-{p.pid}.json"
+            timeout = 2.0 if p in extra_collect else cfg.drain_timeout
+            p.send({"cmd": "collect", "final": final, "timeout": timeout, "path": str(paths[p])})
+        records: dict[str, Any] = {}
+        for p in live:
+            p.wait(cfg.drain_timeout + 60)
+            records.update(json.loads(paths[p].read_text()))
+            paths[p].unlink()
+        ids = healthy if healthy is not None else [v for p in procs for v in p.ids]
+        usage = sampler.stop(n)
+        if spy is not None:
+            self._finish_profile(spy)
+        result = analyze(sends, records, ids)
+        result.update(system=system.name, label=system.label, scenario=scenario, n=n, server=usage,
+                      rate=rate, durable=system.durable)
+        if healthy is not None:
+            others = [v for p in procs for v in p.ids if v not in set(healthy)]
+            result["special_viewers"] = {v: _viewer_summary(records.get(v), sends) for v in others}
+        self.results.append(result)
+        f = result["fanout_ms"]
+        log(f"{system.name:>16} {scenario:<14} N={n:<5} fan-out p50/p99/max {f['p50']}/{f['p99']}/{f['max']} ms, "
+            f"{result['changes_per_s']} changes/s, {result['deliveries_per_s']} deliveries/s, "
+            f"cpu {usage['cpu_pct']}%, rss {usage['rss_mb']} MB, lost {result['lost']} ooo {result['out_of_order']} "
+            f"dup {result['duplicated']} snap {result['snapshots']} behind {result['behind_count']}")
+        return result
+
+    def unpaced_changes(self, n: int) -> int:
+        return max(100, min(self.cfg.unpaced_cap, self.cfg.delivery_budget // n))
+
+    def run_system(self, name: str) -> None:
+        cfg = self.cfg
+        for n in cfg.ns:
+            system = make(name, self.workdir / f"{name}-{n}", self.proto_lib)
+            procs: list[ViewerProc] = []
+            try:
+                log(f"{name}: N={n}: starting server and {len(split(n, cfg.procs))} viewer processes")
+                system.start()
+                procs = start_viewers(system, split(n, cfg.procs), system.workdir)
+                ctl = Controller(system)
+                ctl.run(None, 0.5, 20)  # warm-up, not measured
+                profile = self.profile_dir is not None and n in self.profile_ns and name.startswith("remote-mvc")
+                self.measure(system, ctl, procs, "paced", n, rate=cfg.rate, seconds=cfg.paced_seconds,
+                             max_changes=int(cfg.rate * cfg.paced_seconds) + 1, profile=profile)
+                self.measure(system, ctl, procs, "unpaced", n, rate=None, seconds=cfg.unpaced_seconds,
+                             max_changes=self.unpaced_changes(n), profile=profile)
+            except Exception as exc:  # noqa: BLE001 - one system failing must not hide the others
+                log(f"{name}: N={n}: FAILED: {type(exc).__name__}: {exc}")
+                self.errors.append(f"{name} N={n}: {type(exc).__name__}: {exc}")
+            finally:
+                for p in procs:
+                    p.close()
+                system.stop()
+        if cfg.slow:
+            self.run_slow(name)
+
+    def run_slow(self, name: str) -> None:
+        """N viewers: N-2 healthy ones, one whose handler sleeps, one SIGSTOPped; healthy vs. not."""
+        cfg = self.cfg
+        n = cfg.slow_n
+        system = make(name, self.workdir / f"{name}-slow", self.proto_lib)
+        procs: list[ViewerProc] = []
+        try:
+            log(f"{name}: slow-viewer scenario, N={n}")
+            system.start()
+            layout = split(n - 2, cfg.procs) + [1, 1]
+            procs = start_viewers(system, layout, system.workdir)
+            slow, stopped = procs[-2], procs[-1]
+            healthy = [v for p in procs[:-2] for v in p.ids]
+            ctl = Controller(system)
+            ctl.run(None, 0.5, 20)
+            kw = dict(rate=cfg.rate, seconds=cfg.paced_seconds, max_changes=int(cfg.rate * cfg.paced_seconds) + 1,
+                      healthy=healthy)
+            self.measure(system, ctl, procs, "slow-baseline", n, **kw)
+            slow.request({"cmd": "sleep", "seconds": cfg.slow_sleep})
+            stopped.pause()
+            result = self.measure(system, ctl, procs, "slow-viewer", n, extra_collect=[slow], **kw)
+            stopped.resume()
+            # does the stopped viewer come back to the latest state once resumed?
+            final = result["final_seq"]
+            path = system.workdir / "stopped.json"
+            reply = stopped.request({"cmd": "collect", "final": final, "timeout": 20.0, "path": str(path)}, 60)
+            data = json.loads(path.read_text())
+            last = max(data[stopped.ids[0]]["seqs"], default=None)
+            result["special_viewers"][stopped.ids[0]]["after_resume"] = {
+                "caught_up": not reply.get("behind"), "last_seq": last}
+        except Exception as exc:  # noqa: BLE001
+            log(f"{name}: slow scenario FAILED: {type(exc).__name__}: {exc}")
+            self.errors.append(f"{name} slow: {type(exc).__name__}: {exc}")
+        finally:
+            for p in procs:
+                p.close()
+            system.stop()
+
+    # profiling --------------------------------------------------------------
+    def _start_profile(self, system: System, scenario: str, n: int, seconds: float) -> dict[str, Any] | None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not Path(spy).exists():
+            log("py-spy not found; not profiling")
+            return None
+        assert self.profile_dir is not None
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        stem = self.profile_dir / f"{system.name}-{scenario}-{n}"
+        argv = [spy, "record", "--pid", str(system.server_pid), "--rate", "200", "--gil", "--format", "raw",
+                "--output", f"{stem}.txt", "--duration", str(int(seconds) + 1)]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)  # let it attach
+        return {"proc": proc, "raw": f"{stem}.txt", "system": system.name, "scenario": scenario, "n": n}
+
+    def _finish_profile(self, spy: dict[str, Any]) -> None:
+        try:
+            spy["proc"].wait(30)
+        except subprocess.TimeoutExpired:
+            spy["proc"].send_signal(signal.SIGINT)
+            spy["proc"].wait(10)
+        self.profiles.append({k: v for k, v in spy.items() if k != "proc"})
+
+
+def _viewer_summary(rec: dict[str, Any] | None, sends: list[tuple[int, float, float]]) -> dict[str, Any]:
+    if not rec:
+        return {"deliveries": 0}
+    first = min(s for s, _, _ in sends)
+    seqs = [s for s in rec["seqs"] if s >= first]
+    return {"deliveries": len(seqs), "snapshots": sum(1 for s, k in zip(rec["seqs"], rec["kinds"]) if k and s >= first),
+            "last_seq": max(seqs, default=None)}
+
+
+# main -------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: small N, seconds per system")
+    parser.add_argument("--systems", default=",".join(ALL_SYSTEMS),
+                        help=f"comma-separated, from {ALL_SYSTEMS + ['remote-mvc-proto']}")
+    parser.add_argument("--n", default="", help="comma-separated viewer counts (default: by mode)")
+    parser.add_argument("--paced-seconds", type=float)
+    parser.add_argument("--rate", type=float, help="paced changes per second (default 50)")
+    parser.add_argument("--no-slow", action="store_true", help="skip the slow-viewer scenario")
+    parser.add_argument("--out", default=str(ROOT / "bench-results"), help="results directory")
+    parser.add_argument("--name", default="latest", help="results file stem (latest.json, latest.md)")
+    parser.add_argument("--proto-lib", default="", help="a directory holding a patched remote_mvc package, "
+                        "benchmarked as system remote-mvc-proto")
+    parser.add_argument("--profile", default="", help="directory: record py-spy profiles of the remote-mvc server")
+    parser.add_argument("--profile-n", default="200", help="N values to profile at")
+    args = parser.parse_args(argv)
+
+    base = QUICK if args.quick else FULL
+    cfg = Config(**vars(base))
+    if args.n:
+        cfg.ns = [int(x) for x in args.n.split(",")]
+    if args.paced_seconds:
+        cfg.paced_seconds = args.paced_seconds
+    if args.rate:
+        cfg.rate = args.rate
+    if args.no_slow:
+        cfg.slow = False
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if "remote-mvc-proto" in systems and not args.proto_lib:
+        parser.error("remote-mvc-proto needs --proto-lib")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="mvc-bench-"))
+    started = time.time()
+    facts = machine_facts(workdir)
+    log(f"machine: {facts['cpu_model']}, {facts['cpus']} CPUs, {facts['memory_gb']} GB; workdir {workdir}")
+    runner = Runner(cfg, workdir, str(Path(args.proto_lib).resolve()) if args.proto_lib else "",
+                    Path(args.profile) if args.profile else None, {int(x) for x in args.profile_n.split(",")})
+    try:
+        for name in systems:
+            runner.run_system(name)
+    finally:
+        if not os.environ.get("BENCH_KEEP_TMP"):
+            shutil.rmtree(workdir, ignore_errors=True)
+    facts["duration_s"] = round(time.time() - started, 1)
+    doc = report.build(runner.results, facts, cfg, mode="quick" if args.quick else "full", systems=systems,
+                       errors=runner.errors, profiles=runner.profiles)
+    json_path = out / f"{args.name}.json"
+    json_path.write_text(json.dumps(doc, indent=1) + "\n")
+    md = report.markdown(doc)
+    (out / f"{args.name}.md").write_text(md)
+    png = report.plot(doc, out / ("fanout_p99.png" if args.name == "latest" else f"{args.name}_fanout_p99.png"))
+    print(md)
+    log(f"wrote {json_path}, {out / (args.name + '.md')}" + (f", {png}" if png else "")
+        + f" in {facts['duration_s']} s")
+    if runner.profiles:
+        from bench.profile_summary import summarize
+        for prof in runner.profiles:
+            print(summarize(prof["raw"]))
+    problems = report.problems(doc)
+    for p in problems:
+        log(f"PROBLEM: {p}")
+    return 1 if problems else 0

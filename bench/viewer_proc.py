@@ -1,0 +1,219 @@
+"""One viewer process: hosts many viewers of one system and records what each one gets.
+
+Every viewer object has its own subscription and its own deliveries (its own
+Pyro5 connection from the server, or its own Redis connection): nothing is
+shared between the viewers of a process except the process itself.
+
+A viewer's handler records ``(seq, time.time() at handler entry, kind)``,
+kind 0 for a change, 1 for a snapshot. The orchestrator drives the process
+with JSON lines on stdin and reads JSON lines from stdout:
+
+* ``{"cmd": "reset"}``: forget what was recorded;
+* ``{"cmd": "sleep", "seconds": s}``: every handler of this process sleeps ``s``;
+* ``{"cmd": "collect", "final": F, "timeout": T, "path": P}``: wait until every
+  viewer has reached seq F (or T seconds), write the records to P;
+* ``{"cmd": "quit"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench.common import CHANNEL, configure_naive_pyro, reply
+
+
+class Rec:
+    """One viewer's deliveries, in arrival order."""
+
+    __slots__ = ("vid", "seqs", "times", "kinds", "last", "sleep")
+
+    def __init__(self, vid: str) -> None:
+        self.vid = vid
+        self.sleep = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.seqs: list[int] = []
+        self.times: list[float] = []
+        self.kinds: list[int] = []
+        self.last = -1
+
+    def add(self, seq: int, t: float, kind: int) -> None:
+        self.seqs.append(seq)
+        self.times.append(t)
+        self.kinds.append(kind)
+        if seq > self.last:
+            self.last = seq
+        if self.sleep:
+            time.sleep(self.sleep)
+
+
+# remote-mvc ------------------------------------------------------------------
+
+def start_mvc(recs: list[Rec], args: argparse.Namespace) -> Callable[[], None]:
+    from remote_mvc import Settings, Viewer, ViewerHost
+
+    settings = Settings.from_env()
+    host = ViewerHost(settings)
+    viewers = []
+    for rec in recs:
+        def on_change(viewer: Viewer, event: dict[str, Any] | None, rec: Rec = rec) -> None:
+            t = time.time()
+            if event is None:  # a snapshot: the viewer fell behind (or just subscribed)
+                rec.add(viewer.revision, t, 1)
+            else:
+                rec.add(event["revision"], t, 0)
+
+        viewers.append(host.add(Viewer(rec.vid, settings.watched_name, on_change=on_change,
+                                       metrics=host.metrics, log_values=False, record=False)))
+    host.start()
+    deadline = time.monotonic() + 120
+    while not (host.subscribed() == len(viewers) and all(v.synced for v in viewers)):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"viewers not subscribed: {host.subscribed()}/{len(viewers)}")
+        time.sleep(0.02)
+    return host.stop
+
+
+# naive Pyro5 -----------------------------------------------------------------
+
+def start_naive(recs: list[Rec], args: argparse.Namespace) -> Callable[[], None]:
+    import Pyro5.api
+
+    configure_naive_pyro()
+
+    @Pyro5.api.expose
+    class NaiveViewer:
+        def __init__(self, rec: Rec) -> None:
+            self.rec = rec
+
+        def notify(self, change: dict[str, Any]) -> None:
+            self.rec.add(change["seq"], time.time(), 0)
+
+    @Pyro5.api.expose
+    class NaiveOnewayViewer(NaiveViewer):
+        @Pyro5.api.oneway
+        def notify(self, change: dict[str, Any]) -> None:
+            self.rec.add(change["seq"], time.time(), 0)
+
+    cls = NaiveOnewayViewer if args.system == "naive-oneway" else NaiveViewer
+    daemon = Pyro5.api.Daemon(host="127.0.0.1")
+    uris = [daemon.register(cls(rec), objectId=f"viewer.{rec.vid}") for rec in recs]
+    threading.Thread(target=daemon.requestLoop, daemon=True).start()
+    server = Pyro5.api.Proxy(args.connect)
+    for uri in uris:
+        server.subscribe(str(uri))
+    server._pyroRelease()
+    return daemon.shutdown
+
+
+# Redis pub/sub ---------------------------------------------------------------
+
+def start_redis(recs: list[Rec], args: argparse.Namespace) -> Callable[[], None]:
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    ready = threading.Event()
+    failed: list[BaseException] = []
+    state: dict[str, Any] = {}
+
+    async def listen(pubsub: Any, rec: Rec) -> None:
+        loads = json.loads
+        async for message in pubsub.listen():
+            if message["type"] == "message":
+                t = time.time()
+                rec.add(loads(message["data"])["seq"], t, 0)
+
+    async def amain() -> None:
+        client = aioredis.Redis(host="127.0.0.1", port=int(args.connect))
+        pubsubs = []
+        for _ in recs:  # one connection and one subscription per viewer
+            ps = client.pubsub(ignore_subscribe_messages=True)
+            await ps.subscribe(CHANNEL)
+            pubsubs.append(ps)
+        state["loop"] = asyncio.get_running_loop()
+        state["stop"] = asyncio.Event()
+        tasks = [asyncio.create_task(listen(ps, rec)) for ps, rec in zip(pubsubs, recs)]
+        ready.set()
+        await state["stop"].wait()
+        for task in tasks:
+            task.cancel()
+
+    def run() -> None:
+        try:
+            asyncio.run(amain())
+        except BaseException as exc:  # noqa: BLE001 - reported to the orchestrator
+            failed.append(exc)
+            ready.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    ready.wait(120)
+    if failed or not ready.is_set():
+        raise SystemExit(f"redis viewers failed: {failed}")
+
+    def stop() -> None:
+        loop = state.get("loop")
+        if loop is not None:
+            loop.call_soon_threadsafe(state["stop"].set)
+
+    return stop
+
+
+STARTERS = {"remote-mvc": start_mvc, "naive-twoway": start_naive, "naive-oneway": start_naive,
+            "redis": start_redis}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--system", required=True, choices=sorted(STARTERS) + ["remote-mvc-proto"])
+    parser.add_argument("--ids", required=True, help="first:count of the viewer ids this process hosts")
+    parser.add_argument("--connect", default="", help="naive server URI, or the Redis port")
+    args = parser.parse_args()
+    if args.system == "remote-mvc-proto":
+        args.system = "remote-mvc"
+    first, count = (int(x) for x in args.ids.split(":"))
+    recs = [Rec(f"v{i}") for i in range(first, first + count)]
+    stop = STARTERS[args.system](recs, args)
+    reply({"ready": True, "pid": os.getpid(), "viewers": len(recs)})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["cmd"]
+        if op == "reset":
+            for rec in recs:
+                rec.reset()
+            reply({"ok": True})
+        elif op == "sleep":
+            for rec in recs:
+                rec.sleep = float(cmd["seconds"])
+            reply({"ok": True})
+        elif op == "collect":
+            final, deadline = cmd["final"], time.monotonic() + cmd["timeout"]
+            while any(rec.last < final for rec in recs) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            behind = [rec.vid for rec in recs if rec.last < final]
+            data = {rec.vid: {"seqs": rec.seqs, "times": rec.times, "kinds": rec.kinds} for rec in recs}
+            with open(cmd["path"], "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            reply({"ok": True, "behind": behind})
+        elif op == "quit":
+            break
+    for rec in recs:
+        rec.sleep = 0.0
+    try:
+        stop()
+    finally:
+        reply({"bye": True})
+        sys.stdout.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

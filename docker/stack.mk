@@ -1,0 +1,89 @@
+# Container stack targets, included by the root Makefile (`include docker/stack.mk`).
+# Run from the repository root. Uses VENV/PY from the root Makefile when they exist.
+#
+#   make docker-engine   install/start Docker + compose plugin (.ci/install-docker.sh)
+#   make base-image      pick python:3.11-slim or build the debootstrap base
+#   make wheels          fill build/wheelhouse (project wheel + dependencies) on the host
+#   make images          build the service and Prometheus images
+#   make up              all of the above, secrets in .env on first run, start the stack
+#   make scale VIEWERS=5 / make ctl / make logs [SERVICE=model] / make ps / make metrics
+#   make down            stop and remove containers + networks (volumes kept)
+#   make down-volumes    ... and the named volumes (model state, audit log, name server data)
+#   make stack-clean     ... and the images and the wheelhouse
+
+COMPOSE        ?= docker compose
+VIEWERS        ?= 3
+WHEELHOUSE     ?= build/wheelhouse
+MVC_IMAGE      ?= remote-mvc:latest
+PROMETHEUS_IMAGE ?= remote-mvc/prometheus:latest
+UP_TIMEOUT     ?= 240
+SERVICE        ?=
+# Python used on the host for pip (wheelhouse), secrets and `make metrics`.
+STACK_PY       ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+export MVC_IMAGE PROMETHEUS_IMAGE
+
+_STACK_SOURCES := pyproject.toml $(shell find shared/remote_mvc services -name '*.py' 2>/dev/null)
+
+.PHONY: docker-engine base-image wheels images up scale ctl logs ps down down-volumes stack-clean metrics stack-env
+
+docker-engine:
+	bash .ci/install-docker.sh
+
+# Prints the chosen image; the build targets call the script themselves.
+base-image:
+	@docker/base-image.sh
+
+wheels: $(WHEELHOUSE)/.stamp
+
+$(WHEELHOUSE)/.stamp: $(_STACK_SOURCES) docker/wheelhouse.sh
+	PYTHON=$(STACK_PY) docker/wheelhouse.sh $(WHEELHOUSE)
+	@touch $@
+
+images: wheels stack-env
+	@base="$$(docker/base-image.sh)" && echo "base image: $$base" && \
+	  BASE_IMAGE="$$base" $(COMPOSE) build
+
+# Secrets: generated once into the git-ignored .env (compose reads it for ${MVC_CREDENTIALS}).
+stack-env:
+	@if ! grep -qs '^MVC_CREDENTIALS=' .env; then \
+	  echo "generating controller/admin secrets into .env (git-ignored)"; \
+	  umask 077; $(STACK_PY) -c 'import secrets; t = secrets.token_hex; print(f"MVC_CREDENTIALS=controller:controller:{t(32)},admin:admin:{t(32)}")' >> .env; \
+	fi
+
+up: images
+	VIEWERS=$(VIEWERS) $(COMPOSE) up -d --wait --wait-timeout $(UP_TIMEOUT) --remove-orphans
+	@$(COMPOSE) ps
+	@port="$$($(COMPOSE) port prometheus 9090 2>/dev/null)"; \
+	echo; echo "remote-mvc is up ($(VIEWERS) viewers)."; \
+	echo "  Prometheus:   http://$${port:-127.0.0.1:9099}   (make metrics)"; \
+	echo "  Controller:   make ctl   then e.g.  remote-mvc-ctl set name=demo value=1 / remote-mvc-ctl shell"; \
+	echo "  Viewer logs:  make logs SERVICE=viewer      All logs: make logs"; \
+	echo "  Scale:        make scale VIEWERS=5          Stop: make down"
+
+scale: stack-env
+	$(COMPOSE) up -d --no-recreate --no-build --wait --wait-timeout $(UP_TIMEOUT) --scale viewer=$(VIEWERS) viewer
+
+ctl: stack-env
+	$(COMPOSE) run --rm controller
+
+logs: stack-env
+	$(COMPOSE) logs -f --tail=200 $(SERVICE)
+
+ps: stack-env
+	$(COMPOSE) --profile '*' ps -a
+
+metrics: stack-env
+	@port="$$($(COMPOSE) port prometheus 9090 2>/dev/null)"; \
+	if [ -z "$$port" ]; then echo "Prometheus is not running (make up)"; exit 1; fi; \
+	$(STACK_PY) docker/metrics.py "http://$$port"
+
+down: stack-env
+	$(COMPOSE) --profile '*' down --remove-orphans
+
+down-volumes: stack-env
+	$(COMPOSE) --profile '*' down --remove-orphans --volumes
+
+stack-clean: down-volumes
+	-docker image rm $(MVC_IMAGE) $(PROMETHEUS_IMAGE) 2>/dev/null
+	rm -rf $(WHEELHOUSE)

@@ -1,0 +1,219 @@
+"""Testing kit: real daemons on 127.0.0.1, ephemeral ports, cleaned up afterwards.
+
+Installed as a pytest plugin (entry point ``remote_mvc``), it offers:
+
+* ``mvc_stack`` – a :class:`Stack`: a running name server plus factories for
+  model services, tickers, viewer hosts, clients and service *processes*, all
+  stopped at teardown;
+* ``mvc_settings`` – the :class:`~remote_mvc.Settings` the stack's parts share.
+
+:class:`ServiceProcess` runs a service as a real subprocess (for SIGKILL and
+SIGSTOP tests) and collects its JSON log lines so a test can wait on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .config import Settings
+from .controller import ModelClient
+from .metrics import Metrics
+from .nameserver import NameServer
+from .server import ModelService
+from .service import Service
+from .ticker import TickerService
+from .viewer import Viewer, ViewerHost
+
+__all__ = ["Stack", "ServiceProcess", "wait_until", "mvc_settings", "mvc_stack"]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+               message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class ServiceProcess:
+    """A service in its own process, its stdout JSON lines collected as they come."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.argv = argv
+        self.env = env
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, bufsize=1)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.raw.append(line.rstrip("\n"))
+                try:
+                    self.lines.append(json.loads(line))
+                except ValueError:
+                    pass
+                self._cond.notify_all()
+
+    def wait_for_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0,
+                     start: int = 0) -> dict[str, Any]:
+        """The first JSON line (from index ``start``) matching ``predicate``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines[start:]:
+                    if predicate(line):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    tail = "\n".join(self.raw[-20:])
+                    raise AssertionError(f"no matching log line within {timeout}s from {self.argv}:\n{tail}")
+                self._cond.wait(min(left, 0.1))
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        with self._cond:
+            return [line for line in self.lines if line.get("event") == name]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM (resuming a stopped process first), then SIGKILL if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+class Stack:
+    """A name server plus whatever a test starts; everything stops at :meth:`close`."""
+
+    def __init__(self, state_dir: Path, **overrides: Any) -> None:
+        self.state_dir = Path(state_dir)
+        self.controller_secret = secrets.token_hex(16)
+        self.admin_secret = secrets.token_hex(16)
+        self.credentials = (f"controller:controller:{self.controller_secret},"
+                            f"admin:admin:{self.admin_secret}")
+        base = {"state_dir": str(self.state_dir), "ns_port": 0, "port": 0, "metrics_port": -1,
+                "lease_seconds": 2.0, "call_timeout": 1.0, "register_interval": 0.5,
+                "credentials": self.credentials, **overrides}
+        ns_settings = Settings(service="nameserver", **base)
+        self.nameserver = NameServer(ns_settings).start()
+        self.settings = ns_settings.replace(ns_port=self.nameserver.port)
+        self._services: list[Service] = []
+        self._processes: list[ServiceProcess] = []
+        self._clients: list[ModelClient] = []
+
+    def _track(self, service: Service, timeout: float = 10.0) -> Any:
+        self._services.append(service)
+        service.start()
+        if not service.wait_registered(timeout):
+            raise AssertionError(f"{service} did not register with the name server")
+        return service
+
+    def model(self, service: str = "model", **overrides: Any) -> ModelService:
+        """Start a model service in this process."""
+        return self._track(ModelService(self.settings.replace(service=service, **overrides)))
+
+    def ticker(self, interval: float = 0.1, **overrides: Any) -> TickerService:
+        return self._track(TickerService(self.settings.replace(service="ticker", ticker_interval=interval,
+                                                               **overrides)))
+
+    def viewers(self, count: int = 1, model: str | None = None, prefix: str = "viewer",
+                metrics: Metrics | None = None, **overrides: Any) -> tuple[ViewerHost, list[Viewer]]:
+        """A viewer host with ``count`` recording viewers, subscribed before it returns."""
+        host = ViewerHost(self.settings.replace(service="viewer", **overrides), metrics)
+        model = model or self.settings.model_name
+        views = [host.add(Viewer(f"{prefix}-{i}", model, metrics=host.metrics, record=True, log_values=False))
+                 for i in range(count)]
+        self._services.append(host)
+        host.start()
+        wait_until(lambda: host.wait_subscribed(0.05), 10, message="viewers to subscribe")
+        return host, views
+
+    def client(self, identity: str | None = "controller", model: str | None = None,
+               retry_seconds: float = 5.0, **overrides: Any) -> ModelClient:
+        """A client of the model as ``identity`` (None: no credentials, read-only)."""
+        settings = self.settings.replace(identity=identity or "", **overrides)
+        if identity is None:
+            settings = settings.replace(credentials="")
+        c = ModelClient(model, settings, retry_seconds=retry_seconds)
+        self._clients.append(c)
+        return c
+
+    def env(self, service: str, **overrides: Any) -> dict[str, str]:
+        """Environment for a service subprocess sharing this stack's settings."""
+        s = self.settings.replace(service=service, **overrides)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MVC_")}
+        env.update({f"MVC_{k.upper()}": str(v) for k, v in vars(s).items()})
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def process(self, service: str, **overrides: Any) -> ServiceProcess:
+        """Run ``remote-mvc-<service>`` as a subprocess (``viewer``, ``model``, ``ticker``)."""
+        module = f"remote_mvc_services.{service}.main"
+        name = overrides.pop("name", service)
+        p = ServiceProcess([sys.executable, "-m", module], self.env(name, **overrides))
+        self._processes.append(p)
+        return p
+
+    def close(self) -> None:
+        for c in self._clients:
+            c.close()
+        for p in reversed(self._processes):
+            p.stop()
+        for s in reversed(self._services):
+            s.stop()
+        self.nameserver.stop()
+
+
+@pytest.fixture
+def mvc_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A running name server on an ephemeral port; start more with the stack's methods."""
+    stack = Stack(tmp_path)
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture
+def mvc_settings(mvc_stack: Stack) -> Settings:
+    return mvc_stack.settings

@@ -1,0 +1,132 @@
+"""Dead, stalled and lagging viewers; model server and name server restarts."""
+
+import signal
+import time
+
+from remote_mvc import ModelClient
+from remote_mvc.testing import wait_until
+
+
+def dropped(model, reason):
+    return model.metrics.registry.get_sample_value(
+        "remote_mvc_viewers_dropped_total", {"model": "remote_mvc.model", "reason": reason}) or 0
+
+
+def test_killed_viewer_is_dropped_and_others_keep_receiving(mvc_stack):
+    model = mvc_stack.model()
+    host, views = mvc_stack.viewers(3)
+    doomed = mvc_stack.process("viewer", viewer_id="doomed")
+    doomed.wait_for_log(lambda r: r.get("event") == "subscribed", 15)
+    wait_until(lambda: model.model.subscriber_count == 4)
+    doomed.kill()
+    rm = mvc_stack.client("controller")
+    for i in range(1, 11):
+        rm.modify({"value": i})
+    for v in views:
+        assert v.wait_for(10, 5)
+        assert v.received == list(range(0, 11))
+    wait_until(lambda: model.model.subscriber_count == 3, 10, message="the dead viewer to be dropped")
+    assert dropped(model, "unreachable") + dropped(model, "lease_expired") == 1
+
+
+def test_stalled_viewer_does_not_hold_the_others_back(mvc_stack):
+    model = mvc_stack.model(call_timeout=2.0, lease_seconds=4.0)
+    host, views = mvc_stack.viewers(3)
+    stalled = mvc_stack.process("viewer", viewer_id="stalled")
+    stalled.wait_for_log(lambda r: r.get("event") == "subscribed", 15)
+    wait_until(lambda: model.model.subscriber_count == 4)
+    stalled.signal(signal.SIGSTOP)
+    rm = mvc_stack.client("controller")
+    for i in range(1, 21):
+        rev = rm.modify({"value": i})
+        for v in views:  # each change reaches the healthy viewers while the stalled one is still subscribed
+            assert v.wait_for(rev, 5)
+    assert "stalled" in {d["viewer_id"] for d in model.model.viewers()}
+    wait_until(lambda: model.model.subscriber_count == 3, 15, message="the stalled viewer to be dropped")
+    assert dropped(model, "timeout") + dropped(model, "lease_expired") == 1
+    for v in views:
+        assert v.received == list(range(0, 21))
+    # resumed, it finds its subscription gone, re-subscribes and catches up
+    stalled.signal(signal.SIGCONT)
+    wait_until(lambda: model.model.subscriber_count == 4, 15, message="the resumed viewer to re-subscribe")
+    last = rm.modify({"value": 100})
+    line = stalled.wait_for_log(lambda r: r.get("event") == "values" and r.get("revision") == last, 10)
+    assert line["values"]["value"] == 100
+
+
+def test_idle_stalled_viewer_loses_its_lease(mvc_stack):
+    model = mvc_stack.model(lease_seconds=1.0, call_timeout=5.0)
+    stalled = mvc_stack.process("viewer", viewer_id="idle", lease_seconds=1.0)
+    stalled.wait_for_log(lambda r: r.get("event") == "values", 15)  # its first snapshot is delivered
+    wait_until(lambda: model.model.subscriber_count == 1)
+    stalled.signal(signal.SIGSTOP)  # no changes flow: only the lease can notice
+    wait_until(lambda: model.model.subscriber_count == 0, 10, message="the lease to expire")
+    assert dropped(model, "lease_expired") == 1
+
+
+def test_lagging_viewer_gets_batches_then_a_snapshot(mvc_stack):
+    model = mvc_stack.model(queue_limit=20, batch_max=8, call_timeout=10.0)
+
+    def slow(viewer, event):
+        time.sleep(0.05)  # a viewer doing real work on every change: slower than the changes come
+
+    from remote_mvc import Viewer
+
+    host, (fast,) = mvc_stack.viewers(1, prefix="fast")
+    lagging = Viewer("lagging", mvc_stack.settings.model_name, on_change=slow, record=True, log_values=False)
+    host.add(lagging)
+    wait_until(lambda: model.model.subscriber_count == 2)
+    wait_until(lambda: lagging.synced)
+    rm = mvc_stack.client("controller")
+    for i in range(1, 61):
+        rm.modify({"value": i})
+    assert fast.wait_for(60, 10) and fast.received == list(range(0, 61))
+    assert lagging.wait_for(60, 20)
+    assert lagging.values["value"] == 60
+    assert lagging.received == sorted(set(lagging.received))  # in order, nothing twice
+    assert lagging.snapshots >= 2  # the one at subscribe, and one that replaced the overflowing queue
+    m = model.metrics.registry
+    wait_until(lambda: m.get_sample_value("remote_mvc_snapshots_sent_total", {"model": "remote_mvc.model"}) >= 3,
+               5, message="the server to count its snapshots (2 at subscribe, 1 for the overflow)")
+    assert m.get_sample_value("remote_mvc_notifications_sent_total", {"model": "remote_mvc.model"}) < \
+        m.get_sample_value("remote_mvc_events_delivered_total", {"model": "remote_mvc.model"})
+
+
+def test_model_server_sigkill_restart_loses_nothing_acknowledged(mvc_stack):
+    server = mvc_stack.process("model")
+    server.wait_for_log(lambda r: r.get("event") == "registered", 15)
+    host, views = mvc_stack.viewers(3)
+    rm = mvc_stack.client("controller", retry_seconds=15)
+    acked = [rm.modify({"value": i}) for i in range(1, 21)]
+    assert acked == list(range(1, 21))
+    server.kill()  # SIGKILL: no goodbye
+    server2 = mvc_stack.process("model")
+    server2.wait_for_log(lambda r: r.get("event") == "registered", 15)
+    snap = rm.snapshot()
+    assert snap["revision"] == 20 and snap["values"]["value"] == 20
+    assert [e["revision"] for e in rm.history(0)] == list(range(1, 21))
+    for i in range(21, 26):
+        rm.modify({"value": i})
+    for v in views:
+        assert v.wait_for(25, 20)
+        assert v.values["value"] == 25
+        assert v.received == sorted(set(v.received)), "never twice, never out of order"
+        assert set(range(21, 26)) <= set(v.received)
+
+
+def test_name_server_restart_services_register_again(mvc_stack):
+    from remote_mvc import NameServer
+
+    model = mvc_stack.model()
+    host, (view,) = mvc_stack.viewers(1)
+    port = mvc_stack.nameserver.port
+    mvc_stack.nameserver.stop()
+    mvc_stack.nameserver = NameServer(mvc_stack.settings.replace(service="nameserver", ns_port=port),
+                                      storage="memory").start()
+    client = ModelClient(None, mvc_stack.settings.replace(identity="controller"), retry_seconds=10)
+    try:
+        rev = client.modify({"value": 5})  # found by name again, with no manual step
+    finally:
+        client.close()
+    assert view.wait_for(rev, 10)
+    wait_until(lambda: model.healthy(), 10)

@@ -1,0 +1,87 @@
+"""Per-viewer queues: order, batching, snapshot past the bound, leases (with a fake clock)."""
+
+from remote_mvc import Metrics
+from remote_mvc._fanout import Fanout
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def ev(r):
+    return {"revision": r, "values": {"value": r}, "time": 0.0}
+
+
+def make(**kw):
+    state = {"revision": 0}
+    clock = Clock()
+    f = Fanout("m", lambda: {"revision": state["revision"], "values": {}}, Metrics(), clock=clock, **kw)
+    return f, clock, state
+
+
+def test_events_are_batched_in_order_up_to_batch_max():
+    f, _, _ = make(batch_max=3)
+    sub = f.add("v", "PYRO:x@127.0.0.1:1", backlog=[], start=False)
+    for r in range(1, 6):
+        f.publish(ev(r))
+    assert [e["revision"] for e in sub._next_batch()["events"]] == [1, 2, 3]
+    assert [e["revision"] for e in sub._next_batch()["events"]] == [4, 5]
+
+
+def test_backlog_first_then_live_events():
+    f, _, _ = make()
+    sub = f.add("v", "u", backlog=[ev(1), ev(2)], start=False)
+    f.publish(ev(3))
+    assert [e["revision"] for e in sub._next_batch()["events"]] == [1, 2, 3]
+
+
+def test_past_the_bound_a_snapshot_replaces_the_queue():
+    f, _, state = make(queue_limit=4)
+    sub = f.add("v", "u", backlog=[], start=False)
+    for r in range(1, 9):
+        f.publish(ev(r))
+        state["revision"] = r
+    assert sub.queued == 0
+    batch = sub._next_batch()
+    assert batch == {"snapshot": {"revision": 8, "values": {}}, "reason": "behind"}
+    f.publish(ev(9))
+    assert [e["revision"] for e in sub._next_batch()["events"]] == [9]
+
+
+def test_snapshot_skips_events_it_already_covers():
+    f, _, state = make()
+    sub = f.add("v", "u", backlog=None, start=False)  # new viewer: snapshot first
+    f.publish(ev(1))
+    state["revision"] = 1
+    assert sub._next_batch()["snapshot"]["revision"] == 1
+    f.publish(ev(2))
+    assert [e["revision"] for e in sub._next_batch()["events"]] == [2]
+
+
+def test_leases_expire_unless_renewed_and_the_gauge_follows():
+    f, clock, _ = make(lease_seconds=10)
+    a = f.add("a", "u", [], start=False)
+    b = f.add("b", "u", [], start=False)
+    gauge = lambda: f.metrics.registry.get_sample_value("remote_mvc_viewers_connected", {"model": "m"})  # noqa: E731
+    assert gauge() == 2
+    clock.now = 8
+    assert f.renew([a.id, "ghost/1"]) == ["ghost/1"]
+    clock.now = 11
+    assert f.expire() == 1
+    assert [d["viewer_id"] for d in f.describe()] == ["a"]
+    assert gauge() == 1
+    assert f.metrics.registry.get_sample_value(
+        "remote_mvc_viewers_dropped_total", {"model": "m", "reason": "lease_expired"}) == 1
+    assert f.renew([b.id]) == [b.id]
+
+
+def test_resubscribing_viewer_replaces_its_old_subscription():
+    f, _, _ = make()
+    old = f.add("v", "u1", [], start=False)
+    new = f.add("v", "u2", [], start=False)
+    assert len(f) == 1 and f.renew([old.id]) == [old.id] and f.renew([new.id]) == []
+    assert f.remove(new.id) and not f.remove(new.id) and len(f) == 0

@@ -1,0 +1,131 @@
+"""ModelServer in process: validation, revisions, durability, audit, history, dedupe."""
+
+import pytest
+from remote_mvc import (
+    AuditLog,
+    ConflictError,
+    ExampleModel,
+    HistoryCompacted,
+    Metrics,
+    ModelServer,
+    PersistenceError,
+    ValidationError,
+    read_audit,
+)
+from remote_mvc._store import Store
+
+
+def make(tmp_path, metrics=None, **kw):
+    metrics = metrics or Metrics()
+    store = Store(tmp_path / "state.sqlite3", kw.get("history_limit", 10000))
+    audit = AuditLog(tmp_path / "audit.jsonl", metrics)
+    return ModelServer("m", ExampleModel, store, audit, metrics, clock=lambda: 123.0, **kw)
+
+
+def test_modify_bumps_revision_and_records_an_event(tmp_path):
+    m = make(tmp_path)
+    assert m.query() == {"name": "xxx", "value": 0}
+    assert m.snapshot()["revision"] == 0
+    assert m.modify({"name": "newname"}) == 1
+    assert m.modify({"value": 99}) == 2
+    assert m.modify({"name": "both", "value": 1}) == 3
+    assert m.query() == {"name": "both", "value": 1}
+    events = m.history(0)
+    assert [e["revision"] for e in events] == [1, 2, 3]
+    assert events[1]["changes"] == {"value": {"old": 0, "new": 99}}
+    assert events[1]["values"] == {"name": "newname", "value": 99}
+    assert events[1]["time"] == 123.0 and events[1]["identity"] == "local"
+    assert m.history(2) == events[2:]
+    assert m.history(3) == []
+    m.close()
+
+
+@pytest.mark.parametrize("bad", [{}, {"nope": 1}, {"value": "1"}, {"value": None}, [1], "x", None,
+                                 {"name": "x" * 201}])
+def test_invalid_changes_change_nothing(tmp_path, bad):
+    metrics = Metrics()
+    m = make(tmp_path, metrics)
+    m.modify({"value": 5})
+    with pytest.raises(ValidationError):
+        m.modify(bad)
+    assert m.snapshot()["revision"] == 1 and m.query()["value"] == 5
+    assert len(m.history(0)) == 1
+    results = [r["result"] for r in read_audit(tmp_path / "audit.jsonl")]
+    assert results == ["accepted", "invalid"]
+    assert metrics.registry.get_sample_value("remote_mvc_modifications_total",
+                                             {"model": "m", "result": "invalid"}) == 1
+    m.close()
+
+
+def test_expected_revision_conflict(tmp_path):
+    m = make(tmp_path)
+    assert m.modify({"value": 1}, expected_revision=0) == 1
+    with pytest.raises(ConflictError, match="expected revision 0, model is at 1"):
+        m.modify({"value": 2}, expected_revision=0)
+    assert m.query()["value"] == 1
+    m.close()
+
+
+def test_restart_restores_values_revision_and_history(tmp_path):
+    m = make(tmp_path)
+    for i in range(1, 6):
+        m.modify({"value": i})
+    m.close()
+    m._store.close()
+    m2 = make(tmp_path)
+    assert m2.snapshot()["revision"] == 5 and m2.query() == {"name": "xxx", "value": 5}
+    assert [e["revision"] for e in m2.history(2)] == [3, 4, 5]
+    assert m2.modify({"value": 6}) == 6
+    m2.close()
+
+
+def test_request_id_makes_retries_apply_once_even_across_restart(tmp_path):
+    m = make(tmp_path)
+    assert m.modify({"value": 1}, request_id="r1") == 1
+    assert m.modify({"value": 1}, request_id="r1") == 1
+    assert m.snapshot()["revision"] == 1
+    m.close()
+    m._store.close()
+    m2 = make(tmp_path)
+    assert m2.modify({"value": 1}, request_id="r1") == 1
+    assert m2.modify({"value": 2}, request_id="r2") == 2
+    with pytest.raises(ValidationError):
+        m2.modify({"value": 3}, request_id=["not", "a", "string"])
+    m2.close()
+
+
+def test_history_compacted_when_it_no_longer_reaches_back(tmp_path):
+    m = make(tmp_path, history_limit=3)
+    for i in range(1, 7):
+        m.modify({"value": i})
+    assert [e["revision"] for e in m.history(3)] == [4, 5, 6]
+    with pytest.raises(HistoryCompacted) as info:
+        m.history(1)
+    assert info.value.first_revision == 4
+    with pytest.raises(ValidationError):
+        m.history("0")
+    m.close()
+
+
+def test_commit_failure_is_refused_and_not_applied(tmp_path):
+    metrics = Metrics()
+    m = make(tmp_path, metrics)
+    m.modify({"value": 1})
+    m._store._db.close()  # the disk is gone
+    with pytest.raises(PersistenceError):
+        m.modify({"value": 2})
+    assert m.query()["value"] == 1 and m.snapshot()["revision"] == 1
+    assert [r["result"] for r in read_audit(tmp_path / "audit.jsonl")] == ["accepted", "accepted", "failed"]
+    assert metrics.registry.get_sample_value("remote_mvc_modifications_total",
+                                             {"model": "m", "result": "persist_failed"}) == 1
+    m.close()
+
+
+def test_audit_failure_refuses_the_change(tmp_path):
+    m = make(tmp_path)
+    m._audit.path = tmp_path  # a directory: the audit log cannot be written
+    m._audit._reset()
+    with pytest.raises(PersistenceError, match="audit"):
+        m.modify({"value": 2})
+    assert m.snapshot()["revision"] == 0 and m._store.load("m") == (0, None)
+    m.close()
