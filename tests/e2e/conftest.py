@@ -30,7 +30,7 @@ os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
 from e2e_stack import REPO, Stack, clean_env, log, sh  # noqa: E402
 
-MVC_IMAGE = "remote-mvc:e2e"
+REMOTE_MVC_IMAGE = "remote-mvc:e2e"
 PROMETHEUS_IMAGE = "remote-mvc/prometheus:e2e"
 
 
@@ -77,11 +77,11 @@ def _image_exists(ref: str) -> bool:
 def e2e_images(docker_engine: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Build the images once per session; returns the compose variables that select them."""
     variables = {
-        "MVC_IMAGE": MVC_IMAGE,
+        "REMOTE_MVC_IMAGE": REMOTE_MVC_IMAGE,
         "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
         "MVC_CREDENTIALS": f"controller:controller:{secrets.token_hex(32)},admin:admin:{secrets.token_hex(32)}",
     }
-    reuse = os.environ.get("E2E_REUSE_IMAGES") == "1" and _image_exists(MVC_IMAGE) and _image_exists(PROMETHEUS_IMAGE)
+    reuse = os.environ.get("E2E_REUSE_IMAGES") == "1" and _image_exists(REMOTE_MVC_IMAGE) and _image_exists(PROMETHEUS_IMAGE)
     started = time.monotonic()
     if reuse:
         variables["BASE_IMAGE"] = "unused"

@@ -21,7 +21,7 @@ def test_every_service_container_becomes_healthy(stack):
             assert state["HostConfig"]["Init"] is True, f"{service} runs without an init process"
     # The image: non-root, health check wired to `remote-mvc-ctl health`, every entry point installed.
     model = stack.containers("model")[0]
-    image = json.loads(sh(["docker", "image", "inspect", stack.variables["MVC_IMAGE"]]).stdout)[0]["Config"]
+    image = json.loads(sh(["docker", "image", "inspect", stack.variables["REMOTE_MVC_IMAGE"]]).stdout)[0]["Config"]
     assert image["User"] == "mvc"
     assert image["Healthcheck"]["Test"][-2:] == ["remote-mvc-ctl", "health"]
     out = sh(["docker", "exec", model, "sh", "-c",

@@ -3,6 +3,7 @@
 import signal
 
 import pytest
+
 from remote_mvc import AuthenticationError, PermissionDenied, ValidationError, read_audit
 from remote_mvc.testing import wait_until
 

@@ -1,4 +1,5 @@
 import pytest
+
 from remote_mvc import AuthenticationError, ConfigError, Credentials, Identity, PermissionDenied
 from remote_mvc.auth import Authenticator, client_token, generate_credentials, require
 

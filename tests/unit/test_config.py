@@ -1,4 +1,5 @@
 import pytest
+
 from remote_mvc import ConfigError, Settings
 
 

@@ -1,6 +1,7 @@
 import pytest
-import remote_mvc
 from Pyro5.serializers import serializers
+
+import remote_mvc
 from remote_mvc import errors
 
 

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+
 from remote_mvc import ExampleModel, Field, Model, ValidationError, between, max_length, non_empty, one_of
 from remote_mvc.ticker import TickerModel
 

@@ -1,6 +1,7 @@
 """ModelServer in process: validation, revisions, durability, audit, history, dedupe."""
 
 import pytest
+
 from remote_mvc import (
     AuditLog,
     ConflictError,

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+
 from remote_mvc import AuditLog, Metrics, PersistenceError, read_audit
 from remote_mvc._store import Store
 
