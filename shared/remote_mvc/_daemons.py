@@ -1,18 +1,25 @@
-"""Pyro5 daemons that know their client connections, so stopping closes them.
+"""The Pyro5 daemons remote-mvc runs: tracked connections, authenticated handshakes.
 
 Pyro5's thread server stops accepting on shutdown but leaves established
 connections to their worker threads; a stopped service must not keep answering
-old clients, so :meth:`close_connections` shuts every one of them down.
+old clients, so :meth:`TrackedDaemonMixin.close_connections` shuts them down.
+:class:`AuthMixin` authenticates each connection in the handshake and pins the
+identity and role on it (see :mod:`remote_mvc.auth`).
 """
 
 from __future__ import annotations
 
 import socket
+import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import Pyro5.api
 import Pyro5.nameserver
+
+from .auth import address_of
+from .errors import AuthenticationError
 
 
 class TrackedDaemonMixin:
@@ -41,9 +48,37 @@ class TrackedDaemonMixin:
                 pass
 
 
+class AuthMixin(TrackedDaemonMixin):
+    """Authenticate each connection in Pyro5's handshake (once ``authenticator`` is set)."""
+
+    authenticator: Any = None
+    on_refused: Callable[[str, str, bool], None] | None = None
+
+    def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 - Pyro5's name
+        if self.authenticator is None:
+            return super().validateHandshake(conn, data)
+        try:
+            identity, role = self.authenticator.authenticate(data)
+        except AuthenticationError as exc:
+            address = address_of(conn)
+            delay = self.authenticator.throttle.failed(address)
+            if self.on_refused is not None:
+                self.on_refused(address, str(exc), delay > 0)
+            if delay:
+                time.sleep(delay)  # tarpit: only this connection's worker waits
+            raise
+        conn.mvc_identity, conn.mvc_role = identity, role
+        super().validateHandshake(conn, data)
+        return {"identity": identity, "role": role}
+
+
 class TrackedDaemon(TrackedDaemonMixin, Pyro5.api.Daemon):
-    pass
+    """A plain daemon whose connections close when it stops (viewer hosts)."""
 
 
-class TrackedNameServerDaemon(TrackedDaemonMixin, Pyro5.nameserver.NameServerDaemon):
-    pass
+class AuthDaemon(AuthMixin, Pyro5.api.Daemon):
+    """The daemon of model servers: authenticated connections."""
+
+
+class AuthNameServerDaemon(AuthMixin, Pyro5.nameserver.NameServerDaemon):
+    """Pyro5's name server daemon with authenticated connections."""

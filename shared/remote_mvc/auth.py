@@ -1,7 +1,9 @@
 """Identities, roles and the connection handshake.
 
-Roles are ranked: ``viewer`` (read and subscribe) < ``controller`` (also modify)
-< ``admin`` (also drop viewers). A client proves an identity when its connection
+Each role is a set of permissions, checked per remote method (:data:`ROLES`):
+``viewer`` reads and subscribes, ``controller`` also modifies, ``admin`` also
+drops viewers and manages names, ``service`` reads and registers its own names
+with a protected name server. A client proves an identity when its connection
 is made, in Pyro5's handshake: it sends ``{identity, ts, nonce, mac}`` where
 ``mac`` is an HMAC-SHA256 of identity, timestamp and a fresh nonce under one of
 the identity's secrets. The server (:class:`AuthDaemon`) checks the MAC against
@@ -14,6 +16,7 @@ one that presents wrong credentials is refused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -25,17 +28,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import Pyro5.api
 from Pyro5.api import current_context
+from Pyro5.errors import CommunicationError
 
-from ._daemons import TrackedDaemon
 from .errors import AuthenticationError, ConfigError, PermissionDenied
 
 __all__ = [
-    "ROLES", "Identity", "Credentials", "Authenticator", "AuthDaemon",
+    "ROLES", "READ", "MODIFY", "DROP", "REGISTER", "Identity", "Credentials", "Authenticator", "Throttle",
+    "AuthProxy", "client_credentials",
     "client_token", "require", "caller", "generate_credentials",
 ]
 
-ROLES = ("viewer", "controller", "admin")
+READ, MODIFY, DROP, REGISTER = "read", "modify", "drop", "register"
+ROLES: dict[str, frozenset[str]] = {
+    "viewer": frozenset({READ}),
+    "controller": frozenset({READ, MODIFY}),
+    "admin": frozenset({READ, MODIFY, DROP, REGISTER}),
+    "service": frozenset({READ, REGISTER}),
+}
 ANONYMOUS = "anonymous"
 
 
@@ -53,13 +64,17 @@ class Credentials:
         self.by_name = {i.name: i for i in identities}
         for ident in self.by_name.values():
             if ident.role not in ROLES:
-                raise ConfigError(f"identity {ident.name!r}: unknown role {ident.role!r} (roles: {ROLES})")
+                raise ConfigError(f"identity {ident.name!r}: unknown role {ident.role!r} (roles: {', '.join(ROLES)})")
 
     def __len__(self) -> int:
         return len(self.by_name)
 
     def get(self, name: str) -> Identity | None:
         return self.by_name.get(name)
+
+    def allows(self, permission: str) -> bool:
+        """Whether any identity in the table holds ``permission``."""
+        return any(permission in ROLES[i.role] for i in self.by_name.values())
 
     @classmethod
     def parse(cls, spec: str) -> Credentials:
@@ -98,9 +113,9 @@ class Credentials:
 
 
 def generate_credentials(path: str | Path) -> Credentials:
-    """Create a credentials file with a controller, an admin and a viewer identity."""
-    creds = Credentials(Identity(name, role, (secrets.token_hex(32),))
-                        for name, role in (("controller", "controller"), ("admin", "admin"), ("viewer", "viewer")))
+    """Create a credentials file: controller, admin, service and viewer identities."""
+    creds = Credentials(Identity(name, name, (secrets.token_hex(32),))
+                        for name in ("controller", "admin", "service", "viewer"))
     creds.dump(path)
     return creds
 
@@ -127,6 +142,7 @@ class Authenticator:
         self.max_skew = max_skew
         self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.throttle = Throttle(clock=time.monotonic)
 
     def authenticate(self, token: Any) -> tuple[str, str]:
         """Return (identity, role); raise AuthenticationError when the token is bad."""
@@ -153,28 +169,34 @@ class Authenticator:
         return ident.name, ident.role
 
 
-class AuthDaemon(TrackedDaemon):
-    """A Pyro5 daemon that authenticates each connection in the handshake."""
+class Throttle:
+    """Slow down repeated authentication failures from one address.
 
-    def __init__(self, authenticator: Authenticator, on_refused: Callable[[str, str], None] | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.authenticator = authenticator
-        self.on_refused = on_refused
+    After ``free`` failures within ``window`` seconds, each further refusal from
+    that address is delayed (doubling, up to ``max_delay``). The delay holds only
+    the offending connection's own worker, so other clients are not slowed.
+    """
 
-    def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 - Pyro5's name
-        try:
-            identity, role = self.authenticator.authenticate(data)
-        except AuthenticationError as exc:
-            if self.on_refused:
-                self.on_refused(_address(conn), str(exc))
-            raise
-        conn.mvc_identity, conn.mvc_role = identity, role
-        super().validateHandshake(conn, data)
-        return {"identity": identity, "role": role}
+    def __init__(self, free: int = 5, window: float = 60.0, max_delay: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.free, self.window, self.max_delay, self.clock = free, window, max_delay, clock
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def failed(self, address: str) -> float:
+        """Record a failure; return how long to delay the refusal (seconds)."""
+        host = address.rsplit(":", 1)[0]
+        now = self.clock()
+        with self._lock:
+            recent = [t for t in self._failures.get(host, []) if now - t < self.window] + [now]
+            self._failures[host] = recent[-100:]
+            if len(self._failures) > 10000:
+                self._failures = {h: ts for h, ts in self._failures.items() if now - ts[-1] < self.window}
+        excess = len(recent) - self.free
+        return 0.0 if excess <= 0 else min(self.max_delay, 0.05 * 2 ** min(excess, 10))
 
 
-def _address(conn: Any) -> str:
+def address_of(conn: Any) -> str:
     try:
         host, port = conn.sock.getpeername()[:2]
         return f"{host}:{port}"
@@ -190,12 +212,64 @@ def caller() -> tuple[str, str, str | None]:
     conn = getattr(current_context, "client", None)
     if conn is None:
         return "local", "admin", None
-    return getattr(conn, "mvc_identity", ANONYMOUS), getattr(conn, "mvc_role", "viewer"), _address(conn)
+    return getattr(conn, "mvc_identity", ANONYMOUS), getattr(conn, "mvc_role", "viewer"), address_of(conn)
 
 
-def require(role: str) -> tuple[str, str, str | None]:
-    """Raise PermissionDenied unless the caller's role ranks at least ``role``."""
-    identity, have, address = caller()
-    if ROLES.index(have) < ROLES.index(role):
-        raise PermissionDenied(f"{identity} ({have}) may not do this: {role} role required")
-    return identity, have, address
+def require(permission: str) -> tuple[str, str, str | None]:
+    """Raise PermissionDenied unless the caller's role holds ``permission``."""
+    identity, role, address = caller()
+    if permission not in ROLES.get(role, ()):
+        holders = ", ".join(r for r, perms in ROLES.items() if permission in perms)
+        raise PermissionDenied(f"{identity} ({role}) may not {permission}: needs one of the roles {holders}")
+    return identity, role, address
+
+
+def _auth_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn Pyro5's 'connection rejected' into AuthenticationError."""
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except CommunicationError as exc:
+            if " rejected: " in str(exc):
+                raise AuthenticationError(str(exc).split(" rejected: ", 1)[1]) from None
+            raise
+    return wrapper
+
+
+class AuthProxy(Pyro5.api.Proxy):
+    """A Pyro5 proxy that sends a fresh credentials token in every handshake."""
+
+    def __init__(self, uri: Any, identity: str = "", secret: str = "", timeout: float | None = None) -> None:
+        object.__setattr__(self, "_mvc_credentials", (identity, secret))
+        super().__init__(uri)
+        if timeout:
+            self._pyroTimeout = timeout
+
+    @property
+    def _pyroHandshake(self) -> Any:  # noqa: N802 - Pyro5's name
+        identity, secret = self._mvc_credentials
+        return client_token(identity, secret) if identity and secret else "hello"
+
+    @_pyroHandshake.setter
+    def _pyroHandshake(self, value: Any) -> None:  # noqa: N802
+        pass  # the token is made fresh at each connect
+
+    _pyroInvoke = _auth_errors(Pyro5.api.Proxy._pyroInvoke)
+    _pyroBind = _auth_errors(Pyro5.api.Proxy._pyroBind)
+    _pyroGetMetadata = _auth_errors(Pyro5.api.Proxy._pyroGetMetadata)
+
+
+def client_credentials(settings: Any, default_identity: str = "") -> tuple[str, str]:
+    """(identity, secret) for a client: MVC_IDENTITY/MVC_SECRET or the credentials table."""
+    identity = settings.identity or default_identity
+    if not identity:
+        return "", ""
+    if settings.secret:
+        return identity, settings.secret
+    ident = Credentials.from_settings(settings).get(identity)
+    if ident is None:
+        if settings.identity:
+            raise AuthenticationError(f"no secret for identity {identity!r} (set MVC_SECRET or the credentials)")
+        return "", ""
+    return identity, ident.secrets[0]

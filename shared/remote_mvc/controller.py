@@ -19,64 +19,12 @@ from typing import Any
 import Pyro5.api
 from Pyro5.errors import CommunicationError, NamingError
 
-from .auth import Credentials, client_token
+from .auth import AuthProxy, client_credentials
 from .config import Settings
-from .errors import AuthenticationError, ServiceUnavailable
+from .errors import ServiceUnavailable
 from .service import configure_pyro, locate_ns
 
 __all__ = ["AuthProxy", "connect", "resolve", "ModelClient", "client_credentials"]
-
-
-def _auth_errors(method):
-    """Turn Pyro5's 'connection rejected' into AuthenticationError."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except CommunicationError as exc:
-            if " rejected: " in str(exc):
-                raise AuthenticationError(str(exc).split(" rejected: ", 1)[1]) from None
-            raise
-    return wrapper
-
-
-class AuthProxy(Pyro5.api.Proxy):
-    """A Pyro5 proxy that sends a fresh credentials token in every handshake."""
-
-    def __init__(self, uri: Any, identity: str = "", secret: str = "", timeout: float | None = None) -> None:
-        object.__setattr__(self, "_mvc_credentials", (identity, secret))
-        super().__init__(uri)
-        if timeout:
-            self._pyroTimeout = timeout
-
-    @property
-    def _pyroHandshake(self) -> Any:  # noqa: N802 - Pyro5's name
-        identity, secret = self._mvc_credentials
-        return client_token(identity, secret) if identity and secret else "hello"
-
-    @_pyroHandshake.setter
-    def _pyroHandshake(self, value: Any) -> None:  # noqa: N802
-        pass  # the token is made fresh at each connect
-
-    _pyroInvoke = _auth_errors(Pyro5.api.Proxy._pyroInvoke)
-    _pyroBind = _auth_errors(Pyro5.api.Proxy._pyroBind)
-    _pyroGetMetadata = _auth_errors(Pyro5.api.Proxy._pyroGetMetadata)
-
-
-def client_credentials(settings: Settings, default_identity: str = "") -> tuple[str, str]:
-    """(identity, secret) for a client: MVC_IDENTITY/MVC_SECRET or the credentials table."""
-    identity = settings.identity or default_identity
-    if not identity:
-        return "", ""
-    if settings.secret:
-        return identity, settings.secret
-    creds = Credentials.from_settings(settings)
-    ident = creds.get(identity)
-    if ident is None:
-        if settings.identity:
-            raise AuthenticationError(f"no secret for identity {identity!r} (set MVC_SECRET or the credentials)")
-        return "", ""
-    return identity, ident.secrets[0]
 
 
 def resolve(name: str, settings: Settings) -> Pyro5.api.URI:

@@ -67,6 +67,9 @@ class Metrics:
             registry=r)
         self.auth_failures = Counter(
             "remote_mvc_auth_failures", "Refused connection handshakes.", ["reason"], registry=r)
+        self.auth_throttled = Counter(
+            "remote_mvc_auth_throttled", "Handshake refusals delayed for repeated failures from one address.",
+            registry=r)
         self.registrations = Counter(
             "remote_mvc_ns_registrations", "Times a service (re-)registered with the name server.", ["name"],
             registry=r)

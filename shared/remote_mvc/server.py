@@ -136,7 +136,7 @@ class ModelServer:
         """
         identity, role, address = auth.caller()
         try:
-            auth.require("controller")
+            auth.require(auth.MODIFY)
         except PermissionDenied as exc:
             self._refused(identity, address, changes, "forbidden", exc)
             raise
@@ -220,9 +220,11 @@ class ModelServer:
         except PersistenceError:
             pass  # counted in the metric; the refusal stands either way
 
-    def _on_handshake_refused(self, address: str, reason: str) -> None:
+    def _on_handshake_refused(self, address: str, reason: str, throttled: bool = False) -> None:
         """Audit a connection refused in the handshake (called by the daemon)."""
         self._metrics.auth_failures.labels(reason.split(" ")[0]).inc()
+        if throttled:
+            self._metrics.auth_throttled.inc()
         log_event(log, "handshake_refused", f"connection refused: {reason}", level=logging.WARNING,
                   client=address, model=self._name)
         try:
@@ -268,7 +270,7 @@ class ModelServer:
 
     def drop_viewer(self, viewer_id: str) -> bool:
         """Force a viewer off (admin role)."""
-        identity, _, address = auth.require("admin")
+        identity, _, address = auth.require(auth.DROP)
         dropped = self._fanout.drop_viewer(viewer_id, "admin")
         self._audit.record("drop_viewer", identity, address, "accepted" if dropped else "unknown",
                            model=self._name, viewer_id=viewer_id)

@@ -17,11 +17,15 @@ from collections.abc import Callable
 from typing import Any
 
 import Pyro5.api
+import Pyro5.core
 from Pyro5 import config as pyro_config
 from Pyro5.errors import CommunicationError, NamingError, PyroError
 
-from .auth import AuthDaemon, Authenticator, Credentials
+from ._daemons import AuthDaemon
+from ._hardening import harden_pyro
+from .auth import Authenticator, AuthProxy, Credentials, client_credentials
 from .config import Settings
+from .errors import MVCError
 from .logs import log_event
 from .metrics import Metrics, MetricsServer
 
@@ -43,13 +47,18 @@ def configure_pyro(settings: Settings) -> None:
     cfg.MAX_MESSAGE_SIZE = MAX_MESSAGE_SIZE
     cfg.SOCK_NODELAY = True
     cfg.MAX_RETRIES = 0
+    harden_pyro()
 
 
-def locate_ns(settings: Settings, timeout: float | None = None) -> Pyro5.api.Proxy:
-    """A proxy to the name server at the configured host and port (never a broadcast)."""
-    ns = Pyro5.api.locate_ns(host=settings.ns_host, port=settings.ns_port)
-    ns._pyroTimeout = timeout or settings.call_timeout
-    return ns
+def locate_ns(settings: Settings, timeout: float | None = None, identity: str = "",
+              secret: str = "") -> AuthProxy:
+    """A proxy to the name server at the configured host and port (never a broadcast).
+
+    With an identity, the proxy authenticates (needed to register with a
+    protected name server); lookups need none.
+    """
+    uri = f"PYRO:{Pyro5.core.NAMESERVER_NAME}@{settings.ns_host}:{settings.ns_port}"
+    return AuthProxy(uri, identity, secret, timeout=timeout or settings.call_timeout)
 
 
 class Service:
@@ -61,7 +70,7 @@ class Service:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.credentials = credentials if credentials is not None else Credentials.from_settings(settings)
-        self.on_refused: Callable[[str, str], None] | None = None
+        self.on_refused: Callable[[str, str, bool], None] | None = None
         self.daemon: Pyro5.api.Daemon | None = None
         self._names: dict[str, Pyro5.api.URI] = {}
         self._registered: set[str] = set()
@@ -86,15 +95,21 @@ class Service:
 
     def make_daemon(self) -> Pyro5.api.Daemon:
         s = self.settings
-        authenticator = Authenticator(self.credentials, max_skew=s.max_clock_skew)
-        return AuthDaemon(authenticator, on_refused=self._refused, host=s.host, port=s.port,
-                          nathost=s.advertised_host(), natport=0)
+        return self.authenticate(AuthDaemon(host=s.host, port=s.port, nathost=s.advertised_host(), natport=0))
 
-    def _refused(self, address: str, reason: str) -> None:
+    def authenticate(self, daemon: Any) -> Any:
+        """Make ``daemon`` check credentials in the handshake (an :class:`AuthMixin` daemon)."""
+        daemon.authenticator = Authenticator(self.credentials, max_skew=self.settings.max_clock_skew)
+        daemon.on_refused = self._refused
+        return daemon
+
+    def _refused(self, address: str, reason: str, throttled: bool) -> None:
         if self.on_refused is not None:
-            self.on_refused(address, reason)
+            self.on_refused(address, reason, throttled)
         else:
             self.metrics.auth_failures.labels(reason.split(" ")[0]).inc()
+            if throttled:
+                self.metrics.auth_throttled.inc()
 
     # lifecycle ---------------------------------------------------------------
     def start(self) -> Service:
@@ -139,10 +154,11 @@ class Service:
         """Make sure each name points at us; after a name server restart, register again."""
         ns = None
         interval = self.settings.register_interval
+        identity, secret = client_credentials(self.settings)
         while not self._stopping.is_set():
             try:
                 if ns is None:
-                    ns = locate_ns(self.settings)
+                    ns = locate_ns(self.settings, identity=identity, secret=secret)
                 for name, uri in self._names.items():
                     try:
                         current = ns.lookup(name)
@@ -155,8 +171,11 @@ class Service:
                                   uri=str(uri), replaced=str(current) if current else None)
                     self._registered.add(name)
                 wait = interval
-            except (CommunicationError, PyroError, OSError) as exc:
-                if self._registered:
+            except (CommunicationError, PyroError, OSError, MVCError) as exc:
+                if isinstance(exc, MVCError):
+                    log_event(log, "register_refused", f"the name server refused us: {exc}", level=logging.ERROR,
+                              error=f"{type(exc).__name__}: {exc}")
+                elif self._registered:
                     log_event(log, "ns_unreachable", "name server unreachable; will register again",
                               level=logging.WARNING, error=str(exc))
                 self._registered.clear()
@@ -172,7 +191,7 @@ class Service:
         if not self._names:
             return
         try:
-            ns = locate_ns(self.settings, timeout=1.0)
+            ns = locate_ns(self.settings, 1.0, *client_credentials(self.settings))
             for name, uri in self._names.items():
                 try:
                     if str(ns.lookup(name)) == str(uri):
@@ -180,8 +199,8 @@ class Service:
                 except NamingError:
                     pass
             ns._pyroRelease()
-        except (CommunicationError, PyroError, OSError):
-            pass  # the name server is gone too; nothing to undo
+        except (CommunicationError, PyroError, OSError, MVCError):
+            pass  # the name server is gone too (or refuses us); nothing to undo
 
     def stop(self) -> None:
         """Stop serving: unregister, shut the daemon down, run closers. Idempotent."""

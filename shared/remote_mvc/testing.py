@@ -129,9 +129,11 @@ class Stack:
         self.state_dir = Path(state_dir)
         self.controller_secret = secrets.token_hex(16)
         self.admin_secret = secrets.token_hex(16)
+        self.service_secret = secrets.token_hex(16)
         self.credentials = (f"controller:controller:{self.controller_secret},"
-                            f"admin:admin:{self.admin_secret}")
-        base = {"state_dir": str(self.state_dir), "ns_port": 0, "port": 0, "metrics_port": -1,
+                            f"admin:admin:{self.admin_secret},service:service:{self.service_secret}")
+        # services prove the service identity, so the name server is protected as in production
+        base = {"state_dir": str(self.state_dir), "ns_port": 0, "port": 0, "metrics_port": -1, "identity": "service",
                 "lease_seconds": 2.0, "call_timeout": 1.0, "register_interval": 0.5,
                 "credentials": self.credentials, **overrides}
         ns_settings = Settings(service="nameserver", **base)

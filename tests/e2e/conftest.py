@@ -46,14 +46,24 @@ def _docker_problem() -> str | None:
     if shutil.which("docker") is None:
         return "the docker CLI is not installed"
     try:
-        info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True,
-                              text=True, timeout=30, stdin=subprocess.DEVNULL)
+        info = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         return "`docker info` timed out"
     if info.returncode != 0 or not info.stdout.strip():
         return f"no Docker engine reachable ({(info.stderr or info.stdout).strip()[:300]})"
-    comp = subprocess.run(["docker", "compose", "version", "--short"], capture_output=True, text=True,
-                          timeout=30, stdin=subprocess.DEVNULL)
+    comp = subprocess.run(
+        ["docker", "compose", "version", "--short"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
     if comp.returncode != 0:
         return "the docker compose v2 plugin is missing"
     return None
@@ -81,14 +91,22 @@ def e2e_images(docker_engine: None, tmp_path_factory: pytest.TempPathFactory) ->
         "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
         "MVC_CREDENTIALS": f"controller:controller:{secrets.token_hex(32)},admin:admin:{secrets.token_hex(32)}",
     }
-    reuse = os.environ.get("E2E_REUSE_IMAGES") == "1" and _image_exists(REMOTE_MVC_IMAGE) and _image_exists(PROMETHEUS_IMAGE)
+    reuse = (
+        os.environ.get("E2E_REUSE_IMAGES") == "1"
+        and _image_exists(REMOTE_MVC_IMAGE)
+        and _image_exists(PROMETHEUS_IMAGE)
+    )
     started = time.monotonic()
     if reuse:
         variables["BASE_IMAGE"] = "unused"
         log("E2E_REUSE_IMAGES=1: using the existing :e2e images")
         return variables
     log("filling build/wheelhouse")
-    sh(["bash", "docker/wheelhouse.sh", "build/wheelhouse"], env=clean_env({"PYTHON": sys.executable}), timeout=600)
+    sh(
+        ["bash", "docker/wheelhouse.sh", "build/wheelhouse"],
+        env=clean_env({"PYTHON": sys.executable}),
+        timeout=600,
+    )
     log("choosing/building the base image (first run: debootstrap, ~1-3 min)")
     base = sh(["bash", "docker/base-image.sh"], timeout=1200).stdout.strip().splitlines()[-1]
     variables["BASE_IMAGE"] = base
@@ -103,8 +121,14 @@ def e2e_images(docker_engine: None, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def stack(e2e_images: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     """The whole stack: nameserver, model, ticker, 3 viewers, Prometheus (ephemeral host port)."""
-    variables = {**e2e_images, "VIEWERS": "3", "PROMETHEUS_PORT": "", "PROMETHEUS_BIND": "127.0.0.1",
-                 "MVC_LEASE_SECONDS": "6", "MVC_TICKER_INTERVAL": "0.5"}
+    variables = {
+        **e2e_images,
+        "VIEWERS": "3",
+        "PROMETHEUS_PORT": "",
+        "PROMETHEUS_BIND": "127.0.0.1",
+        "MVC_LEASE_SECONDS": "6",
+        "MVC_TICKER_INTERVAL": "0.5",
+    }
     s = Stack(f"mvce2e{uuid.uuid4().hex[:8]}", variables, tmp_path_factory.mktemp("env"))
     started = time.monotonic()
     log(f"starting compose project {s.project}")

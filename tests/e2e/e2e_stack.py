@@ -33,7 +33,7 @@ TICKER = "remote_mvc.ticker"
 
 # Variables of the caller's environment that would change how compose interpolates the file.
 _FOREIGN = ("MVC_", "COMPOSE_", "PROMETHEUS_")
-_FOREIGN_NAMES = {"VIEWERS", "BASE_IMAGE", "DOCKER_DEFAULT_PLATFORM"}
+_FOREIGN_NAMES = {"VIEWERS", "BASE_IMAGE", "REMOTE_MVC_IMAGE", "DOCKER_DEFAULT_PLATFORM"}
 
 T = TypeVar("T")
 
@@ -48,14 +48,29 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def sh(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 120, check: bool = True,
-       cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+def sh(
+    cmd: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    check: bool = True,
+    cwd: Path = REPO,
+) -> subprocess.CompletedProcess[str]:
     """Run a command, capture text output; on failure raise with both streams shown."""
-    proc = subprocess.run(cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
-                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
+            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -105,8 +120,18 @@ class Stack:
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in self.variables.items()), encoding="utf-8")
         self.env_file.chmod(0o600)
         self.env = clean_env(self.variables)
-        base = ["docker", "compose", "-p", project, "--project-directory", str(REPO),
-                "-f", str(COMPOSE_FILE), "--env-file", str(self.env_file)]
+        base = [
+            "docker",
+            "compose",
+            "-p",
+            project,
+            "--project-directory",
+            str(REPO),
+            "-f",
+            str(COMPOSE_FILE),
+            "--env-file",
+            str(self.env_file),
+        ]
         self._base = base
         stack = self
 
@@ -116,23 +141,43 @@ class Stack:
                 return list(base)
 
             def _run_command(self, cmd, context=None):  # type: ignore[override]
-                return subprocess.run(cmd, cwd=str(REPO), env=stack.env, capture_output=True, check=True,
-                                      timeout=300)
+                return subprocess.run(
+                    cmd, cwd=str(REPO), env=stack.env, capture_output=True, check=True, timeout=300
+                )
 
         self.tc = _Compose(context=str(REPO))
 
     # plumbing --------------------------------------------------------------
-    def compose(self, *args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def compose(
+        self, *args: str, timeout: float = 180, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return sh([*self._base, *args], env=self.env, timeout=timeout, check=check)
 
     def up(self, *args: str, timeout: float = 300) -> None:
-        self.compose("up", "-d", "--wait", "--wait-timeout", str(int(timeout - 10)), "--no-build", *args,
-                     timeout=timeout)
+        self.compose(
+            "up",
+            "-d",
+            "--wait",
+            "--wait-timeout",
+            str(int(timeout - 10)),
+            "--no-build",
+            *args,
+            timeout=timeout,
+        )
 
     def down(self) -> None:
         """Remove everything of this project: containers (also `run` ones), networks, volumes."""
-        self.compose("--profile", "*", "down", "--volumes", "--remove-orphans", "--timeout", "10",
-                     timeout=180, check=False)
+        self.compose(
+            "--profile",
+            "*",
+            "down",
+            "--volumes",
+            "--remove-orphans",
+            "--timeout",
+            "10",
+            timeout=180,
+            check=False,
+        )
         label = f"label=com.docker.compose.project={self.project}"
         leftovers = sh(["docker", "ps", "-aq", "--filter", label], check=False).stdout.split()
         if leftovers:
@@ -170,6 +215,7 @@ class Stack:
             if count is not None and len(ids) != count:
                 return None
             return ids if ids and all(self.health(c) == "healthy" for c in ids) else None
+
         return wait_until(probe, timeout=timeout, what=f"{service} healthy ({count or 'all'} container(s))")
 
     def logs(self, container: str) -> list[dict[str, Any]]:
@@ -178,19 +224,24 @@ class Stack:
         return parse_json_lines(proc.stdout + "\n" + proc.stderr)
 
     def events(self, container: str, event: str, **match: Any) -> list[dict[str, Any]]:
-        return [r for r in self.logs(container)
-                if r.get("event") == event and all(r.get(k) == v for k, v in match.items())]
+        return [
+            r
+            for r in self.logs(container)
+            if r.get("event") == event and all(r.get(k) == v for k, v in match.items())
+        ]
 
     def dump_logs(self, tail: int = 60) -> str:
         return self.compose("logs", "--no-color", "--tail", str(tail), check=False).stdout
 
     # the controller --------------------------------------------------------
-    def ctl(self, *args: str, env: dict[str, str] | None = None, check: bool = True,
-            timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    def ctl(
+        self, *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 90
+    ) -> subprocess.CompletedProcess[str]:
         """``docker compose run --rm controller remote-mvc-ctl ARGS`` (no TTY)."""
         flags = [item for k, v in (env or {}).items() for item in ("-e", f"{k}={v}")]
-        return self.compose("run", "--rm", "-T", *flags, "controller", "remote-mvc-ctl", *args,
-                            timeout=timeout, check=check)
+        return self.compose(
+            "run", "--rm", "-T", *flags, "controller", "remote-mvc-ctl", *args, timeout=timeout, check=check
+        )
 
     def ctl_json(self, *args: str, **kw: Any) -> Any:
         proc = self.ctl("--json", *args, **kw)
@@ -208,11 +259,18 @@ class Stack:
     # viewers ---------------------------------------------------------------
     def viewer_state(self, container: str, model: str = MODEL) -> dict[str, Any] | None:
         """The last values a viewer logged for ``model`` (revision, values), or None."""
-        seen = [r for r in self.logs(container) if r.get("event") == "values" and r.get("model", model) == model]
+        seen = [
+            r for r in self.logs(container) if r.get("event") == "values" and r.get("model", model) == model
+        ]
         return seen[-1] if seen else None
 
-    def wait_viewers_at(self, revision: int, values: dict[str, Any], containers: Iterable[str] | None = None,
-                        timeout: float = 60) -> list[dict[str, Any]]:
+    def wait_viewers_at(
+        self,
+        revision: int,
+        values: dict[str, Any],
+        containers: Iterable[str] | None = None,
+        timeout: float = 60,
+    ) -> list[dict[str, Any]]:
         """Every (given or running) viewer has logged ``values`` at ``revision`` or later."""
         ids = list(containers) if containers is not None else self.containers("viewer")
         assert ids, "no viewer containers"
@@ -223,14 +281,16 @@ class Stack:
                 state = self.viewer_state(cid)
                 if state is None or state.get("revision", -1) < revision:
                     return None
-                if state.get("revision") == revision and any(state["values"].get(k) != v
-                                                             for k, v in values.items()):
+                if state.get("revision") == revision and any(
+                    state["values"].get(k) != v for k, v in values.items()
+                ):
                     raise AssertionError(f"viewer {cid[:12]} at revision {revision} has {state['values']}")
                 states.append(state)
             return states
 
-        return wait_until(probe, timeout=timeout,
-                          what=f"{len(ids)} viewer(s) to log revision {revision} with {values}")
+        return wait_until(
+            probe, timeout=timeout, what=f"{len(ids)} viewer(s) to log revision {revision} with {values}"
+        )
 
     # prometheus ------------------------------------------------------------
     def prometheus_url(self) -> str:

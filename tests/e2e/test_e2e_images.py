@@ -21,18 +21,35 @@ def test_every_service_container_becomes_healthy(stack):
             assert state["HostConfig"]["Init"] is True, f"{service} runs without an init process"
     # The image: non-root, health check wired to `remote-mvc-ctl health`, every entry point installed.
     model = stack.containers("model")[0]
-    image = json.loads(sh(["docker", "image", "inspect", stack.variables["REMOTE_MVC_IMAGE"]]).stdout)[0]["Config"]
+    image = json.loads(sh(["docker", "image", "inspect", stack.variables["REMOTE_MVC_IMAGE"]]).stdout)[0][
+        "Config"
+    ]
     assert image["User"] == "mvc"
     assert image["Healthcheck"]["Test"][-2:] == ["remote-mvc-ctl", "health"]
-    out = sh(["docker", "exec", model, "sh", "-c",
-              "id -u; for c in remote-mvc-nameserver remote-mvc-model remote-mvc-ticker remote-mvc-viewer "
-              "remote-mvc-ctl; do command -v $c; done; remote-mvc-ctl health"]).stdout.split()
+    out = sh(
+        [
+            "docker",
+            "exec",
+            model,
+            "sh",
+            "-c",
+            "id -u; for c in remote-mvc-nameserver remote-mvc-model remote-mvc-ticker remote-mvc-viewer "
+            "remote-mvc-ctl; do command -v $c; done; remote-mvc-ctl health",
+        ]
+    ).stdout.split()
     assert out[0] != "0", "services must not run as root"
     assert [p.rsplit("/", 1)[-1] for p in out[1:6]] == [
-        "remote-mvc-nameserver", "remote-mvc-model", "remote-mvc-ticker", "remote-mvc-viewer", "remote-mvc-ctl"]
+        "remote-mvc-nameserver",
+        "remote-mvc-model",
+        "remote-mvc-ticker",
+        "remote-mvc-viewer",
+        "remote-mvc-ctl",
+    ]
     # Viewers publish no host ports; only Prometheus does (on loopback).
     for cid in stack.containers("viewer"):
-        assert not any(stack.inspect(cid)["NetworkSettings"]["Ports"].get(p) for p in ("9093/tcp", "9100/tcp"))
+        assert not any(
+            stack.inspect(cid)["NetworkSettings"]["Ports"].get(p) for p in ("9093/tcp", "9100/tcp")
+        )
     assert stack.prometheus_url().startswith("http://127.0.0.1:")
 
 

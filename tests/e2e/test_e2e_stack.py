@@ -53,16 +53,34 @@ def test_controller_without_credentials_cannot_modify(stack):
     assert records[-1]["result"] == "forbidden"
     assert records[-1]["identity"] == "anonymous"
     # Wrong credentials are refused at the handshake (and audited as well).
-    proc = stack.ctl("set", f"name={marker}", env={"MVC_IDENTITY": "controller", "MVC_SECRET": "00" * 32},
-                     check=False)
+    proc = stack.ctl(
+        "set", f"name={marker}", env={"MVC_IDENTITY": "controller", "MVC_SECRET": "00" * 32}, check=False
+    )
     assert proc.returncode != 0
     assert stack.snapshot()["revision"] == before["revision"]
 
 
 def test_ticker_changes_reach_a_viewer_watching_the_ticker(stack):
-    name = sh([*stack._base, "run", "-d", "-e", f"MVC_WATCH={TICKER}", "-e", "MVC_VIEWER_ID=e2e-ticker-watch",
-               "viewer"], env=stack.env, timeout=120).stdout.strip().splitlines()[-1]
+    name = (
+        sh(
+            [
+                *stack._base,
+                "run",
+                "-d",
+                "-e",
+                f"MVC_WATCH={TICKER}",
+                "-e",
+                "MVC_VIEWER_ID=e2e-ticker-watch",
+                "viewer",
+            ],
+            env=stack.env,
+            timeout=120,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     try:
+
         def ticks():
             seen = [r for r in stack.logs(name) if r.get("event") == "values" and r.get("model") == TICKER]
             return seen if len({r["revision"] for r in seen}) >= 3 else None
@@ -73,24 +91,36 @@ def test_ticker_changes_reach_a_viewer_watching_the_ticker(stack):
         assert all(r["viewer_id"] == "e2e-ticker-watch" for r in seen)
         assert seen[-1]["values"]["tick"] > seen[0]["values"]["tick"]
         # The ticker counts it as its subscriber.
-        wait_until(lambda: stack.prom_value(f'sum(remote_mvc_viewers_connected{{model="{TICKER}"}})') == 1,
-                   timeout=30, what="ticker's viewer gauge at 1 in Prometheus")
+        wait_until(
+            lambda: stack.prom_value(f'sum(remote_mvc_viewers_connected{{model="{TICKER}"}})') == 1,
+            timeout=30,
+            what="ticker's viewer gauge at 1 in Prometheus",
+        )
     finally:
         sh(["docker", "rm", "-f", "-v", name], check=False)
 
 
 def test_prometheus_counts_viewers_and_latency_through_scaling(stack):
-    wait_until(lambda: stack.prom_value(VIEWER_METRIC) == 3 and stack.prom_value(SCRAPED_VIEWERS) == 3,
-               timeout=60, what="Prometheus: 3 viewers connected and scraped")
+    wait_until(
+        lambda: stack.prom_value(VIEWER_METRIC) == 3 and stack.prom_value(SCRAPED_VIEWERS) == 3,
+        timeout=60,
+        what="Prometheus: 3 viewers connected and scraped",
+    )
     revision = stack.set(value=11)
     stack.wait_viewers_at(revision, {"value": 11}, timeout=30)
     count = wait_until(
         lambda: stack.prom_value(f'sum(remote_mvc_notification_latency_seconds_count{{model="{MODEL}"}})'),
-        timeout=30, what="latency observations in Prometheus")
+        timeout=30,
+        what="latency observations in Prometheus",
+    )
     assert count >= 3
-    p99 = wait_until(lambda: stack.prom_value(
-        f'histogram_quantile(0.99, sum by (le) (remote_mvc_notification_latency_seconds_bucket{{model="{MODEL}"}}))'),
-        timeout=30, what="a latency p99")
+    p99 = wait_until(
+        lambda: stack.prom_value(
+            f'histogram_quantile(0.99, sum by (le) (remote_mvc_notification_latency_seconds_bucket{{model="{MODEL}"}}))'
+        ),
+        timeout=30,
+        what="a latency p99",
+    )
     assert 0 < p99 < 10
     buckets = stack.prom(f'remote_mvc_notification_latency_seconds_bucket{{model="{MODEL}"}}')
     assert len({b["metric"]["instance"] for b in buckets}) == 3, "every replica exports its histogram"
@@ -98,16 +128,22 @@ def test_prometheus_counts_viewers_and_latency_through_scaling(stack):
     log("scaling viewers to 5")
     stack.up("--no-recreate", "--scale", "viewer=5", "viewer")
     assert len(stack.wait_healthy("viewer", count=5)) == 5
-    wait_until(lambda: stack.prom_value(VIEWER_METRIC) == 5 and stack.prom_value(SCRAPED_VIEWERS) == 5,
-               timeout=60, what="Prometheus: 5 viewers connected and scraped")
+    wait_until(
+        lambda: stack.prom_value(VIEWER_METRIC) == 5 and stack.prom_value(SCRAPED_VIEWERS) == 5,
+        timeout=60,
+        what="Prometheus: 5 viewers connected and scraped",
+    )
 
     victim = stack.containers("viewer")[0]
     viewer_id = stack.events(victim, "subscribed")[-1]["viewer_id"]
     log(f"stopping viewer {viewer_id} gracefully")
     sh(["docker", "stop", "-t", "10", victim])
     assert stack.inspect(victim)["State"]["ExitCode"] == 0, "graceful stop should exit 0"
-    wait_until(lambda: stack.prom_value(VIEWER_METRIC) == 4 and stack.prom_value(SCRAPED_VIEWERS) == 4,
-               timeout=60, what="Prometheus: 4 viewers after stopping one")
+    wait_until(
+        lambda: stack.prom_value(VIEWER_METRIC) == 4 and stack.prom_value(SCRAPED_VIEWERS) == 4,
+        timeout=60,
+        what="Prometheus: 4 viewers after stopping one",
+    )
     model = stack.containers("model")[0]
     gone = stack.events(model, "viewer_unsubscribed", viewer_id=viewer_id)
     assert gone, f"model did not log viewer_unsubscribed for {viewer_id}"

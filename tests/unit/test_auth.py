@@ -1,7 +1,18 @@
 import pytest
 
 from remote_mvc import AuthenticationError, ConfigError, Credentials, Identity, PermissionDenied
-from remote_mvc.auth import Authenticator, client_token, generate_credentials, require
+from remote_mvc.auth import (
+    DROP,
+    MODIFY,
+    READ,
+    REGISTER,
+    ROLES,
+    Authenticator,
+    Throttle,
+    client_token,
+    generate_credentials,
+    require,
+)
 
 
 class Clock:
@@ -83,13 +94,13 @@ def test_credentials_parse_and_file_roundtrip(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     loaded = Credentials.load(path)
     assert loaded.get("controller").secrets == made.get("controller").secrets
-    assert {i.role for i in loaded.by_name.values()} == {"viewer", "controller", "admin"}
+    assert {i.role for i in loaded.by_name.values()} == {"viewer", "controller", "admin", "service"}
     with pytest.raises(ConfigError):
         Credentials.load(tmp_path / "missing.json")
 
 
 def test_require_without_a_connection_is_local_admin():
-    assert require("admin")[0] == "local"
+    assert require(DROP)[0] == "local"
 
 
 def test_require_checks_the_connection_role():
@@ -101,8 +112,27 @@ def test_require_checks_the_connection_role():
 
     current_context.client = Conn()
     try:
-        assert require("viewer")[:2] == ("v", "viewer")
-        with pytest.raises(PermissionDenied, match="controller role required"):
-            require("controller")
+        assert require(READ)[:2] == ("v", "viewer")
+        with pytest.raises(PermissionDenied, match="may not modify"):
+            require(MODIFY)
     finally:
         current_context.client = None
+
+
+def test_roles_are_permission_sets():
+    assert MODIFY not in ROLES["viewer"] and MODIFY in ROLES["controller"]
+    assert DROP in ROLES["admin"] and DROP not in ROLES["controller"]
+    assert REGISTER in ROLES["service"] and MODIFY not in ROLES["service"]
+    assert Credentials.parse("s:service:x").allows(REGISTER)
+    assert not Credentials.parse("c:controller:x").allows(REGISTER)
+
+
+def test_throttle_slows_repeated_failures_from_one_address_only():
+    clock = Clock(0.0)
+    t = Throttle(free=3, window=60, max_delay=2.0, clock=clock)
+    assert [t.failed("10.0.0.1:5000") for _ in range(3)] == [0.0, 0.0, 0.0]
+    delays = [t.failed(f"10.0.0.1:{5000 + i}") for i in range(8)]
+    assert delays[0] > 0 and delays == sorted(delays) and delays[-1] == 2.0
+    assert t.failed("10.0.0.2:1") == 0.0  # another address is not slowed
+    clock.now = 120.0
+    assert t.failed("10.0.0.1:9") == 0.0  # the window has passed
