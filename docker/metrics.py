@@ -16,21 +16,39 @@ import urllib.parse
 import urllib.request
 
 QUERIES = [
-    ("viewers connected (model's count)",
-     'sum(remote_mvc_viewers_connected{model="remote_mvc.model"})', "n"),
-    ("viewers connected (ticker's count)",
-     'sum(remote_mvc_viewers_connected{model="remote_mvc.ticker"})', "n"),
-    ("viewer replicas scraped", 'count(up{job="viewer"} == 1)', "n"),
+    ("viewers connected (model's count)", 'sum(remote_mvc_viewers_connected{model="remote_mvc.model"})', "n"),
+    (
+        "viewers connected (ticker's count)",
+        'sum(remote_mvc_viewers_connected{model="remote_mvc.ticker"})',
+        "n",
+    ),
+    (
+        "viewer replicas scraped",
+        'count(up{job="viewer"} == 1 and on (instance) (time() - timestamp(up{job="viewer"}) < 30))',
+        "n",
+    ),
     ("model revision", 'max(remote_mvc_model_revision{model="remote_mvc.model"})', "n"),
     ("notifications observed", "sum(remote_mvc_notification_latency_seconds_count)", "n"),
-    ("notification latency p50 (5m)",
-     "histogram_quantile(0.50, sum by (le) (rate(remote_mvc_notification_latency_seconds_bucket[5m])))", "s"),
-    ("notification latency p99 (5m)",
-     "histogram_quantile(0.99, sum by (le) (rate(remote_mvc_notification_latency_seconds_bucket[5m])))", "s"),
-    ("notification latency p50 (all time)",
-     "histogram_quantile(0.50, sum by (le) (remote_mvc_notification_latency_seconds_bucket))", "s"),
-    ("notification latency p99 (all time)",
-     "histogram_quantile(0.99, sum by (le) (remote_mvc_notification_latency_seconds_bucket))", "s"),
+    (
+        "notification latency p50 (5m)",
+        "histogram_quantile(0.50, sum by (le) (rate(remote_mvc_notification_latency_seconds_bucket[5m])))",
+        "s",
+    ),
+    (
+        "notification latency p99 (5m)",
+        "histogram_quantile(0.99, sum by (le) (rate(remote_mvc_notification_latency_seconds_bucket[5m])))",
+        "s",
+    ),
+    (
+        "notification latency p50 (all time)",
+        "histogram_quantile(0.50, sum by (le) (remote_mvc_notification_latency_seconds_bucket))",
+        "s",
+    ),
+    (
+        "notification latency p99 (all time)",
+        "histogram_quantile(0.99, sum by (le) (remote_mvc_notification_latency_seconds_bucket))",
+        "s",
+    ),
     ("viewers dropped (total)", "sum(remote_mvc_viewers_dropped_total) or vector(0)", "n"),
     ("notifications failed (total)", "sum(remote_mvc_notifications_failed_total) or vector(0)", "n"),
 ]

@@ -14,14 +14,14 @@
 COMPOSE        ?= docker compose
 VIEWERS        ?= 3
 WHEELHOUSE     ?= build/wheelhouse
-MVC_IMAGE      ?= remote-mvc:latest
+REMOTE_MVC_IMAGE ?= remote-mvc:latest
 PROMETHEUS_IMAGE ?= remote-mvc/prometheus:latest
 UP_TIMEOUT     ?= 240
 SERVICE        ?=
 # Python used on the host for pip (wheelhouse), secrets and `make metrics`.
 STACK_PY       ?= $(if $(wildcard $(PY)),$(PY),python3)
 
-export MVC_IMAGE PROMETHEUS_IMAGE
+export REMOTE_MVC_IMAGE PROMETHEUS_IMAGE
 
 _STACK_SOURCES := pyproject.toml $(shell find shared/remote_mvc services -name '*.py' 2>/dev/null)
 
@@ -44,11 +44,13 @@ images: wheels stack-env
 	@base="$$(docker/base-image.sh)" && echo "base image: $$base" && \
 	  BASE_IMAGE="$$base" $(COMPOSE) build
 
-# Secrets: generated once into the git-ignored .env (compose reads it for ${MVC_CREDENTIALS}).
+# Secrets: generated once into the git-ignored .env (compose reads it for ${MVC_CREDENTIALS}):
+# controller, admin and the service identity that model and ticker use to register names.
 stack-env:
-	@if ! grep -qs '^MVC_CREDENTIALS=' .env; then \
-	  echo "generating controller/admin secrets into .env (git-ignored)"; \
-	  umask 077; $(STACK_PY) -c 'import secrets; t = secrets.token_hex; print(f"MVC_CREDENTIALS=controller:controller:{t(32)},admin:admin:{t(32)}")' >> .env; \
+	@if ! grep -qs '^MVC_CREDENTIALS=.*service:service:' .env; then \
+	  echo "generating controller/admin/service secrets into .env (git-ignored)"; \
+	  touch .env; sed -i '/^MVC_CREDENTIALS=/d' .env; \
+	  umask 077; $(STACK_PY) -c 'import secrets; t = secrets.token_hex; print(f"MVC_CREDENTIALS=controller:controller:{t(32)},admin:admin:{t(32)},service:service:{t(32)}")' >> .env; \
 	fi
 
 up: images
@@ -85,5 +87,5 @@ down-volumes: stack-env
 	$(COMPOSE) --profile '*' down --remove-orphans --volumes
 
 stack-clean: down-volumes
-	-docker image rm $(MVC_IMAGE) $(PROMETHEUS_IMAGE) 2>/dev/null
+	-docker image rm $(REMOTE_MVC_IMAGE) $(PROMETHEUS_IMAGE) 2>/dev/null
 	rm -rf $(WHEELHOUSE)

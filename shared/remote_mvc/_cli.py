@@ -185,6 +185,9 @@ def _shell(rm: ModelClient, args: argparse.Namespace, settings: Settings, name: 
 
 
 def _health(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.url and settings.metrics_port <= 0:
+        print("unhealthy: no metrics port configured (set MVC_METRICS_PORT or pass --url)", file=sys.stderr)
+        return EXIT_ERROR
     url = args.url or f"http://127.0.0.1:{settings.metrics_port}/healthz"
     try:
         with urllib.request.urlopen(url, timeout=3) as reply:

@@ -23,7 +23,22 @@ from .errors import AuthenticationError
 
 
 class TrackedDaemonMixin:
-    """Remember each connection from its handshake until it disconnects."""
+    """Remember each connection from its handshake until it disconnects.
+
+    A connection must complete its handshake within ``handshake_timeout``
+    seconds (one that opens and never speaks is closed); after it, a connection
+    idle for ``idle_timeout`` seconds is closed (None: never).
+    """
+
+    handshake_timeout: float | None = 10.0
+    idle_timeout: float | None = None
+
+    def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
+        conn.sock.settimeout(self.handshake_timeout)
+        ok = super()._handshake(conn, denied_reason)
+        if ok:
+            conn.sock.settimeout(self.idle_timeout)
+        return ok
 
     def _tracked(self) -> weakref.WeakSet:
         conns = self.__dict__.get("_mvc_conns")

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from Pyro5.api import Proxy
-from Pyro5.errors import CommunicationError, PyroError
+from Pyro5.errors import CommunicationError, ConnectionClosedError, PyroError
 from Pyro5.errors import TimeoutError as PyroTimeout
 
 from .logs import log_event
@@ -43,7 +43,7 @@ class Subscriber:
         self.lease_expiry = lease_expiry
         self.delivered_revision = 0
         self._queue: collections.deque[dict] = collections.deque()
-        self._snapshot_due = False
+        self._snapshot_due = ""  # why a snapshot is due ("subscribe", "behind"), or "" when none is
         self._stopped = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"sender-{viewer_id}", daemon=True)
@@ -57,15 +57,15 @@ class Subscriber:
                 pass  # the snapshot to come will include this change
             elif len(self._queue) >= self.fanout.queue_limit:
                 self._queue.clear()
-                self._snapshot_due = True
+                self._snapshot_due = "behind"
             else:
                 self._queue.append(event)
             self._cond.notify()
 
-    def offer_snapshot(self) -> None:
+    def offer_snapshot(self, reason: str = "subscribe") -> None:
         with self._cond:
             self._queue.clear()
-            self._snapshot_due = True
+            self._snapshot_due = reason
             self._cond.notify()
 
     @property
@@ -93,12 +93,12 @@ class Subscriber:
             if not self._snapshot_due:
                 n = min(len(self._queue), self.fanout.batch_max)
                 return {"events": [self._queue.popleft() for _ in range(n)]}
-            self._snapshot_due = False
+            reason, self._snapshot_due = self._snapshot_due, ""
         snap = self.fanout.snapshot()  # takes the publisher's lock: consistent with the event stream
         with self._cond:
             while self._queue and self._queue[0]["revision"] <= snap["revision"]:
                 self._queue.popleft()
-        return {"snapshot": snap, "reason": "behind"}
+        return {"snapshot": snap, "reason": reason}
 
     def _run(self) -> None:
         fanout = self.fanout
@@ -112,7 +112,13 @@ class Subscriber:
                     return
                 batch["model"] = fanout.model
                 try:
-                    proxy.notify(batch)
+                    try:
+                        proxy.notify(batch)
+                    except ConnectionClosedError:
+                        # the viewer closed an idle connection: delivery is idempotent, so
+                        # reconnect once and send the batch again (duplicates are skipped)
+                        proxy._pyroRelease()
+                        proxy.notify(batch)
                 except (CommunicationError, PyroError, OSError) as exc:
                     fanout.metrics.notifications_failed.labels(fanout.model).inc()
                     reason = "timeout" if isinstance(exc, PyroTimeout) else "unreachable"

@@ -40,6 +40,8 @@ class Settings:
     port: int = 0
     metrics_port: int = 0  # 0: an ephemeral port; -1: no metrics server
     threadpool_size: int = 1200  # Pyro5 workers; idle ones exit, so a high cap costs nothing
+    handshake_timeout: float = 10.0  # a connection that does not complete its handshake by then is closed
+    idle_timeout: float = 300.0  # servers close client connections idle this long (clients reconnect)
     # durable state
     state_dir: str = "runtime"
     state_path: str = ""  # empty: <state_dir>/<service>.sqlite3
@@ -89,7 +91,8 @@ class Settings:
             raise ConfigError(str(exc)) from None
 
     def __post_init__(self) -> None:
-        for name in ("lease_seconds", "call_timeout", "ticker_interval", "register_interval"):
+        for name in ("lease_seconds", "call_timeout", "ticker_interval", "register_interval", "handshake_timeout",
+                     "idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive")
         for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size"):

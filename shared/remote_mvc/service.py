@@ -98,7 +98,10 @@ class Service:
         return self.authenticate(AuthDaemon(host=s.host, port=s.port, nathost=s.advertised_host(), natport=0))
 
     def authenticate(self, daemon: Any) -> Any:
-        """Make ``daemon`` check credentials in the handshake (an :class:`AuthMixin` daemon)."""
+        """Make ``daemon`` check credentials in the handshake (an :class:`AuthMixin` daemon),
+        and close connections that stay silent or idle too long."""
+        daemon.handshake_timeout = self.settings.handshake_timeout
+        daemon.idle_timeout = self.settings.idle_timeout
         daemon.authenticator = Authenticator(self.credentials, max_skew=self.settings.max_clock_skew)
         daemon.on_refused = self._refused
         return daemon

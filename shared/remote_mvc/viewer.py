@@ -147,7 +147,9 @@ class ViewerHost(Service):
 
     def make_daemon(self) -> Pyro5.api.Daemon:
         s = self.settings
-        return TrackedDaemon(host=s.host, port=s.port, nathost=s.advertised_host(), natport=0)
+        daemon = TrackedDaemon(host=s.host, port=s.port, nathost=s.advertised_host(), natport=0)
+        daemon.handshake_timeout = s.handshake_timeout  # the server's sender may idle for long: no idle timeout
+        return daemon
 
     def add(self, viewer: Viewer) -> Viewer:
         """Host a viewer; it is subscribed by the keeper thread (at once when running)."""

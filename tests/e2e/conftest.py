@@ -89,7 +89,8 @@ def e2e_images(docker_engine: None, tmp_path_factory: pytest.TempPathFactory) ->
     variables = {
         "REMOTE_MVC_IMAGE": REMOTE_MVC_IMAGE,
         "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
-        "MVC_CREDENTIALS": f"controller:controller:{secrets.token_hex(32)},admin:admin:{secrets.token_hex(32)}",
+        "MVC_CREDENTIALS": (f"controller:controller:{secrets.token_hex(32)},admin:admin:{secrets.token_hex(32)},"
+                            f"service:service:{secrets.token_hex(32)}"),
     }
     reuse = (
         os.environ.get("E2E_REUSE_IMAGES") == "1"

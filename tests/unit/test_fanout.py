@@ -57,7 +57,8 @@ def test_snapshot_skips_events_it_already_covers():
     sub = f.add("v", "u", backlog=None, start=False)  # new viewer: snapshot first
     f.publish(ev(1))
     state["revision"] = 1
-    assert sub._next_batch()["snapshot"]["revision"] == 1
+    batch = sub._next_batch()
+    assert batch["snapshot"]["revision"] == 1 and batch["reason"] == "subscribe"
     f.publish(ev(2))
     assert [e["revision"] for e in sub._next_batch()["events"]] == [2]
 
