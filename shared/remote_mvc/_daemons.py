@@ -73,7 +73,7 @@ class AuthMixin(TrackedDaemonMixin):
         if self.authenticator is None:
             return super().validateHandshake(conn, data)
         try:
-            identity, role = self.authenticator.authenticate(data)
+            identity, role = self.authenticator.authenticate(data, certificate_name(conn))
         except AuthenticationError as exc:
             address = address_of(conn)
             delay = self.authenticator.throttle.failed(address)
@@ -85,6 +85,19 @@ class AuthMixin(TrackedDaemonMixin):
         conn.mvc_identity, conn.mvc_role = identity, role
         super().validateHandshake(conn, data)
         return {"identity": identity, "role": role}
+
+
+def certificate_name(conn: Any) -> str | None:
+    """The common name of the peer's TLS certificate, or None without TLS."""
+    try:
+        cert = conn.getpeercert()
+    except (AttributeError, ValueError, OSError):
+        return None
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
 
 
 class TrackedDaemon(TrackedDaemonMixin, Pyro5.api.Daemon):

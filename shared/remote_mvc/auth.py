@@ -144,9 +144,17 @@ class Authenticator:
         self._lock = threading.Lock()
         self.throttle = Throttle(clock=time.monotonic)
 
-    def authenticate(self, token: Any) -> tuple[str, str]:
-        """Return (identity, role); raise AuthenticationError when the token is bad."""
+    def authenticate(self, token: Any, certificate: str | None = None) -> tuple[str, str]:
+        """Return (identity, role); raise AuthenticationError when the token is bad.
+
+        ``certificate`` is the common name of the peer's TLS certificate (already
+        verified against the CA). A certificate naming a known identity proves
+        that identity by itself; a token must then name the same identity.
+        """
+        cert_ident = self.credentials.get(certificate) if certificate else None
         if token is None or token == "hello" or token == {}:
+            if cert_ident is not None:
+                return cert_ident.name, cert_ident.role
             return ANONYMOUS, "viewer"
         if not isinstance(token, dict) or not {"identity", "ts", "nonce", "mac"} <= token.keys():
             raise AuthenticationError("malformed credentials")
@@ -159,6 +167,8 @@ class Authenticator:
         now = self.clock()
         if abs(now - ts) > self.max_skew:
             raise AuthenticationError("stale credentials (check the clocks)")
+        if cert_ident is not None and cert_ident.name != ident.name:
+            raise AuthenticationError(f"certificate is for {cert_ident.name!r}, not {ident.name!r}")
         with self._lock:
             if nonce in self._seen:
                 raise AuthenticationError("replayed credentials")

@@ -53,6 +53,10 @@ class Settings:
     identity: str = ""
     secret: str = ""
     max_clock_skew: float = 60.0
+    # transport security: all three set turns on TLS with client certificates for every connection
+    tls_ca: str = ""  # the private CA's certificate
+    tls_cert: str = ""  # this process's certificate (used as server and as client)
+    tls_key: str = ""
     # subscriptions and fan-out
     viewer_id: str = ""  # empty: <hostname>-<pid>
     lease_seconds: float = 10.0
@@ -95,11 +99,18 @@ class Settings:
                      "idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive")
+        tls = [self.tls_ca, self.tls_cert, self.tls_key]
+        if any(tls) and not all(tls):
+            raise ConfigError(f"TLS needs all of {PREFIX}TLS_CA, {PREFIX}TLS_CERT and {PREFIX}TLS_KEY")
         for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
 
     # derived values -------------------------------------------------------
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca)
+
     @property
     def watched_name(self) -> str:
         return self.watch or self.model_name

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 import Pyro5.api
 import Pyro5.core
 from Pyro5 import config as pyro_config
+from Pyro5 import socketutil
 from Pyro5.errors import CommunicationError, NamingError, PyroError
 
 from ._daemons import AuthDaemon
@@ -29,7 +31,7 @@ from .errors import MVCError
 from .logs import log_event
 from .metrics import Metrics, MetricsServer
 
-__all__ = ["Service", "configure_pyro", "locate_ns"]
+__all__ = ["Service", "configure_pyro", "configure_tls", "locate_ns"]
 
 log = logging.getLogger("remote_mvc.service")
 
@@ -48,6 +50,34 @@ def configure_pyro(settings: Settings) -> None:
     cfg.SOCK_NODELAY = True
     cfg.MAX_RETRIES = 0
     harden_pyro()
+    configure_tls(settings)
+
+
+def configure_tls(settings: Settings) -> None:
+    """Turn Pyro5's two-way TLS on (or off) for this process.
+
+    Every connection, in either direction, needs a certificate signed by the
+    private CA. Host names are not checked (viewer replicas have addresses no
+    certificate can name in advance): the CA signature authenticates the peer,
+    and the certificate's common name is its identity (see ``auth``).
+    """
+    cfg = pyro_config
+    wanted = (settings.tls, settings.tls_cert, settings.tls_key, settings.tls_ca)
+    current = (cfg.SSL, cfg.SSL_SERVERCERT, cfg.SSL_SERVERKEY, cfg.SSL_CACERTS)
+    if wanted == current:
+        return
+    cfg.SSL = settings.tls
+    cfg.SSL_REQUIRECLIENTCERT = settings.tls
+    cfg.SSL_SERVERCERT = cfg.SSL_CLIENTCERT = settings.tls_cert
+    cfg.SSL_SERVERKEY = cfg.SSL_CLIENTKEY = settings.tls_key
+    cfg.SSL_CACERTS = settings.tls_ca
+    for cache in ("__ssl_client_context", "__ssl_server_context"):  # Pyro5 caches one of each
+        setattr(socketutil, cache, None)
+    if settings.tls:
+        client = socketutil.get_ssl_context(clientcert=settings.tls_cert, clientkey=settings.tls_key,
+                                            cacerts=settings.tls_ca)
+        client.check_hostname = False
+        client.minimum_version = ssl.TLSVersion.TLSv1_2
 
 
 def locate_ns(settings: Settings, timeout: float | None = None, identity: str = "",

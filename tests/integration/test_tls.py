@@ -1,0 +1,80 @@
+"""Two-way TLS: only peers with a certificate from the private CA get in; a certificate is an identity."""
+
+import json
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from remote_mvc import Settings
+from remote_mvc.service import configure_tls
+from remote_mvc.testing import Stack
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_certs(directory: Path) -> Path:
+    subprocess.run(["bash", str(REPO / "ops" / "tls" / "make-certs.sh"), str(directory)], check=True,
+                   capture_output=True)
+    return directory
+
+
+def tls_settings(certs: Path, name: str) -> dict:
+    return {"tls_ca": str(certs / "ca.crt"), "tls_cert": str(certs / f"{name}.crt"),
+            "tls_key": str(certs / f"{name}.key")}
+
+
+@pytest.fixture
+def tls_stack(tmp_path):
+    certs = make_certs(tmp_path / "certs")
+    stack = Stack(tmp_path / "state", **tls_settings(certs, "model"))
+    try:
+        yield stack, certs
+    finally:
+        stack.close()
+        configure_tls(Settings())  # this test process goes back to plaintext
+
+
+def ctl(stack, *args, **overrides):
+    env = stack.env("ctl", **overrides)
+    return subprocess.run([sys.executable, "-m", "remote_mvc._cli", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_everything_works_over_tls(tls_stack):
+    stack, certs = tls_stack
+    stack.model()
+    host, (view,) = stack.viewers(1)
+    rev = stack.client("controller").modify({"name": "tls", "value": 1})
+    assert view.wait_for(rev, 10) and view.values == {"name": "tls", "value": 1}
+    anonymous = stack.client(None)
+    assert anonymous.whoami()["role"] == "viewer"  # the "model" certificate names no identity
+    assert isinstance(anonymous._proxy()._pyroConnection.sock, ssl.SSLSocket)
+
+
+def test_a_certificate_naming_an_identity_proves_it(tls_stack):
+    stack, certs = tls_stack
+    stack.model()
+    out = ctl(stack, "--json", "whoami", identity="", credentials="", **tls_settings(certs, "controller"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["identity"] == "controller"
+    out = ctl(stack, "set", "value=5", identity="", credentials="", **tls_settings(certs, "controller"))
+    assert out.returncode == 0 and out.stdout.strip() == "revision 1", out.stderr
+    # a token for another identity than the certificate's is refused
+    out = ctl(stack, "query", identity="controller", **tls_settings(certs, "admin"))
+    assert out.returncode == 1 and "certificate is for 'admin'" in out.stderr
+
+
+@pytest.mark.parametrize("client", ["plaintext", "other-ca"])
+def test_plaintext_and_foreign_certificates_are_refused(tls_stack, tmp_path, client):
+    stack, certs = tls_stack
+    stack.model()
+    if client == "plaintext":
+        overrides = {"tls_ca": "", "tls_cert": "", "tls_key": ""}
+    else:
+        overrides = tls_settings(make_certs(tmp_path / "rogue"), "controller")
+    out = ctl(stack, "set", "value=666", **overrides)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert stack.client().snapshot()["revision"] == 0
