@@ -25,7 +25,7 @@ export REMOTE_MVC_IMAGE PROMETHEUS_IMAGE
 
 _STACK_SOURCES := pyproject.toml $(shell find shared/remote_mvc services -name '*.py' 2>/dev/null)
 
-.PHONY: docker-engine base-image wheels images up scale ctl logs ps down down-volumes stack-clean metrics stack-env
+.PHONY: docker-engine base-image wheels images up up-services up-secure certs scale ctl logs ps down down-volumes stack-clean metrics stack-env
 
 docker-engine:
 	bash .ci/install-docker.sh
@@ -54,6 +54,10 @@ stack-env:
 	fi
 
 up: images
+	@sed -i '/^COMPOSE_FILE=/d' .env
+	@$(MAKE) --no-print-directory up-services
+
+up-services:
 	VIEWERS=$(VIEWERS) $(COMPOSE) up -d --wait --wait-timeout $(UP_TIMEOUT) --remove-orphans
 	@$(COMPOSE) ps
 	@port="$$($(COMPOSE) port prometheus 9090 2>/dev/null)"; \
@@ -62,6 +66,17 @@ up: images
 	echo "  Controller:   make ctl   then e.g.  remote-mvc-ctl set name=demo value=1 / remote-mvc-ctl shell"; \
 	echo "  Viewer logs:  make logs SERVICE=viewer      All logs: make logs"; \
 	echo "  Scale:        make scale VIEWERS=5          Stop: make down"
+
+# Two-way TLS everywhere: certificates from `make certs`, and COMPOSE_FILE in .env naming the TLS
+# override, so every later `docker compose` / `make` command (scale, ctl, down...) uses it too.
+# `make up` switches back to plaintext.
+certs:
+	bash ops/tls/make-certs.sh certs
+
+up-secure: certs stack-env
+	@sed -i '/^COMPOSE_FILE=/d' .env; echo "COMPOSE_FILE=docker-compose.yml:docker-compose.tls.yml" >> .env
+	@echo "TLS on: COMPOSE_FILE in .env selects docker-compose.tls.yml (make up turns it off)"
+	$(MAKE) images up-services
 
 scale: stack-env
 	$(COMPOSE) up -d --no-recreate --no-build --wait --wait-timeout $(UP_TIMEOUT) --scale viewer=$(VIEWERS) viewer

@@ -52,7 +52,8 @@ class AuditLog:
             "result": result,
             **fields,
         }
-        line = json.dumps(entry, default=repr, ensure_ascii=False) + "\n"
+        # ASCII-escaped, so no character in untrusted input can split a record in two
+        line = json.dumps(entry, default=repr, ensure_ascii=True) + "\n"
         pos = None
         try:
             with self._lock:
@@ -92,4 +93,4 @@ def read_audit(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").split("\n") if line.strip()]

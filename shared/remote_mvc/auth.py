@@ -20,6 +20,7 @@ import functools
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import threading
 import time
@@ -121,8 +122,8 @@ def generate_credentials(path: str | Path) -> Credentials:
 
 
 def _mac(secret: str, identity: str, ts: float, nonce: str) -> str:
-    msg = f"{identity}|{ts!r}|{nonce}".encode()
-    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
+    msg = f"{identity}|{ts!r}|{nonce}".encode("utf-8", "surrogatepass")
+    return hmac.new(secret.encode("utf-8", "surrogatepass"), msg, hashlib.sha256).hexdigest()
 
 
 def client_token(identity: str, secret: str, clock: Callable[[], float] = time.time) -> dict[str, Any]:
@@ -159,10 +160,13 @@ class Authenticator:
         if not isinstance(token, dict) or not {"identity", "ts", "nonce", "mac"} <= token.keys():
             raise AuthenticationError("malformed credentials")
         name, ts, nonce, mac = token["identity"], token["ts"], token["nonce"], token["mac"]
-        if not all(isinstance(v, str) for v in (name, nonce, mac)) or not isinstance(ts, (int, float)):
+        if not all(isinstance(v, str) for v in (name, nonce, mac)) or not isinstance(ts, (int, float)) \
+                or isinstance(ts, bool) or not math.isfinite(ts):
             raise AuthenticationError("malformed credentials")
         ident = self.credentials.get(name)
-        if ident is None or not any(hmac.compare_digest(_mac(s, name, ts, nonce), mac) for s in ident.secrets):
+        given = mac.encode("utf-8", "surrogatepass")  # bytes: compare_digest refuses non-ASCII str
+        if ident is None or not any(hmac.compare_digest(_mac(s, name, ts, nonce).encode(), given)
+                                    for s in ident.secrets):
             raise AuthenticationError("invalid credentials")
         now = self.clock()
         if abs(now - ts) > self.max_skew:

@@ -31,7 +31,7 @@ def configure_logging(service: str, level: str = "INFO", stream: IO[str] | None 
         rename_fields={"levelname": "level", "name": "logger"},
         static_fields={"service": service},
         timestamp=True,
-        json_ensure_ascii=False,
+        json_ensure_ascii=True,  # one object a line whatever the values hold (U+2028, U+0085...)
     )
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(formatter)

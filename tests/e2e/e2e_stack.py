@@ -109,9 +109,10 @@ def parse_json_lines(text: str) -> list[dict[str, Any]]:
 
 
 class Stack:
-    """One compose project of docker-compose.yml."""
+    """One compose project of docker-compose.yml (plus override files, if given)."""
 
-    def __init__(self, project: str, variables: dict[str, str], env_dir: Path) -> None:
+    def __init__(self, project: str, variables: dict[str, str], env_dir: Path,
+                 overrides: Iterable[Path] = ()) -> None:
         from testcontainers.compose import DockerCompose
 
         self.project = project
@@ -129,6 +130,7 @@ class Stack:
             str(REPO),
             "-f",
             str(COMPOSE_FILE),
+            *[arg for path in overrides for arg in ("-f", str(path))],
             "--env-file",
             str(self.env_file),
         ]
