@@ -22,7 +22,9 @@ import Pyro5.nameserver
 
 from . import auth
 from ._daemons import AuthNameServerDaemon
+from .audit import AuditLog
 from .config import Settings
+from .errors import PersistenceError
 from .logs import log_event
 from .metrics import Metrics
 from .service import Service
@@ -36,15 +38,30 @@ log = logging.getLogger("remote_mvc.nameserver")
 class GuardedNameServer(Pyro5.nameserver.NameServer):
     """Pyro5's name server object where changing entries needs the register permission."""
 
+    mvc_audit: AuditLog | None = None
+
     def _guard(self, action: str, name: Any) -> None:
         try:
             identity, _, address = auth.require(auth.REGISTER)
-        except auth.PermissionDenied:
+        except auth.PermissionDenied as exc:
             identity, role, address = auth.caller()
             log_event(log, "ns_refused", f"refused to {action} {name!r}", level=logging.WARNING,
                       identity=identity, role=role, client=address, action=action, entry=str(name))
+            self._record(action, identity, address, "forbidden", name, str(exc))
             raise
         log_event(log, "ns_" + action, f"{action} {name!r}", identity=identity, client=address, entry=str(name))
+        self._record(action, identity, address, "accepted", name)
+
+    def _record(self, action: str, identity: str, address: str | None, result: str, name: Any,
+                error: str | None = None) -> None:
+        if self.mvc_audit is not None and identity != "local":
+            try:
+                self.mvc_audit.record("ns_" + action, identity, address, result, entry=str(name)[:500],
+                                      **({"error": error} if error else {}))
+            except PersistenceError as exc:
+                if result == "accepted":
+                    raise  # nothing unrecorded changes the naming
+                log.debug("audit record lost: %s", exc)
 
     def register(self, name: str, uri: Any, safe: bool = False, metadata: Any = None) -> None:
         self._guard("register", name)
@@ -70,6 +87,19 @@ class NameServer(Service):
             storage = f"sql:{path}"
         self.storage = storage
         self.ns_uri: Pyro5.api.URI | None = None
+        self.audit = AuditLog(settings.audit_file(), self.metrics)
+        self.on_refused = self._handshake_refused
+        self.on_stop(self.audit.close)
+
+    def _handshake_refused(self, address: str, reason: str, throttled: bool) -> None:
+        self.metrics.auth_failures.labels(reason.split(" ")[0]).inc()
+        if throttled:
+            self.metrics.auth_throttled.inc()
+        log_event(log, "handshake_refused", f"connection refused: {reason}", level=logging.WARNING, client=address)
+        try:
+            self.audit.record("connect", "unknown", address, "refused", error=reason)
+        except PersistenceError:
+            pass
 
     def make_daemon(self) -> Pyro5.api.Daemon:
         s = self.settings
@@ -77,6 +107,7 @@ class NameServer(Service):
                                       nathost=s.advertised_host(), natport=0)
         if self.protected:
             daemon.nameserver.__class__ = GuardedNameServer  # same storage, guarded changes
+            daemon.nameserver.mvc_audit = self.audit
         self.ns_uri = daemon.uriFor(daemon.nameserver)
         log_event(log, "ns_mode", "name server " + ("protected: registering needs credentials" if self.protected
                                                     else "OPEN: anyone may register names (no service identity)"),

@@ -12,7 +12,7 @@ def test_thousand_viewers_each_get_every_change(mvc_stack):
     server.wait_for_log(lambda r: r.get("event") == "registered", 15)
     hosts = [mvc_stack.viewers(250, prefix=f"p{i}", lease_seconds=20.0, call_timeout=10.0)[1] for i in range(4)]
     views = [v for vs in hosts for v in vs]
-    rm = mvc_stack.client()
+    rm = mvc_stack.client(call_timeout=10.0)
     wait_until(lambda: len(rm.viewers()) == 1000, 60, message="1000 subscriptions")
     for i in range(1, 4):
         rm.modify({"value": i})

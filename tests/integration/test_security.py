@@ -134,6 +134,12 @@ def test_name_server_hijack_is_refused(mvc_stack):
     assert str(anonymous.lookup("remote_mvc.model")) == real
     for ns in (anonymous, controller, service, forged):
         ns._pyroRelease()
+    audit = read_audit(mvc_stack.nameserver.settings.audit_file())
+    refused = [r for r in audit if r["result"] == "forbidden"]
+    assert len(refused) == 8 and {r["identity"] for r in refused} == {"anonymous", "controller"}
+    assert [r["action"] for r in audit if r["result"] == "accepted" and r["identity"] == "service"][-2:] == \
+        ["ns_register", "ns_remove"]
+    assert any(r["action"] == "connect" and r["result"] == "refused" for r in audit)
 
 
 def test_marshal_serializer_is_refused(guarded):
