@@ -27,20 +27,20 @@ _STACK_SOURCES := pyproject.toml $(shell find shared/remote_mvc services -name '
 
 .PHONY: docker-engine base-image wheels images up up-services up-secure certs scale ctl logs ps down down-volumes stack-clean metrics stack-env
 
-docker-engine:
+docker-engine: ## install and start Docker + the Compose plugin when missing
 	bash .ci/install-docker.sh
 
 # Prints the chosen image; the build targets call the script themselves.
-base-image:
+base-image: ## print the base image (builds a local Debian one with debootstrap when nothing can be pulled)
 	@docker/base-image.sh
 
-wheels: $(WHEELHOUSE)/.stamp
+wheels: $(WHEELHOUSE)/.stamp ## fill build/wheelhouse with the project and its dependencies (offline image builds)
 
 $(WHEELHOUSE)/.stamp: $(_STACK_SOURCES) docker/wheelhouse.sh
 	PYTHON=$(STACK_PY) docker/wheelhouse.sh $(WHEELHOUSE)
 	@touch $@
 
-images: wheels stack-env
+images: wheels stack-env ## build the service and Prometheus images
 	@base="$$(docker/base-image.sh)" && echo "base image: $$base" && \
 	  BASE_IMAGE="$$base" $(COMPOSE) build
 
@@ -53,7 +53,7 @@ stack-env:
 	  umask 077; $(STACK_PY) -c 'import secrets; t = secrets.token_hex; print(f"MVC_CREDENTIALS=controller:controller:{t(32)},admin:admin:{t(32)},service:service:{t(32)}")' >> .env; \
 	fi
 
-up: images
+up: images ## build and start the Compose stack (3 viewers, Prometheus); plaintext
 	@sed -i '/^COMPOSE_FILE=/d' .env
 	@$(MAKE) --no-print-directory up-services
 
@@ -70,37 +70,37 @@ up-services:
 # Two-way TLS everywhere: certificates from `make certs`, and COMPOSE_FILE in .env naming the TLS
 # override, so every later `docker compose` / `make` command (scale, ctl, down...) uses it too.
 # `make up` switches back to plaintext.
-certs:
+certs: ## private CA + per-service and per-identity certificates in certs/ (git-ignored)
 	bash ops/tls/make-certs.sh certs
 
-up-secure: certs stack-env
+up-secure: certs stack-env ## the same with two-way TLS on every connection (certificates from make certs)
 	@sed -i '/^COMPOSE_FILE=/d' .env; echo "COMPOSE_FILE=docker-compose.yml:docker-compose.tls.yml" >> .env
 	@echo "TLS on: COMPOSE_FILE in .env selects docker-compose.tls.yml (make up turns it off)"
 	$(MAKE) images up-services
 
-scale: stack-env
+scale: stack-env ## change the number of viewer replicas: make scale VIEWERS=8
 	$(COMPOSE) up -d --no-recreate --no-build --wait --wait-timeout $(UP_TIMEOUT) --scale viewer=$(VIEWERS) viewer
 
-ctl: stack-env
+ctl: stack-env ## a shell in a controller container (rm bound in remote-mvc-ctl shell)
 	$(COMPOSE) run --rm controller
 
-logs: stack-env
+logs: stack-env ## follow the stack's JSON logs (SERVICE=viewer for one service)
 	$(COMPOSE) logs -f --tail=200 $(SERVICE)
 
-ps: stack-env
+ps: stack-env ## the stack's containers
 	$(COMPOSE) --profile '*' ps -a
 
-metrics: stack-env
+metrics: stack-env ## viewer count and notification latency percentiles, as Prometheus computes them
 	@port="$$($(COMPOSE) port prometheus 9090 2>/dev/null)"; \
 	if [ -z "$$port" ]; then echo "Prometheus is not running (make up)"; exit 1; fi; \
 	$(STACK_PY) docker/metrics.py "http://$$port"
 
-down: stack-env
+down: stack-env ## stop and remove the stack (volumes kept)
 	$(COMPOSE) --profile '*' down --remove-orphans
 
-down-volumes: stack-env
+down-volumes: stack-env ## stop and remove the stack and its volumes
 	$(COMPOSE) --profile '*' down --remove-orphans --volumes
 
-stack-clean: down-volumes
+stack-clean: down-volumes ## down-volumes, and remove the images and the wheelhouse
 	-docker image rm $(REMOTE_MVC_IMAGE) $(PROMETHEUS_IMAGE) 2>/dev/null
 	rm -rf $(WHEELHOUSE)
