@@ -1,39 +1,60 @@
 """Fan-out of change events to subscribed viewers.
 
-Each subscriber has its own bounded queue and its own sender thread, which
-alone owns the Pyro5 proxy to the viewer (proxies are not shared between
-threads). A slow or dead viewer only ever blocks its own sender:
+Every subscriber has its own sender: a bounded queue of events, an outbound
+buffer and a count of calls in flight. One event-loop thread per model drives
+all the senders over non-blocking sockets, so a slow or dead viewer only ever
+holds up its own sender, and a thousand viewers cost one thread, not a
+thousand:
 
-* events queue up and go out in revision order, several per call when the
-  viewer is behind (up to ``batch_max``);
+* events go out in revision order over the viewer's one connection, several
+  per call when the viewer is behind (up to ``batch_max``), with up to
+  ``MAX_IN_FLIGHT`` calls and ``queue_limit`` events pipelined (the viewer's
+  daemon answers them in order);
+* each event is encoded once (JSON) and spliced into every viewer's call;
 * past ``queue_limit`` queued events the queue is replaced by one fresh
   snapshot, and the viewer is told so;
-* every call has a timeout; a failed or timed-out call drops the viewer;
-* a lease the viewer must renew; an expired lease drops the viewer.
+* a call not answered within ``call_timeout`` (a stalled viewer), or a broken
+  connection (a dead one), drops the viewer; so does a lease it failed to renew.
+
+The connection and Pyro5 handshake are made by a Pyro5 proxy in a small
+connector pool; the loop thread then owns the socket and speaks Pyro5's wire
+protocol on it (two-way ``notify`` calls, JSON serializer).
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import secrets
+import selectors
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from Pyro5 import protocol
 from Pyro5.api import Proxy
-from Pyro5.errors import CommunicationError, ConnectionClosedError, PyroError
+from Pyro5.errors import CommunicationError, PyroError
 from Pyro5.errors import TimeoutError as PyroTimeout
+from Pyro5.serializers import serializers
 
 from .logs import log_event
 from .metrics import Metrics
 
 log = logging.getLogger("remote_mvc.fanout")
 
+MAX_IN_FLIGHT = 8
+_JSON_ID = serializers["json"].serializer_id
+_HEADER = protocol._header_size
+_RETRY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
 
 class Subscriber:
-    """One viewer's subscription: queue, sender thread and lease."""
+    """One viewer's subscription: its queue, its sender state and its lease."""
 
     def __init__(self, fanout: Fanout, viewer_id: str, uri: str, lease_expiry: float) -> None:
         self.fanout = fanout
@@ -41,113 +62,157 @@ class Subscriber:
         self.uri = uri
         self.id = f"{viewer_id}/{secrets.token_hex(6)}"
         self.lease_expiry = lease_expiry
-        self.delivered_revision = 0
+        self.delivered_revision = 0  # the last revision the viewer acknowledged
         self._queue: collections.deque[dict] = collections.deque()
         self._snapshot_due = ""  # why a snapshot is due ("subscribe", "behind"), or "" when none is
         self._stopped = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=f"sender-{viewer_id}", daemon=True)
+        self._lock = threading.Lock()
+        # owned by the loop thread once connected
+        self.proxy: Proxy | None = None
+        self.sock: socket.socket | None = None
+        self._object = b""
+        self._seq = 0
+        self._out = bytearray()
+        self._in = bytearray()
+        self._in_flight: collections.deque[tuple[float, int, int]] = collections.deque()  # sent at, revision, events
+        self._in_flight_events = 0
+        self._last_progress = 0.0
+        self._interest = selectors.EVENT_READ  # what the loop's selector watches this socket for
 
     # called with the publisher's lock held, so offers arrive in revision order
     def offer(self, event: dict) -> None:
-        with self._cond:
-            if self._stopped:
-                return
-            if self._snapshot_due:
-                pass  # the snapshot to come will include this change
-            elif len(self._queue) >= self.fanout.queue_limit:
+        with self._lock:
+            if self._stopped or self._snapshot_due:
+                return  # stopped, or the snapshot to come will include this change
+            if len(self._queue) >= self.fanout.queue_limit:
                 self._queue.clear()
                 self._snapshot_due = "behind"
             else:
                 self._queue.append(event)
-            self._cond.notify()
 
     def offer_snapshot(self, reason: str = "subscribe") -> None:
-        with self._cond:
+        with self._lock:
             self._queue.clear()
             self._snapshot_due = reason
-            self._cond.notify()
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
-    def start(self) -> None:
-        self._thread.start()
+    def has_work(self) -> bool:
+        return bool(self._queue or self._snapshot_due) and not self._stopped
 
     def stop(self) -> None:
-        with self._cond:
+        with self._lock:
             self._stopped = True
-            self._cond.notify()
+        self.fanout._wake()
 
     def join(self, timeout: float | None = None) -> None:
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        """Kept for callers of the thread-per-viewer design: senders have no thread now."""
 
     def _next_batch(self) -> dict | None:
-        with self._cond:
-            while not (self._stopped or self._queue or self._snapshot_due):
-                self._cond.wait()
-            if self._stopped:
+        """The next call's payload: up to ``batch_max`` queued events, or a snapshot."""
+        with self._lock:
+            if self._stopped or not (self._queue or self._snapshot_due):
                 return None
             if not self._snapshot_due:
                 n = min(len(self._queue), self.fanout.batch_max)
                 return {"events": [self._queue.popleft() for _ in range(n)]}
             reason, self._snapshot_due = self._snapshot_due, ""
         snap = self.fanout.snapshot()  # takes the publisher's lock: consistent with the event stream
-        with self._cond:
+        with self._lock:
             while self._queue and self._queue[0]["revision"] <= snap["revision"]:
                 self._queue.popleft()
         return {"snapshot": snap, "reason": reason}
 
-    def _run(self) -> None:
+    # the loop thread's side ------------------------------------------------------
+    def _encode(self, batch: dict) -> tuple[bytes, int, int]:
         fanout = self.fanout
-        proxy = Proxy(self.uri)
-        proxy._pyroTimeout = fanout.call_timeout
-        proxy._pyroMaxRetries = 0
-        try:
-            while True:
-                batch = self._next_batch()
-                if batch is None:
-                    return
-                batch["model"] = fanout.model
-                try:
-                    try:
-                        proxy.notify(batch)
-                    except ConnectionClosedError:
-                        # the viewer closed an idle connection: delivery is idempotent, so
-                        # reconnect once and send the batch again (duplicates are skipped)
-                        proxy._pyroRelease()
-                        proxy.notify(batch)
-                except (CommunicationError, PyroError, OSError) as exc:
-                    fanout.metrics.notifications_failed.labels(fanout.model).inc()
-                    reason = "timeout" if isinstance(exc, PyroTimeout) else "unreachable"
-                    fanout.drop(self, reason, detail=f"{type(exc).__name__}: {exc}")
-                    return
-                except Exception as exc:  # the viewer's handler raised: it is alive, keep it
-                    fanout.metrics.notifications_failed.labels(fanout.model).inc()
-                    log_event(log, "notify_error", "viewer handler raised", level=logging.WARNING,
-                              viewer_id=self.viewer_id, error=f"{type(exc).__name__}: {exc}")
-                    continue
-                m = fanout.metrics
-                m.notifications_sent.labels(fanout.model).inc()
-                if "snapshot" in batch:
-                    m.snapshots_sent.labels(fanout.model).inc()
-                    self.delivered_revision = batch["snapshot"]["revision"]
-                else:
-                    m.events_delivered.labels(fanout.model).inc(len(batch["events"]))
-                    self.delivered_revision = batch["events"][-1]["revision"]
-        finally:
-            proxy._pyroRelease()
+        if "snapshot" in batch:
+            body = json.dumps({**batch, "model": fanout.model}, separators=(",", ":"))
+            revision, count = batch["snapshot"]["revision"], 1
+        else:
+            events = batch["events"]
+            body = f'{{"model":{fanout.model_json},"events":[{",".join(map(fanout.encoded, events))}]}}'
+            revision, count = events[-1]["revision"], len(events)
+        payload = f'{{"object":{self._object},"method":"notify","params":[{body}],"kwargs":{{}}}}'
+        self._seq = (self._seq + 1) & 0xFFFF
+        data = protocol.SendingMessage(protocol.MSG_INVOKE, 0, self._seq, _JSON_ID, payload.encode()).data
+        return data, revision, count
+
+    def _fill(self, now: float) -> None:
+        """Queue calls while the pipeline has room (calls and events both bounded)."""
+        while len(self._in_flight) < MAX_IN_FLIGHT and self._in_flight_events < self.fanout.queue_limit:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            data, revision, count = self._encode(batch)
+            if not self._in_flight:
+                self._last_progress = now
+            self._out += data
+            self._in_flight.append((now, revision, count))
+            self._in_flight_events += count
+            if "snapshot" in batch:
+                self.fanout.metrics.snapshots_sent.labels(self.fanout.model).inc()
+            else:
+                self.fanout.metrics.events_delivered.labels(self.fanout.model).inc(len(batch["events"]))
+
+    def _flush(self) -> None:
+        while self._out:
+            try:
+                sent = self.sock.send(self._out)
+            except _RETRY:
+                return
+            del self._out[:sent]
+
+    def _read(self, now: float) -> None:
+        """Take the viewer's answers off the socket; each one completes the oldest call."""
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except _RETRY:
+                break
+            if not chunk:
+                raise ConnectionResetError("the viewer closed the connection")
+            self._in += chunk
+            if not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+                break
+        while len(self._in) >= _HEADER:
+            msg = protocol.ReceivingMessage(bytes(self._in[:_HEADER]))
+            size = _HEADER + msg.annotations_size + msg.data_size
+            if len(self._in) < size:
+                break
+            del self._in[:size]
+            if not self._in_flight:
+                raise PyroError("answer to a call that was not made")
+            _, self.delivered_revision, count = self._in_flight.popleft()
+            self._in_flight_events -= count
+            self._last_progress = now
+            metrics = self.fanout.metrics
+            metrics.notifications_sent.labels(self.fanout.model).inc()
+            if msg.flags & protocol.FLAGS_EXCEPTION:  # the viewer's handler raised: it is alive, keep it
+                metrics.notifications_failed.labels(self.fanout.model).inc()
+                log_event(log, "notify_error", "viewer handler raised", level=logging.WARNING,
+                          viewer_id=self.viewer_id, revision=self.delivered_revision)
+
+    def _stalled(self, now: float) -> bool:
+        return bool(self._in_flight) and now - self._last_progress > self.fanout.call_timeout
+
+    def _close(self) -> None:
+        if self.proxy is not None:
+            self.proxy._pyroRelease()  # closes the socket too
+            self.proxy = None
+        self.sock = None
 
 
 class Fanout:
-    """The subscriber registry of one model: subscribe, publish, renew, expire."""
+    """The subscriber registry of one model: subscribe, publish, renew, expire; and its loop."""
 
     def __init__(self, model: str, snapshot: Callable[[], dict], metrics: Metrics, *,
                  lease_seconds: float = 10.0, call_timeout: float = 3.0, queue_limit: int = 1000,
                  batch_max: int = 500, clock: Callable[[], float] = time.monotonic) -> None:
         self.model = model
+        self.model_json = json.dumps(model)
         self.snapshot = snapshot
         self.metrics = metrics
         self.lease_seconds = lease_seconds
@@ -160,10 +225,41 @@ class Fanout:
         self._lock = threading.Lock()
         self._gauge = metrics.viewers_connected.labels(model)
         self._gauge.set(0)
+        self._encoded: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self._encoded_lock = threading.Lock()
+        self._connected: collections.deque[Subscriber] = collections.deque()
+        self._connector = ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"connect-{model}")
+        self._selector = selectors.DefaultSelector()
+        self._waker_r, self._waker_w = socket.socketpair()
+        self._waker_r.setblocking(False)
+        self._waker_w.setblocking(False)
+        self._selector.register(self._waker_r, selectors.EVENT_READ, None)
+        self._closed = False
+        self._loop = threading.Thread(target=self._run, name=f"fanout-{model}", daemon=True)
+        self._loop_started = False
 
     def __len__(self) -> int:
         return len(self._subs)
 
+    def encoded(self, event: dict) -> str:
+        """An event's JSON, made once and shared by every viewer's call."""
+        revision = event["revision"]
+        text = self._encoded.get(revision)
+        if text is None:
+            text = json.dumps(event, separators=(",", ":"))
+            with self._encoded_lock:
+                self._encoded[revision] = text
+                while len(self._encoded) > self.queue_limit + self.batch_max:
+                    self._encoded.popitem(last=False)
+        return text
+
+    def _wake(self) -> None:
+        try:
+            self._waker_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closed
+
+    # registry ----------------------------------------------------------------------
     def add(self, viewer_id: str, uri: str, backlog: list[dict] | None, start: bool = True) -> Subscriber:
         """Subscribe a viewer; ``backlog`` events go first, ``None`` means a snapshot first.
 
@@ -187,16 +283,40 @@ class Fanout:
         if old is not None:
             old.stop()
         if start:
-            sub.start()
+            if not self._loop_started:
+                self._loop_started = True
+                self._loop.start()
+            self._connector.submit(self._connect, sub)
         log_event(log, "viewer_subscribed", "viewer subscribed", viewer_id=viewer_id, uri=uri,
                   subscription=sub.id, viewers=len(self._subs), model=self.model,
                   replaced=old is not None)
         return sub
 
+    def _connect(self, sub: Subscriber) -> None:
+        """Connect and shake hands (blocking, in the connector pool), then hand over to the loop."""
+        proxy = Proxy(sub.uri)
+        proxy._pyroTimeout = self.call_timeout
+        proxy._pyroSerializer = "json"
+        try:
+            proxy._pyroBind()
+            sock = proxy._pyroConnection.sock
+            sock.setblocking(False)
+        except (CommunicationError, PyroError, OSError) as exc:
+            proxy._pyroRelease()
+            self.metrics.notifications_failed.labels(self.model).inc()
+            self.drop(sub, "timeout" if isinstance(exc, PyroTimeout) else "unreachable",
+                      f"{type(exc).__name__}: {exc}")
+            return
+        sub.proxy, sub.sock = proxy, sock
+        sub._object = json.dumps(proxy._pyroUri.object)
+        self._connected.append(sub)
+        self._wake()
+
     def publish(self, event: dict) -> None:
         """Queue an event for every subscriber (caller holds the publisher's lock)."""
         for sub in list(self._subs.values()):
             sub.offer(event)
+        self._wake()
 
     def renew(self, subscription_ids: list[str]) -> list[str]:
         """Extend leases; return the ids this server does not know (to re-subscribe)."""
@@ -253,6 +373,73 @@ class Fanout:
                  "delivered_revision": s.delivered_revision, "lease_left": round(s.lease_expiry - now, 3)}
                 for s in list(self._subs.values())]
 
+    # the loop ----------------------------------------------------------------------
+    def _run(self) -> None:
+        live: set[Subscriber] = set()
+        sel = self._selector
+        while not self._closed:
+            while self._connected:
+                sub = self._connected.popleft()
+                sub.proxy._pyroClaimOwnership()  # handed over by the connector: this thread alone uses it now
+                if not sub._stopped:
+                    live.add(sub)
+                    sel.register(sub.sock, selectors.EVENT_READ, sub)
+                else:
+                    sub._close()
+            now = time.monotonic()
+            for sub in list(live):
+                if sub._stopped:
+                    self._forget(sub, live)
+                    continue
+                try:
+                    if sub.has_work():
+                        sub._fill(now)
+                    if sub._out:
+                        sub._flush()
+                    if sub._stalled(now):
+                        self._fail(sub, live, "timeout", "no answer within the call timeout")
+                        continue
+                    interest = selectors.EVENT_READ | (selectors.EVENT_WRITE if sub._out else 0)
+                    if interest != sub._interest:
+                        sel.modify(sub.sock, interest, sub)
+                        sub._interest = interest
+                except (OSError, PyroError, ValueError) as exc:
+                    self._fail(sub, live, "unreachable", f"{type(exc).__name__}: {exc}")
+            waiting = any(s._in_flight for s in live)
+            for key, mask in sel.select(timeout=0.05 if waiting else 0.5):
+                sub = key.data
+                if sub is None:
+                    try:
+                        while self._waker_r.recv(4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    continue
+                if sub not in live:
+                    continue
+                try:
+                    if mask & selectors.EVENT_READ:
+                        sub._read(time.monotonic())
+                    if mask & selectors.EVENT_WRITE:
+                        sub._flush()
+                except (OSError, PyroError, ValueError) as exc:
+                    self._fail(sub, live, "unreachable", f"{type(exc).__name__}: {exc}")
+        for sub in live:
+            sub._close()
+
+    def _forget(self, sub: Subscriber, live: set[Subscriber]) -> None:
+        live.discard(sub)
+        try:
+            self._selector.unregister(sub.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        sub._close()
+
+    def _fail(self, sub: Subscriber, live: set[Subscriber], reason: str, detail: str) -> None:
+        self.metrics.notifications_failed.labels(self.model).inc()
+        self._forget(sub, live)
+        self.drop(sub, reason, detail)
+
     def close(self, timeout: float = 2.0) -> None:
         with self._lock:
             subs = list(self._subs.values())
@@ -261,7 +448,11 @@ class Fanout:
             self._gauge.set(0)
         for sub in subs:
             sub.stop()
-        deadline = time.monotonic() + timeout
-        for sub in subs:
-            sub.join(max(0.0, deadline - time.monotonic()))
-
+        self._connector.shutdown(wait=False, cancel_futures=True)
+        self._closed = True
+        self._wake()
+        if self._loop_started:
+            self._loop.join(timeout)
+        self._selector.close()
+        self._waker_r.close()
+        self._waker_w.close()

@@ -33,7 +33,7 @@ def test_stalled_viewer_does_not_hold_the_others_back(mvc_stack):
     model = mvc_stack.model(call_timeout=2.0, lease_seconds=4.0)
     host, views = mvc_stack.viewers(3)
     stalled = mvc_stack.process("viewer", viewer_id="stalled")
-    stalled.wait_for_log(lambda r: r.get("event") == "subscribed", 15)
+    stalled.wait_for_log(lambda r: r.get("event") == "values", 15)  # connected: its snapshot arrived
     wait_until(lambda: model.model.subscriber_count == 4)
     stalled.signal(signal.SIGSTOP)
     rm = mvc_stack.client("controller")
