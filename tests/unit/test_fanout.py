@@ -86,3 +86,30 @@ def test_resubscribing_viewer_replaces_its_old_subscription():
     new = f.add("v", "u2", [], start=False)
     assert len(f) == 1 and f.renew([old.id]) == [old.id] and f.renew([new.id]) == []
     assert f.remove(new.id) and not f.remove(new.id) and len(f) == 0
+
+
+def test_calls_are_valid_pyro5_json_messages_with_each_event_encoded_once():
+    import json
+
+    from Pyro5 import protocol
+    from Pyro5.serializers import serializers
+
+    f, _, state = make(batch_max=10)
+    sub = f.add("v", "u", backlog=[], start=False)
+    sub._object = json.dumps("viewer.v")
+    events = [{"revision": r, "values": {"name": 'q"u\\o\u2028te', "value": r}, "time": 1.5} for r in (1, 2, 3)]
+    for e in events:
+        f.publish(e)
+    data, revision, count = sub._encode(sub._next_batch())
+    assert (revision, count) == (3, 3)
+    header = protocol.ReceivingMessage(data[:protocol._header_size])
+    assert header.type == protocol.MSG_INVOKE and header.serializer_id == serializers["json"].serializer_id
+    obj, method, vargs, kwargs = serializers["json"].loadsCall(data[protocol._header_size:])
+    assert (obj, method, kwargs) == ("viewer.v", "notify", {})
+    assert vargs == [{"model": "m", "events": events}]
+    assert set(f._encoded) == {1, 2, 3}  # encoded once, shared by every subscriber's calls
+    state["revision"] = 3
+    sub.offer_snapshot("behind")
+    data, revision, count = sub._encode(sub._next_batch())
+    _, _, vargs, _ = serializers["json"].loadsCall(data[protocol._header_size:])
+    assert vargs[0]["snapshot"]["revision"] == 3 and vargs[0]["reason"] == "behind" and count == 1
