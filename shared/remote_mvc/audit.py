@@ -75,6 +75,40 @@ class AuditLog:
             raise PersistenceError(f"audit log {self.path} not writable: {exc}") from exc
         return entry
 
+    def reconcile(self, model: str, revision: int) -> dict | None:
+        """After a crash: an ``accepted`` record past the committed revision never took effect.
+
+        The server writes the record, then commits; a crash between the two leaves
+        a record for a change that was neither applied nor acknowledged. Append the
+        matching ``failed`` record so the log tells the truth (called at start-up).
+        """
+        for record in reversed(self._tail()):
+            if record.get("model") == model and record.get("action") == "modify" and "revision" in record:
+                if record["result"] == "accepted" and record["revision"] > revision:
+                    return self.record("modify", record["identity"], record.get("client"), "failed", model=model,
+                                       revision=record["revision"], request=record.get("request"),
+                                       error="not committed: the server stopped before the commit")
+                return None
+        return None
+
+    def _tail(self, size: int = 256 * 1024) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                start = max(0, f.seek(0, os.SEEK_END) - size)
+                f.seek(start)
+                lines = f.read().split(b"\n")
+        except OSError:
+            return []
+        if start:
+            lines = lines[1:]  # the first line may be cut
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
     def _reset(self) -> None:
         if self._file is not None:
             try:

@@ -82,6 +82,7 @@ class ModelServer:
         self._fanout = Fanout(name, self.snapshot, metrics, lease_seconds=lease_seconds,
                               call_timeout=call_timeout, queue_limit=queue_limit, batch_max=batch_max,
                               clock=monotonic)
+        audit.reconcile(name, revision)
         self._revision_gauge = metrics.model_revision.labels(name)
         self._revision_gauge.set(revision)
         self._closed = threading.Event()

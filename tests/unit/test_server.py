@@ -130,3 +130,23 @@ def test_audit_failure_refuses_the_change(tmp_path):
         m.modify({"value": 2})
     assert m.snapshot()["revision"] == 0 and m._store.load("m") == (0, None)
     m.close()
+
+
+def test_restart_after_a_crash_between_audit_and_commit_reconciles_the_audit_log(tmp_path):
+    m = make(tmp_path)
+    m.modify({"value": 1})
+    # the crash: the record of revision 2 is written, the commit never happens
+    m._audit.record("modify", "controller", "10.0.0.9:5", "accepted", model="m", changes={"value": 2},
+                    revision=2, request="r2")
+    m.close()
+    m._store.close()
+    m2 = make(tmp_path)
+    assert m2.snapshot()["revision"] == 1
+    records = read_audit(tmp_path / "audit.jsonl")
+    assert [(r["result"], r["revision"]) for r in records] == [("accepted", 1), ("accepted", 2), ("failed", 2)]
+    assert records[-1]["request"] == "r2" and "not committed" in records[-1]["error"]
+    m2.close()
+    m2._store.close()
+    m3 = make(tmp_path)  # reconciled once: a second start adds nothing
+    assert len(read_audit(tmp_path / "audit.jsonl")) == 3
+    m3.close()
