@@ -9,7 +9,7 @@ thousand:
 * events go out in revision order over the viewer's one connection, several
   per call when the viewer is behind (up to ``batch_max``), with up to
   ``MAX_IN_FLIGHT`` calls and ``queue_limit`` events pipelined (the viewer's
-  daemon answers them in order);
+  daemon answers them in order); what queues meanwhile goes out as one batch;
 * each event is encoded once (JSON) and spliced into every viewer's call;
 * past ``queue_limit`` queued events the queue is replaced by one fresh
   snapshot, and the viewer is told so;
@@ -47,7 +47,7 @@ from .metrics import Metrics
 
 log = logging.getLogger("remote_mvc.fanout")
 
-MAX_IN_FLIGHT = 8
+MAX_IN_FLIGHT = 2  # one call being handled, one ready behind it: more only fragments batches
 _JSON_ID = serializers["json"].serializer_id
 _HEADER = protocol._header_size
 _RETRY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)

@@ -71,6 +71,7 @@ class Viewer:
             for event in batch.get("events", ()):
                 self._latency.observe(max(0.0, arrived - event["time"]))
                 self._apply_event(event)
+            self._revision_gauge.set(self.revision)
             self._changed.notify_all()
 
     def _apply_event(self, event: dict[str, Any]) -> None:
@@ -117,7 +118,6 @@ class Viewer:
         self.synced = True
         if self.received is not None:
             self.received.append(revision)
-        self._revision_gauge.set(revision)
         if self.log_values:
             extra = {"snapshot": reason} if event is None else {"identity": event.get("identity")}
             log_event(log, "refresh", "Received a refresh notification from the server",
