@@ -50,3 +50,4 @@ clean: ## remove the virtual environment, runtime state and caches
 
 -include docker/stack.mk
 -include bench/bench.mk
+-include tests/chaos/chaos.mk

@@ -55,7 +55,7 @@ def analyze(sends: list[tuple[int, float, float]], records: dict[str, dict[str, 
         high = -1
         snap_seqs: list[int] = []
         snap_times: list[float] = []
-        for seq, t, kind in zip(rec["seqs"], rec["times"], rec["kinds"]):
+        for seq, t, kind in zip(rec["seqs"], rec["times"], rec["kinds"], strict=True):
             if seq < first_seq:
                 continue  # from before this scenario (a reconnect resending old state)
             deliveries += 1

@@ -75,6 +75,16 @@ def _git_commit(root: Path) -> str | None:
         return None
 
 
+def _git_dirty(root: Path) -> bool | None:
+    """Whether the library's sources differ from the commit (a run of uncommitted code)."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "shared/remote_mvc"],
+                             capture_output=True, text=True, timeout=10)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def machine_facts(workdir: Path) -> dict[str, Any]:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -94,4 +104,6 @@ def machine_facts(workdir: Path) -> dict[str, Any]:
         "redis_server": _redis_server(),
         "fsync_p50_us": _fsync_us(workdir),
         "git_commit": _git_commit(Path(__file__).resolve().parent.parent),
+        "git_dirty": _git_dirty(Path(__file__).resolve().parent.parent),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
     }

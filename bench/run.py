@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench import report
 from bench.analyze import analyze
 from bench.machine import machine_facts
@@ -115,16 +117,24 @@ class ViewerProc:
         os.kill(self.pid, signal.SIGCONT)
         self.stopped = False
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            if self.stopped:
-                self.resume()
+
+def close_all(procs: list[ViewerProc]) -> None:
+    """Ask every viewer process to quit at once, then wait for them all (kill stragglers)."""
+    for p in procs:
+        if p.proc.poll() is None:
             try:
-                self.send({"cmd": "quit"})
-                self.proc.wait(15)
-            except (OSError, subprocess.TimeoutExpired):
+                if p.stopped:
+                    p.resume()
+                p.send({"cmd": "quit"})
+            except OSError:
                 pass
-        stop_process(self.proc, 5)
+    deadline = time.monotonic() + 20
+    for p in procs:
+        try:
+            p.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        stop_process(p.proc, 5)
 
 
 def start_viewers(system: System, layout: list[int], workdir: Path) -> list[ViewerProc]:
@@ -164,10 +174,9 @@ def split(n: int, k: int) -> list[int]:
 class Sampler:
     """CPU time and peak RSS of the server process over a measurement window."""
 
-    def __init__(self, pid: int) -> None:
-        import psutil
-
+    def __init__(self, pid: int, viewer_pids: list[int] = ()) -> None:
         self.p = psutil.Process(pid)
+        self.viewers = [psutil.Process(v) for v in viewer_pids]
         self._stop = threading.Event()
         self.rss_peak = 0
         self.threads_peak = 0
@@ -175,6 +184,7 @@ class Sampler:
     def start(self) -> Sampler:
         c = self.p.cpu_times()
         self.cpu0, self.wall0 = c.user + c.system, time.monotonic()
+        self.vcpu0 = self._viewer_cpu()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -189,11 +199,22 @@ class Sampler:
             if self._stop.wait(0.1):
                 return
 
-    def stop(self, viewers: int) -> dict[str, Any]:
+    def _viewer_cpu(self) -> float:
+        total = 0.0
+        for v in self.viewers:
+            try:
+                c = v.cpu_times()
+                total += c.user + c.system
+            except psutil.Error:
+                pass
+        return total
+
+    def stop(self, viewers: int, deliveries: int = 0) -> dict[str, Any]:
         self._stop.set()
         self._thread.join()
         c = self.p.cpu_times()
         cpu = c.user + c.system - self.cpu0
+        vcpu = self._viewer_cpu() - self.vcpu0
         wall = time.monotonic() - self.wall0
         rss = max(self.rss_peak, self.p.memory_info().rss)
         cpu_pct = 100.0 * cpu / wall if wall > 0 else 0.0
@@ -201,7 +222,10 @@ class Sampler:
         return {"cpu_pct": round(cpu_pct, 1), "cpu_pct_per_100_viewers": round(cpu_pct * per100, 2),
                 "cpu_seconds": round(cpu, 3), "wall_seconds": round(wall, 3),
                 "rss_mb": round(rss / 2**20, 1), "rss_mb_per_100_viewers": round(rss / 2**20 * per100, 2),
-                "threads": self.threads_peak}
+                "threads": self.threads_peak, "viewer_procs_cpu_seconds": round(vcpu, 3),
+                # CPU cost of one delivery, server side and viewer side (robust to outside load)
+                "server_cpu_us_per_delivery": round(cpu / deliveries * 1e6, 1) if deliveries else None,
+                "viewer_cpu_us_per_delivery": round(vcpu / deliveries * 1e6, 1) if deliveries else None}
 
 
 # the controller ---------------------------------------------------------------
@@ -237,11 +261,11 @@ class Controller:
 # scenarios --------------------------------------------------------------------
 
 class Runner:
-    def __init__(self, cfg: Config, workdir: Path, proto_lib: str, profile_dir: Path | None,
+    def __init__(self, cfg: Config, workdir: Path, libs: dict[str, str], profile_dir: Path | None,
                  profile_ns: set[int]) -> None:
         self.cfg = cfg
         self.workdir = workdir
-        self.proto_lib = proto_lib
+        self.libs = libs
         self.profile_dir = profile_dir
         self.profile_ns = profile_ns
         self.results: list[dict[str, Any]] = []
@@ -259,26 +283,30 @@ class Runner:
             p.wait(30)
         time.sleep(0.2)
         spy = self._start_profile(system, scenario, n, seconds) if profile else None
-        sampler = Sampler(system.server_pid).start()
+        psutil.cpu_percent(interval=None)  # start of the machine-wide busy measurement
+        sampler = Sampler(system.server_pid, [p.pid for p in procs]).start()
         sends = ctl.run(rate, seconds, max_changes)
         final = max(s for s, _, _ in sends)
         paths = {}
         for p in live:
             paths[p] = self.workdir / f"rec-{system.name}-{scenario}-{n}-{p.pid}.json"
             timeout = 2.0 if p in extra_collect else cfg.drain_timeout
-            p.send({"cmd": "collect", "final": final, "timeout": timeout, "path": str(paths[p])})
+            p.send({"cmd": "collect", "final": final, "first": min(s for s, _, _ in sends), "timeout": timeout,
+                    "path": str(paths[p])})
         records: dict[str, Any] = {}
         for p in live:
             p.wait(cfg.drain_timeout + 60)
             records.update(json.loads(paths[p].read_text()))
             paths[p].unlink()
         ids = healthy if healthy is not None else [v for p in procs for v in p.ids]
-        usage = sampler.stop(n)
+        all_deliveries = sum(1 for rec in records.values() for s in rec["seqs"] if s >= sends[0][0])
+        usage = sampler.stop(n, all_deliveries)
         if spy is not None:
             self._finish_profile(spy)
         result = analyze(sends, records, ids)
         result.update(system=system.name, label=system.label, scenario=scenario, n=n, server=usage,
-                      rate=rate, durable=system.durable)
+                      rate=rate, durable=system.durable, load1=round(os.getloadavg()[0], 2),
+                      machine_cpu_pct=round(psutil.cpu_percent(interval=None), 1))
         if healthy is not None:
             others = [v for p in procs for v in p.ids if v not in set(healthy)]
             result["special_viewers"] = {v: _viewer_summary(records.get(v), sends) for v in others}
@@ -293,37 +321,34 @@ class Runner:
     def unpaced_changes(self, n: int) -> int:
         return max(100, min(self.cfg.unpaced_cap, self.cfg.delivery_budget // n))
 
-    def run_system(self, name: str) -> None:
+    def run_n(self, name: str, n: int) -> None:
+        """One system at one N: fresh server and viewer processes, paced then unpaced."""
         cfg = self.cfg
-        for n in cfg.ns:
-            system = make(name, self.workdir / f"{name}-{n}", self.proto_lib)
-            procs: list[ViewerProc] = []
-            try:
-                log(f"{name}: N={n}: starting server and {len(split(n, cfg.procs))} viewer processes")
-                system.start()
-                procs = start_viewers(system, split(n, cfg.procs), system.workdir)
-                ctl = Controller(system)
-                ctl.run(None, 0.5, 20)  # warm-up, not measured
-                profile = self.profile_dir is not None and n in self.profile_ns and name.startswith("remote-mvc")
-                self.measure(system, ctl, procs, "paced", n, rate=cfg.rate, seconds=cfg.paced_seconds,
-                             max_changes=int(cfg.rate * cfg.paced_seconds) + 1, profile=profile)
-                self.measure(system, ctl, procs, "unpaced", n, rate=None, seconds=cfg.unpaced_seconds,
-                             max_changes=self.unpaced_changes(n), profile=profile)
-            except Exception as exc:  # noqa: BLE001 - one system failing must not hide the others
-                log(f"{name}: N={n}: FAILED: {type(exc).__name__}: {exc}")
-                self.errors.append(f"{name} N={n}: {type(exc).__name__}: {exc}")
-            finally:
-                for p in procs:
-                    p.close()
-                system.stop()
-        if cfg.slow:
-            self.run_slow(name)
+        system = make(name, self.workdir / f"{name}-{n}", self.libs)
+        procs: list[ViewerProc] = []
+        try:
+            log(f"{name}: N={n}: starting server and {len(split(n, cfg.procs))} viewer processes")
+            system.start()
+            procs = start_viewers(system, split(n, cfg.procs), system.workdir)
+            ctl = Controller(system)
+            ctl.run(None, 0.5, 20)  # warm-up, not measured
+            profile = self.profile_dir is not None and n in self.profile_ns and name.startswith("remote-mvc")
+            self.measure(system, ctl, procs, "paced", n, rate=cfg.rate, seconds=cfg.paced_seconds,
+                         max_changes=int(cfg.rate * cfg.paced_seconds) + 1, profile=profile)
+            self.measure(system, ctl, procs, "unpaced", n, rate=None, seconds=cfg.unpaced_seconds,
+                         max_changes=self.unpaced_changes(n), profile=profile)
+        except Exception as exc:  # noqa: BLE001 - one system failing must not hide the others
+            log(f"{name}: N={n}: FAILED: {type(exc).__name__}: {exc}")
+            self.errors.append(f"{name} N={n}: {type(exc).__name__}: {exc}")
+        finally:
+            close_all(procs)
+            system.stop()
 
     def run_slow(self, name: str) -> None:
         """N viewers: N-2 healthy ones, one whose handler sleeps, one SIGSTOPped; healthy vs. not."""
         cfg = self.cfg
         n = cfg.slow_n
-        system = make(name, self.workdir / f"{name}-slow", self.proto_lib)
+        system = make(name, self.workdir / f"{name}-slow", self.libs)
         procs: list[ViewerProc] = []
         try:
             log(f"{name}: slow-viewer scenario, N={n}")
@@ -353,8 +378,7 @@ class Runner:
             log(f"{name}: slow scenario FAILED: {type(exc).__name__}: {exc}")
             self.errors.append(f"{name} slow: {type(exc).__name__}: {exc}")
         finally:
-            for p in procs:
-                p.close()
+            close_all(procs)
             system.stop()
 
     # profiling --------------------------------------------------------------
@@ -366,7 +390,7 @@ class Runner:
         assert self.profile_dir is not None
         self.profile_dir.mkdir(parents=True, exist_ok=True)
         stem = self.profile_dir / f"{system.name}-{scenario}-{n}"
-        argv = [spy, "record", "--pid", str(system.server_pid), "--rate", "200", "--gil", "--format", "raw",
+        argv = [spy, "record", "--pid", str(system.server_pid), "--rate", "250", "--nonblocking", "--format", "raw",
                 "--output", f"{stem}.txt", "--duration", str(int(seconds) + 1)]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)  # let it attach
@@ -386,7 +410,7 @@ def _viewer_summary(rec: dict[str, Any] | None, sends: list[tuple[int, float, fl
         return {"deliveries": 0}
     first = min(s for s, _, _ in sends)
     seqs = [s for s in rec["seqs"] if s >= first]
-    return {"deliveries": len(seqs), "snapshots": sum(1 for s, k in zip(rec["seqs"], rec["kinds"]) if k and s >= first),
+    return {"deliveries": len(seqs), "snapshots": sum(1 for s, k in zip(rec["seqs"], rec["kinds"], strict=True) if k and s >= first),
             "last_seq": max(seqs, default=None)}
 
 
@@ -402,14 +426,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, help="paced changes per second (default 50)")
     parser.add_argument("--no-slow", action="store_true", help="skip the slow-viewer scenario")
     parser.add_argument("--out", default=str(ROOT / "bench-results"), help="results directory")
-    parser.add_argument("--name", default="latest", help="results file stem (latest.json, latest.md)")
-    parser.add_argument("--proto-lib", default="", help="a directory holding a patched remote_mvc package, "
-                        "benchmarked as system remote-mvc-proto")
+    parser.add_argument("--name", default="", help="results file stem (default: latest, or quick with --quick)")
+    parser.add_argument("--no-docs", action="store_true", help="do not refresh the results block of "
+                        "docs/performance.md (a full run named latest refreshes it by default)")
+    parser.add_argument("--proto", action="store_true",
+                        help="also benchmark remote-mvc-proto: the library with the prototypes in bench/proto")
+    parser.add_argument("--ref", default="", help="also benchmark the library as committed at this git ref "
+                        "(system remote-mvc-ref), e.g. to measure a change before/after in one run")
     parser.add_argument("--profile", default="", help="directory: record py-spy profiles of the remote-mvc server")
     parser.add_argument("--profile-n", default="200", help="N values to profile at")
     args = parser.parse_args(argv)
 
     base = QUICK if args.quick else FULL
+    args.name = args.name or ("quick" if args.quick else "latest")
     cfg = Config(**vars(base))
     if args.n:
         cfg.ns = [int(x) for x in args.n.split(",")]
@@ -420,19 +449,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_slow:
         cfg.slow = False
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if "remote-mvc-proto" in systems and not args.proto_lib:
-        parser.error("remote-mvc-proto needs --proto-lib")
+    if args.proto and "remote-mvc-proto" not in systems:
+        systems.insert(1 if systems and systems[0] == "remote-mvc" else 0, "remote-mvc-proto")
+    if args.ref and "remote-mvc-ref" not in systems:
+        systems.insert(0, "remote-mvc-ref")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="mvc-bench-"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the processes we started
     started = time.time()
     facts = machine_facts(workdir)
+    # one run measures one library version, even if the working tree changes meanwhile
+    from bench.proto import build as libs_mod
+    libs = {"remote-mvc": str(libs_mod.snapshot(workdir / "lib"))}
+    facts["library"] = {"fingerprint": libs_mod.fingerprint(workdir / "lib" / "remote_mvc"),
+                        "git_dirty": facts.pop("git_dirty", None)}
+    if "remote-mvc-proto" in systems:
+        path, parts = libs_mod.build(workdir / "protolib", workdir / "lib" / "remote_mvc")
+        libs["remote-mvc-proto"] = str(path)
+        facts["library"]["proto_parts"] = parts
+    if "remote-mvc-ref" in systems:
+        libs["remote-mvc-ref"] = str(libs_mod.from_ref(args.ref or "HEAD", workdir / "reflib"))
+        libs["ref"] = args.ref or "HEAD"
+        facts["library"]["ref"] = libs["ref"]
     log(f"machine: {facts['cpu_model']}, {facts['cpus']} CPUs, {facts['memory_gb']} GB; workdir {workdir}")
-    runner = Runner(cfg, workdir, str(Path(args.proto_lib).resolve()) if args.proto_lib else "",
-                    Path(args.profile) if args.profile else None, {int(x) for x in args.profile_n.split(",")})
+    runner = Runner(cfg, workdir, libs, Path(args.profile) if args.profile else None,
+                    {int(x) for x in args.profile_n.split(",")})
     try:
-        for name in systems:
-            runner.run_system(name)
+        # N by N, every system in turn: systems compared at one N are measured minutes apart at most,
+        # so background load on the machine shifts them alike (load is recorded with each result)
+        for n in cfg.ns:
+            for name in systems:
+                runner.run_n(name, n)
+        if cfg.slow:
+            for name in systems:
+                runner.run_slow(name)
     finally:
         if not os.environ.get("BENCH_KEEP_TMP"):
             shutil.rmtree(workdir, ignore_errors=True)
@@ -445,12 +496,18 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{args.name}.md").write_text(md)
     png = report.plot(doc, out / ("fanout_p99.png" if args.name == "latest" else f"{args.name}_fanout_p99.png"))
     print(md)
+    if args.name == "latest" and not args.no_docs:
+        docs = report.update_docs(ROOT / "docs" / "performance.md", md, out, png)
+        if docs:
+            log(f"refreshed the results block of {docs}")
     log(f"wrote {json_path}, {out / (args.name + '.md')}" + (f", {png}" if png else "")
         + f" in {facts['duration_s']} s")
     if runner.profiles:
         from bench.profile_summary import summarize
         for prof in runner.profiles:
             print(summarize(prof["raw"]))
+    for note in report.expected_findings(doc):
+        log(f"note: {note}")
     problems = report.problems(doc)
     for p in problems:
         log(f"PROBLEM: {p}")

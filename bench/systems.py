@@ -140,7 +140,14 @@ class RemoteMVCProto(RemoteMVC):
     """remote-mvc run from a patched copy of the library (``--proto``): same harness, same model."""
 
     name = "remote-mvc-proto"
-    label = "remote-mvc (prototype)"
+    label = "remote-mvc + proposals (prototype)"
+
+
+class RemoteMVCRef(RemoteMVC):
+    """remote-mvc as committed at a git ref (``--ref``), e.g. before a change: same harness, same run."""
+
+    name = "remote-mvc-ref"
+    label = "remote-mvc @ ref"
 
 
 class Naive(System):
@@ -227,11 +234,16 @@ class Redis(System):
         super().stop()
 
 
-def make(name: str, workdir: Path, proto_path: str = "") -> System:
+def make(name: str, workdir: Path, libs: dict[str, str]) -> System:
+    """``libs``: system name -> directory holding the remote_mvc package it runs (a snapshot or a copy)."""
     if name == "remote-mvc":
-        return RemoteMVC(workdir)
+        return RemoteMVC(workdir, libs.get(name, ""))
     if name == "remote-mvc-proto":
-        return RemoteMVCProto(workdir, proto_path)
+        return RemoteMVCProto(workdir, libs[name])
+    if name == "remote-mvc-ref":
+        system = RemoteMVCRef(workdir, libs[name])
+        system.label = f"remote-mvc @ {libs.get('ref', 'ref')}"
+        return system
     if name == "naive-twoway":
         return Naive(workdir)
     if name == "naive-oneway":

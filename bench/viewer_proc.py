@@ -111,7 +111,7 @@ def start_naive(recs: list[Rec], args: argparse.Namespace) -> Callable[[], None]
     for uri in uris:
         server.subscribe(str(uri))
     server._pyroRelease()
-    return daemon.shutdown
+    return lambda: None  # the process exits right after: no need to wind the daemon's threads down
 
 
 # Redis pub/sub ---------------------------------------------------------------
@@ -133,7 +133,7 @@ def start_redis(recs: list[Rec], args: argparse.Namespace) -> Callable[[], None]
                 rec.add(loads(message["data"])["seq"], t, 0)
 
     async def amain() -> None:
-        client = aioredis.Redis(host="127.0.0.1", port=int(args.connect))
+        client = aioredis.Redis(host="127.0.0.1", port=int(args.connect), max_connections=len(recs) + 8)
         pubsubs = []
         for _ in recs:  # one connection and one subscription per viewer
             ps = client.pubsub(ignore_subscribe_messages=True)
@@ -141,7 +141,7 @@ def start_redis(recs: list[Rec], args: argparse.Namespace) -> Callable[[], None]
             pubsubs.append(ps)
         state["loop"] = asyncio.get_running_loop()
         state["stop"] = asyncio.Event()
-        tasks = [asyncio.create_task(listen(ps, rec)) for ps, rec in zip(pubsubs, recs)]
+        tasks = [asyncio.create_task(listen(ps, rec)) for ps, rec in zip(pubsubs, recs, strict=True)]
         ready.set()
         await state["stop"].wait()
         for task in tasks:
@@ -167,17 +167,30 @@ def start_redis(recs: list[Rec], args: argparse.Namespace) -> Callable[[], None]
     return stop
 
 
+def complete(rec: Rec, first: int | None, final: int) -> bool:
+    """Reached the final change, and (for systems that may reorder) got everything before it too."""
+    if rec.last < final:
+        return False
+    if first is None:
+        return True
+    n = min(len(rec.seqs), len(rec.kinds))
+    got = {s for s, k in zip(rec.seqs[:n], rec.kinds[:n], strict=True) if k == 0 and first <= s <= final}
+    if len(got) >= final - first + 1:
+        return True
+    return any(k == 1 and s >= first for s, k in zip(rec.seqs[:n], rec.kinds[:n], strict=True))  # a snapshot
+
+
 STARTERS = {"remote-mvc": start_mvc, "naive-twoway": start_naive, "naive-oneway": start_naive,
             "redis": start_redis}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--system", required=True, choices=sorted(STARTERS) + ["remote-mvc-proto"])
+    parser.add_argument("--system", required=True, choices=sorted(STARTERS) + ["remote-mvc-proto", "remote-mvc-ref"])
     parser.add_argument("--ids", required=True, help="first:count of the viewer ids this process hosts")
     parser.add_argument("--connect", default="", help="naive server URI, or the Redis port")
     args = parser.parse_args()
-    if args.system == "remote-mvc-proto":
+    if args.system.startswith("remote-mvc"):  # the library copy to run comes with PYTHONPATH
         args.system = "remote-mvc"
     first, count = (int(x) for x in args.ids.split(":"))
     recs = [Rec(f"v{i}") for i in range(first, first + count)]
@@ -195,11 +208,18 @@ def main() -> None:
                 rec.sleep = float(cmd["seconds"])
             reply({"ok": True})
         elif op == "collect":
-            final, deadline = cmd["final"], time.monotonic() + cmd["timeout"]
-            while any(rec.last < final for rec in recs) and time.monotonic() < deadline:
-                time.sleep(0.005)
+            final, first = cmd["final"], cmd.get("first")
+            deadline = time.monotonic() + cmd["timeout"]
+            pending = list(recs)
+            while pending and time.monotonic() < deadline:
+                pending = [rec for rec in pending if not complete(rec, first, final)]
+                if pending:
+                    time.sleep(0.005)
             behind = [rec.vid for rec in recs if rec.last < final]
-            data = {rec.vid: {"seqs": rec.seqs, "times": rec.times, "kinds": rec.kinds} for rec in recs}
+            data = {}
+            for rec in recs:  # a handler may be appending right now: cut to what is complete
+                n = min(len(rec.seqs), len(rec.times), len(rec.kinds))
+                data[rec.vid] = {"seqs": rec.seqs[:n], "times": rec.times[:n], "kinds": rec.kinds[:n]}
             with open(cmd["path"], "w", encoding="utf-8") as f:
                 json.dump(data, f)
             reply({"ok": True, "behind": behind})

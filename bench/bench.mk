@@ -1,0 +1,31 @@
+# Fan-out benchmark (issue 6). Included by the root Makefile, which defines VENV, PY and venv.
+#   make bench-quick                  CI smoke: N = 1, 10, every system, ~1.5 min; fails on any lost,
+#                                     duplicated or reordered delivery
+#   make bench                        full run: N = 1 ... 1000, paced + unpaced + slow viewer, < 15 min
+#   make bench BENCH_ARGS=--proto     also the prototyped library changes (bench/proto), same run
+#   make bench-profile                py-spy profiles of the model server at N = 200
+# Results: bench-results/latest.{json,md}, bench-results/fanout_p99.png (see docs/performance.md).
+
+BENCH_ARGS ?=
+BENCH_PY_DEPS := redis psutil numpy matplotlib py-spy
+APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q -y
+
+.PHONY: bench bench-quick bench-profile bench-deps
+
+bench-deps: venv
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "bench: installing Debian's redis-server"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO $(APT_GET) update >/dev/null && $$SUDO $(APT_GET) install --no-install-recommends redis-server >/dev/null; }
+	@$(PY) -c "import remote_mvc, redis, psutil, numpy, matplotlib" 2>/dev/null && [ -x $(VENV)/bin/py-spy ] || \
+	  $(VENV)/bin/pip install -q $(BENCH_PY_DEPS)
+
+bench: bench-deps ## full fan-out benchmark vs naive Pyro5 and Redis (< 15 min; bench-results/)
+	$(PY) -m bench $(BENCH_ARGS)
+
+bench-quick: bench-deps ## benchmark smoke run (~1.5 min); fails on lost/duplicated/reordered deliveries
+	$(PY) -m bench --quick $(BENCH_ARGS)
+
+bench-profile: bench-deps ## py-spy profiles of the model server at N=200, paced and unpaced
+	$(PY) -m bench --systems remote-mvc --n 200 --no-slow --profile bench-results/profiles --name profile-run \
+	  $(BENCH_ARGS)

@@ -1,0 +1,292 @@
+"""The results document (latest.json), its markdown tables, ratios, targets, and the plot."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+MVC = ("remote-mvc", "remote-mvc-proto", "remote-mvc-ref")
+ORDER = {"remote-mvc-ref": 0, "remote-mvc": 1, "remote-mvc-proto": 2, "redis": 3, "naive-oneway": 4,
+         "naive-twoway": 5}
+SCENARIOS = {"paced": 0, "unpaced": 1, "slow-baseline": 2, "slow-viewer": 3}
+
+
+def _find(results: list[dict], system: str, scenario: str, n: int) -> dict | None:
+    for r in results:
+        if r["system"] == system and r["scenario"] == scenario and r["n"] == n:
+            return r
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def ratios(results: list[dict]) -> list[dict[str, Any]]:
+    out = []
+    for mvc in MVC:
+        for r in results:
+            if r["system"] != mvc or r["scenario"] not in ("paced", "unpaced"):
+                continue
+            sc, n = r["scenario"], r["n"]
+            row: dict[str, Any] = {"system": mvc, "scenario": sc, "n": n}
+            p99 = r["fanout_ms"]["p99"]
+            for other in ("redis", "naive-twoway", "naive-oneway"):
+                o = _find(results, other, sc, n)
+                if o is None:
+                    continue
+                row[f"p99_{other}_over_mvc"] = _ratio(o["fanout_ms"]["p99"], p99)
+                row[f"changes_per_s_mvc_over_{other}"] = _ratio(r["changes_per_s"], o["changes_per_s"])
+            out.append(row)
+    return out
+
+
+def targets(results: list[dict]) -> list[dict[str, Any]]:
+    out = []
+    for mvc in MVC:
+        if not any(r["system"] == mvc for r in results):
+            continue
+
+        def add(name: str, ok: bool | None, detail: str, mvc: str = mvc) -> None:
+            out.append({"system": mvc, "target": name, "met": ok, "detail": detail})
+
+        paced, redis_p = _find(results, mvc, "paced", 200), _find(results, "redis", "paced", 200)
+        naive_p = _find(results, "naive-twoway", "paced", 200)
+        if paced and redis_p:
+            a, b = paced["fanout_ms"]["p99"], redis_p["fanout_ms"]["p99"]
+            add("N=200 paced: fan-out p99 <= Redis", a is not None and b is not None and a <= b,
+                f"{a} ms vs {b} ms (Redis/remote-mvc = {_ratio(b, a)}x)")
+        if paced and naive_p:
+            a, b = paced["fanout_ms"]["p99"], naive_p["fanout_ms"]["p99"]
+            x = _ratio(b, a)
+            add("N=200 paced: fan-out p99 >= 50x better than naive two-way", x is not None and x >= 50,
+                f"{a} ms vs {b} ms ({x}x)")
+        unp, redis_u = _find(results, mvc, "unpaced", 200), _find(results, "redis", "unpaced", 200)
+        if unp and redis_u:
+            a, b = unp["changes_per_s"], redis_u["changes_per_s"]
+            clean = unp["lost"] == unp["out_of_order"] == unp["duplicated"] == unp["behind_count"] == 0
+            add("N=200 unpaced: changes/s fully delivered >= Redis (in order, all at latest)",
+                a is not None and b is not None and a >= b and clean,
+                f"{a} vs {b} changes/s ({_ratio(a, b)}x); lost {unp['lost']}, out of order {unp['out_of_order']}, "
+                f"behind {unp['behind_count']}")
+        big = [r for r in results if r["system"] == mvc and r["n"] == 1000 and r["scenario"] in ("paced", "unpaced")]
+        if big:
+            ok = all(r["lost"] == 0 and r["behind_count"] == 0 and r["fanout_ms"]["p99"] is not None for r in big)
+            add("N=1000: runs, every change or a snapshot, p99 reported", ok,
+                "; ".join(f"{r['scenario']}: p99 {r['fanout_ms']['p99']} ms, lost {r['lost']}, "
+                          f"snapshots {r['snapshots']}" for r in big))
+        base, slow = _find(results, mvc, "slow-baseline", 10), _find(results, mvc, "slow-viewer", 10)
+        if base and slow:
+            a, b = slow["fanout_ms"]["p99"], base["fanout_ms"]["p99"]
+            x = _ratio(a, b)
+            add("slow viewer: healthy viewers' p99 within 1.5x of the run without", x is not None and x <= 1.5,
+                f"{a} ms vs {b} ms ({x}x)")
+        if paced:
+            add("durability on the measured path", bool(paced.get("durable")),
+                "every change is a real modify: HMAC-authenticated connection, validation, fsynced audit record, "
+                "SQLite commit (WAL, synchronous=FULL) before viewers are notified")
+    return out
+
+
+def build(results: list[dict], facts: dict, cfg: Any, *, mode: str, systems: list[str], errors: list[str],
+          profiles: list[dict]) -> dict[str, Any]:
+    results = sorted(results, key=lambda r: (SCENARIOS.get(r["scenario"], 9), r["n"], ORDER.get(r["system"], 9)))
+    return {
+        "schema": 1,
+        "mode": mode,
+        "machine": facts,
+        "config": dataclasses.asdict(cfg),
+        "systems": systems,
+        "latency_definition": "viewer handler entry time - controller call start time (time.time(), one clock); "
+                              "fan-out = max over viewers per change",
+        "results": results,
+        "ratios": ratios(results),
+        "targets": targets(results),
+        "errors": errors,
+        "profiles": profiles,
+    }
+
+
+# Pyro5 runs every oneway call in a new thread at the receiver, so the naive oneway baseline can
+# reorder deliveries by design; that is reported (and is one reason it is not an answer), not a harness failure.
+EXPECTED = {("naive-oneway", "out_of_order")}
+
+
+def problems(doc: dict) -> list[str]:
+    """What makes the run fail: a harness error, or a lost, duplicated, reordered or missing delivery."""
+    out = list(doc["errors"])
+    for r in doc["results"]:
+        bad = {k: r[k] for k in ("lost", "out_of_order", "duplicated", "behind_count")
+               if r[k] and (r["system"], k) not in EXPECTED}
+        if bad:
+            out.append(f"{r['system']} {r['scenario']} N={r['n']}: {bad}")
+    return out
+
+
+def expected_findings(doc: dict) -> list[str]:
+    return [f"{r['system']} {r['scenario']} N={r['n']}: {k} {r[k]} (expected: Pyro5 oneway calls run in their own "
+            f"threads at the receiver)" for r in doc["results"] for s, k in EXPECTED if r["system"] == s and r[k]]
+
+
+def _f(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if abs(x) >= 100:
+            return f"{x:,.0f}"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _library(m: dict) -> str:
+    lib = m.get("library") or {}
+    text = f", library {lib.get('fingerprint')}" + (" (uncommitted changes)" if lib.get("git_dirty") else "")
+    if lib.get("ref"):
+        text += f", ref {lib['ref']}"
+    return text
+
+
+def markdown(doc: dict) -> str:
+    m = doc["machine"]
+    labels = {r["system"]: r["label"] for r in doc["results"]}
+    lines = [
+        f"Run {m['date']} ({doc['mode']} mode, {m.get('duration_s', '?')} s), commit {m['git_commit']}"
+        f"{_library(m)}: "
+        f"{m['cpu_model']}, {m['cpus']} CPUs, {m['memory_gb']} GB RAM, Linux {m['kernel']}, Python {m['python']}, "
+        f"Pyro5 {m['pyro5']} (serpent {m['serpent']}), redis-server {m['redis_server']}, redis-py {m['redis_py']}, "
+        f"fsync p50 {m['fsync_p50_us']} µs.",
+        "",
+        "Latency = viewer handler entry − controller call start (ms); fan-out = max over the N viewers per change. "
+        f"Paced = {doc['config']['rate']:g} changes/s for {doc['config']['paced_seconds']:g} s; "
+        "unpaced = one controller, calls back to back. changes/s (unpaced) = changes fully delivered to all N "
+        "per second; server CPU in % of one core; host busy % = the whole machine's CPU use during the "
+        "measurement (harness included): much above what the systems need means outside load. "
+        "CPU µs/delivery = CPU time of the server process, and of all viewer processes, per delivery.",
+        "",
+        "| scenario | N | system | fan-out p50 | p99 | max | delivery p50 | p99 | changes/s | deliveries/s "
+        "| server CPU % | CPU %/100 viewers | RSS MB | RSS MB/100 viewers | lost / out-of-order / dup | snapshots "
+        "| CPU µs/delivery server / viewers | host busy % |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in doc["results"]:
+        if r["scenario"] not in ("paced", "unpaced"):
+            continue
+        f, d, s = r["fanout_ms"], r["delivery_ms"], r["server"]
+        lines.append(
+            f"| {r['scenario']} | {r['n']} | {r['label']} | {_f(f['p50'], 2)} | {_f(f['p99'], 2)} | {_f(f['max'], 2)} "
+            f"| {_f(d['p50'], 2)} | {_f(d['p99'], 2)} | {_f(r['changes_per_s'])} | {_f(r['deliveries_per_s'])} "
+            f"| {_f(s['cpu_pct'])} | {_f(s['cpu_pct_per_100_viewers'])} | {_f(s['rss_mb'])} "
+            f"| {_f(s['rss_mb_per_100_viewers'])} | {r['lost']} / {r['out_of_order']} / {r['duplicated']}"
+            f"{' (' + str(r['behind_count']) + ' behind)' if r['behind_count'] else ''} | {r['snapshots']} "
+            f"| {_f(s.get('server_cpu_us_per_delivery'), 0)} / {_f(s.get('viewer_cpu_us_per_delivery'), 0)} "
+            f"| {_f(r.get('machine_cpu_pct'), 0)} |")
+    slow_rows = [r for r in doc["results"] if r["scenario"] == "slow-viewer"]
+    if slow_rows:
+        lines += ["", "Slow viewer (N = 10: 8 healthy viewers, one whose handler sleeps "
+                  f"{doc['config']['slow_sleep'] * 1000:g} ms, one SIGSTOPped; paced). Healthy viewers only:", "",
+                  "| system | fan-out p99 healthy run | p99 with slow + stopped | ratio | delivery p99 healthy / slow "
+                  "| changes/s made | slow viewer got | stopped viewer after SIGCONT |",
+                  "|---|---:|---:|---:|---:|---:|---|---|"]
+        for r in slow_rows:
+            b = _find(doc["results"], r["system"], "slow-baseline", r["n"])
+            if b is None:
+                continue
+            sv = list(r.get("special_viewers", {}).values())
+            slow_v = sv[0] if sv else {}
+            stop_v = sv[1] if len(sv) > 1 else {}
+            ar = stop_v.get("after_resume", {})
+            lines.append(
+                f"| {r['label']} | {_f(b['fanout_ms']['p99'], 2)} | {_f(r['fanout_ms']['p99'], 2)} "
+                f"| {_f(_ratio(r['fanout_ms']['p99'], b['fanout_ms']['p99']), 2)}x "
+                f"| {_f(b['delivery_ms']['p99'], 2)} / {_f(r['delivery_ms']['p99'], 2)} "
+                f"| {_f(r['controller_changes_per_s'])} of {r['changes']} "
+                f"| {slow_v.get('deliveries', 0)} deliveries, {slow_v.get('snapshots', 0)} snapshots "
+                f"| {'caught up' if ar.get('caught_up') else 'not caught up'} (last {ar.get('last_seq')}, "
+                f"final {r['final_seq']}) |")
+    if doc["ratios"]:
+        lines += ["", "Ratios (> 1 means remote-mvc is better): other system's fan-out p99 ÷ remote-mvc's; "
+                  "remote-mvc's changes/s ÷ other's.", "",
+                  "| system | scenario | N | p99 Redis ÷ mvc | p99 naive two-way ÷ mvc | p99 naive oneway ÷ mvc "
+                  "| changes/s mvc ÷ Redis | mvc ÷ naive two-way |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for x in doc["ratios"]:
+            lines.append(
+                f"| {labels.get(x['system'], x['system'])} | {x['scenario']} | {x['n']} "
+                f"| {_f(x.get('p99_redis_over_mvc'), 2)} | {_f(x.get('p99_naive-twoway_over_mvc'), 1)} "
+                f"| {_f(x.get('p99_naive-oneway_over_mvc'), 2)} | {_f(x.get('changes_per_s_mvc_over_redis'), 2)} "
+                f"| {_f(x.get('changes_per_s_mvc_over_naive-twoway'), 2)} |")
+    if doc["targets"]:
+        lines += ["", "| system | target | met | measured |", "|---|---|---|---|"]
+        for t in doc["targets"]:
+            met = "yes" if t["met"] else ("no" if t["met"] is False else "?")
+            lines.append(f"| {labels.get(t['system'], t['system'])} | {t['target']} | {met} | {t['detail']} |")
+    parts = (doc["machine"].get("library") or {}).get("proto_parts")
+    if parts:
+        lines += ["", "The prototype (`bench/proto`, not the library) is the same library with: " + "; ".join(parts)
+                  + "."]
+    if doc["errors"]:
+        lines += ["", "Errors:", ""] + [f"- {e}" for e in doc["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    systems = sorted({r["system"] for r in doc["results"]}, key=lambda s: ORDER.get(s, 9))
+    labels = {r["system"]: r["label"] for r in doc["results"]}
+    panels = [("paced", "fanout", f"paced ({doc['config']['rate']:g} changes/s): fan-out p99 (ms)"),
+              ("unpaced", "fanout", "unpaced: fan-out p99 (ms)"),
+              ("unpaced", "changes", "unpaced: changes/s fully delivered to all N")]
+    for ax, (scenario, what, title) in zip(axes, panels, strict=True):
+        for system in systems:
+            rows = sorted((r for r in doc["results"] if r["system"] == system and r["scenario"] == scenario),
+                          key=lambda r: r["n"])
+            xs = [r["n"] for r in rows]
+            ys = [r["fanout_ms"]["p99"] if what == "fanout" else r["changes_per_s"] for r in rows]
+            pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=labels[system])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("viewers N")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    m = doc["machine"]
+    fig.suptitle(f"Fan-out, {doc['mode']} run {m['date'][:10]}: {m['cpus']} × {m['cpu_model']}, Python {m['python']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+BEGIN, END = "<!-- bench:results:begin -->", "<!-- bench:results:end -->"
+
+
+def update_docs(doc_path: Path, md: str, out: Path, png: Path | None) -> Path | None:
+    """Replace the generated block of docs/performance.md with the latest tables (and plot link)."""
+    if not doc_path.exists():
+        return None
+    text = doc_path.read_text()
+    if BEGIN not in text or END not in text:
+        return None
+    block = md
+    if png is not None:
+        try:
+            rel = Path(png).resolve().relative_to(doc_path.parent.parent.resolve())
+            block += f"\n![fan-out p99 vs N](../{rel.as_posix()})\n"
+        except ValueError:
+            pass
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    doc_path.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+    return doc_path
