@@ -71,7 +71,8 @@ class Store:
                                    (model, revision - self.history_limit))
                     db.execute("COMMIT")
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    if db.in_transaction:  # SQLite already rolled back by itself on "disk full"
+                        db.execute("ROLLBACK")
                     raise
         except (sqlite3.Error, OSError) as exc:
             raise PersistenceError(f"could not commit revision {revision}: {exc}") from exc

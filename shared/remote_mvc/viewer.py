@@ -223,7 +223,19 @@ class ViewerHost(Service):
                     log_event(log, "lease_lost", "subscription lost; re-subscribing", viewer_id=viewer.viewer_id,
                               revision=viewer.revision)
 
+    def _readvertise(self) -> None:
+        """Follow a change of our own address (a container reconnected to its network
+        with a new IP): later subscriptions must carry a callback URI that reaches us."""
+        port = self.daemon.locationStr.rsplit(":", 1)[1]
+        location = f"{self.settings.advertised_host()}:{port}"
+        if self.daemon.natLocationStr != location:
+            log_event(log, "address_changed", f"now reachable at {location}", old=self.daemon.natLocationStr,
+                      new=location)
+            self.daemon.natLocationStr = location
+
     def _subscribe_missing(self) -> None:
+        if any(viewer not in self._subs for viewer in self.viewers):
+            self._readvertise()
         for viewer in self.viewers:
             if viewer in self._subs:
                 continue

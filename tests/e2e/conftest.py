@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Ryuk (testcontainers' reaper container) needs a registry image; teardown is explicit instead.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
-from e2e_stack import REPO, Stack, clean_env, log, sh  # noqa: E402
+from e2e_stack import REPO, Stack, clean_env, log, once_per_session, sh  # noqa: E402
 
 REMOTE_MVC_IMAGE = "remote-mvc:e2e"
 PROMETHEUS_IMAGE = "remote-mvc/prometheus:e2e"
@@ -84,6 +84,7 @@ def _image_exists(ref: str) -> bool:
 
 
 @pytest.fixture(scope="session")
+@once_per_session  # shared with tests/chaos: one build per pytest run
 def e2e_images(docker_engine: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Build the images once per session; returns the compose variables that select them."""
     variables = {

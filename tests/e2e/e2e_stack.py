@@ -13,6 +13,7 @@ report a missing package as a skip (or a failure under ``CI=true``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -91,6 +92,26 @@ def wait_until(probe: Callable[[], T], *, timeout: float, what: str, interval: f
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
         time.sleep(interval)
+
+
+_SESSION_MEMO: dict[str, Any] = {}
+
+
+def once_per_session(fixture_body: Callable[..., T]) -> Callable[..., T]:
+    """Run a (non-generator) session fixture's body at most once per process.
+
+    The e2e and chaos suites each define ``e2e_images`` (from the same code); with this
+    decorator the images are built once per pytest run however many conftests use it.
+    """
+
+    @functools.wraps(fixture_body)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        key = fixture_body.__name__
+        if key not in _SESSION_MEMO:
+            _SESSION_MEMO[key] = fixture_body(*args, **kwargs)
+        return _SESSION_MEMO[key]
+
+    return wrapper
 
 
 def parse_json_lines(text: str) -> list[dict[str, Any]]:
@@ -242,7 +263,9 @@ class Stack:
         """``docker compose run --rm controller remote-mvc-ctl ARGS`` (no TTY)."""
         flags = [item for k, v in (env or {}).items() for item in ("-e", f"{k}={v}")]
         return self.compose(
-            "run", "--rm", "-T", *flags, "controller", "remote-mvc-ctl", *args, timeout=timeout, check=check
+            # --no-deps: the stack is up; a health check flapping under load must not fail the call
+            "run", "--rm", "-T", "--no-deps", *flags, "controller", "remote-mvc-ctl", *args, timeout=timeout,
+            check=check,
         )
 
     def ctl_json(self, *args: str, **kw: Any) -> Any:

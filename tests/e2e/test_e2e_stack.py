@@ -67,6 +67,7 @@ def test_ticker_changes_reach_a_viewer_watching_the_ticker(stack):
                 *stack._base,
                 "run",
                 "-d",
+                "--no-deps",
                 "-e",
                 f"MVC_WATCH={TICKER}",
                 "-e",
