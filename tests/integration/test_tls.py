@@ -1,6 +1,7 @@
 """Two-way TLS: only peers with a certificate from the private CA get in; a certificate is an identity."""
 
 import json
+import socket
 import ssl
 import subprocess
 import sys
@@ -77,4 +78,19 @@ def test_plaintext_and_foreign_certificates_are_refused(tls_stack, tmp_path, cli
         overrides = tls_settings(make_certs(tmp_path / "rogue"), "controller")
     out = ctl(stack, "set", "value=666", **overrides)
     assert out.returncode == 2, (out.stdout, out.stderr)
+    assert stack.client().snapshot()["revision"] == 0
+
+
+def test_tls_client_without_a_certificate_is_refused(tls_stack):
+    stack, certs = tls_stack
+    service = stack.model()
+    host, port = service.daemon.locationStr.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))  # trusts our CA, presents no certificate
+    context.check_hostname = False
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            with context.wrap_socket(raw) as tls:
+                tls.sendall(b"PYRO")
+                tls.recv(100)  # TLS 1.3 reports the missing certificate on the first read
+                raise AssertionError("a client without a certificate got through")
     assert stack.client().snapshot()["revision"] == 0
