@@ -107,9 +107,6 @@ class Subscriber:
             self._stopped = True
         self.fanout._wake()
 
-    def join(self, timeout: float | None = None) -> None:
-        """Kept for callers of the thread-per-viewer design: senders have no thread now."""
-
     def _next_batch(self) -> dict | None:
         """The next call's payload: up to ``batch_max`` queued events, or a snapshot."""
         with self._lock:

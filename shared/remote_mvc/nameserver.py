@@ -91,11 +91,8 @@ class NameServer(Service):
         self.on_refused = self._handshake_refused
         self.on_stop(self.audit.close)
 
-    def _handshake_refused(self, address: str, reason: str, throttled: bool) -> None:
-        self.metrics.auth_failures.labels(reason.split(" ")[0]).inc()
-        if throttled:
-            self.metrics.auth_throttled.inc()
-        log_event(log, "handshake_refused", f"connection refused: {reason}", level=logging.WARNING, client=address)
+    def _handshake_refused(self, address: str, reason: str) -> None:
+        """Audit a connection refused in the handshake (the service counts and logs it)."""
         try:
             self.audit.record("connect", "unknown", address, "refused", error=reason)
         except PersistenceError:

@@ -221,13 +221,8 @@ class ModelServer:
         except PersistenceError:
             pass  # counted in the metric; the refusal stands either way
 
-    def _on_handshake_refused(self, address: str, reason: str, throttled: bool = False) -> None:
-        """Audit a connection refused in the handshake (called by the daemon)."""
-        self._metrics.auth_failures.labels(reason.split(" ")[0]).inc()
-        if throttled:
-            self._metrics.auth_throttled.inc()
-        log_event(log, "handshake_refused", f"connection refused: {reason}", level=logging.WARNING,
-                  client=address, model=self._name)
+    def _on_handshake_refused(self, address: str, reason: str) -> None:
+        """Audit a connection refused in the handshake (the service counts and logs it)."""
         try:
             self._audit.record("connect", "unknown", address, "refused", model=self._name, error=reason)
         except PersistenceError:

@@ -100,7 +100,7 @@ class Service:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.credentials = credentials if credentials is not None else Credentials.from_settings(settings)
-        self.on_refused: Callable[[str, str, bool], None] | None = None
+        self.on_refused: Callable[[str, str], None] | None = None  # audit a refused handshake
         self.daemon: Pyro5.api.Daemon | None = None
         self._names: dict[str, Pyro5.api.URI] = {}
         self._registered: set[str] = set()
@@ -137,12 +137,14 @@ class Service:
         return daemon
 
     def _refused(self, address: str, reason: str, throttled: bool) -> None:
+        """Count and log every refused handshake; ``on_refused`` adds it to the service's audit log."""
+        self.metrics.auth_failures.labels(reason.split(" ")[0]).inc()
+        if throttled:
+            self.metrics.auth_throttled.inc()
+        log_event(log, "handshake_refused", f"connection refused: {reason}", level=logging.WARNING,
+                  client=address, throttled=throttled)
         if self.on_refused is not None:
-            self.on_refused(address, reason, throttled)
-        else:
-            self.metrics.auth_failures.labels(reason.split(" ")[0]).inc()
-            if throttled:
-                self.metrics.auth_throttled.inc()
+            self.on_refused(address, reason)
 
     # lifecycle ---------------------------------------------------------------
     def start(self) -> Service:
