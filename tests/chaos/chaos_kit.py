@@ -435,19 +435,11 @@ def chaos_stack(images: dict[str, str], env_dir: Path, tag: str, *, overrides: I
     values = {**images, "PROMETHEUS_PORT": "", "PROMETHEUS_BIND": "127.0.0.1", "CHAOS_SUBNET": free_subnet(),
               **variables}
     stack = ChaosStack(project, values, env_dir, overrides)
-    started = time.monotonic()
-    log(f"starting {project} (subnet {values['CHAOS_SUBNET']})")
+    log(f"{project}: subnet {values['CHAOS_SUBNET']}")
     try:
-        stack.up(*up_args)
-        stack.started_in = time.monotonic() - started
-        log(f"{project} healthy in {stack.started_in:.0f}s")
-        yield stack
-    except BaseException:
-        print(stack.dump_logs(), file=sys.stderr)
-        raise
+        with stack.running(*up_args):
+            yield stack
     finally:
-        log(f"removing {project}")
-        stack.down()
         stale = [n for n in stack.leftovers()["networks"] if stack.stale_network(n)]
         left = stack.leftovers()  # stale_network() removed the networks it could
         if stale:

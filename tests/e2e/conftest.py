@@ -132,18 +132,10 @@ def stack(e2e_images: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
         "MVC_TICKER_INTERVAL": "0.5",
     }
     s = Stack(f"mvce2e{uuid.uuid4().hex[:8]}", variables, tmp_path_factory.mktemp("env"))
-    started = time.monotonic()
-    log(f"starting compose project {s.project}")
     try:
-        s.up()
-        log(f"stack healthy in {time.monotonic() - started:.0f}s")
-        yield s
-    except BaseException:
-        print(s.dump_logs(), file=sys.stderr)
-        raise
+        with s.running():
+            yield s
     finally:
-        log(f"removing compose project {s.project}")
-        s.down()
         left = s.leftovers()
         if any(left.values()):
             print(f"WARNING: left behind by {s.project}: {left}", file=sys.stderr)

@@ -13,6 +13,7 @@ report a missing package as a skip (or a failure under ``CI=true``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -21,7 +22,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -187,6 +188,23 @@ class Stack:
             *args,
             timeout=timeout,
         )
+
+    @contextlib.contextmanager
+    def running(self, *up_args: str) -> Iterator[Stack]:
+        """Up until healthy, yield, and always remove it; on a failure print its recent logs."""
+        started = time.monotonic()
+        log(f"starting compose project {self.project}")
+        try:
+            self.up(*up_args)
+            self.started_in = time.monotonic() - started
+            log(f"{self.project} healthy in {self.started_in:.0f}s")
+            yield self
+        except BaseException:
+            print(self.dump_logs(), file=sys.stderr)
+            raise
+        finally:
+            log(f"removing compose project {self.project}")
+            self.down()
 
     def down(self) -> None:
         """Remove everything of this project: containers (also `run` ones), networks, volumes."""

@@ -4,12 +4,10 @@ one without cannot, and a plaintext client is refused."""
 from __future__ import annotations
 
 import subprocess
-import sys
-import time
 import uuid
 
 import pytest
-from e2e_stack import REPO, Stack, log
+from e2e_stack import REPO, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -24,16 +22,8 @@ def secure_stack(e2e_images: dict[str, str], tmp_path_factory: pytest.TempPathFa
                  "MVC_LEASE_SECONDS": "6", "TLS_CERTS_DIR": str(certs)}
     s = Stack(f"mvce2etls{uuid.uuid4().hex[:8]}", variables, tmp_path_factory.mktemp("env"),
               overrides=[REPO / "docker-compose.tls.yml"])
-    started = time.monotonic()
-    try:
-        s.up()
-        log(f"TLS stack healthy in {time.monotonic() - started:.0f}s")
+    with s.running():
         yield s
-    except BaseException:
-        print(s.dump_logs(), file=sys.stderr)
-        raise
-    finally:
-        s.down()
 
 
 def test_controller_with_a_valid_identity_modifies_over_tls(secure_stack):
