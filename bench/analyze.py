@@ -8,6 +8,11 @@ Definitions (all times from ``time.time()`` on the one machine clock):
   (an explicit "you missed some, here is the state");
 * fan-out latency of ``s`` = max over viewers of (has-time - t0(s));
 * delivery latency = handler entry - t0 of what was delivered, for every delivery;
+* paced runs also measure fan-out from when each change was *due* on the
+  controller's fixed schedule (``fanout_due_ms``): the wait of a system that
+  holds the controller up counts too. A change due in the window but never
+  made counts with (time the controller stopped - due time), a lower bound,
+  so percentiles over them are lower bounds (``unissued`` says how many);
 * lost = a change a viewer neither got nor was covered for by a later snapshot;
   duplicated = a change delivered again; out of order = a change delivered after
   a later one (or a snapshot going backwards).
@@ -34,11 +39,13 @@ def ms(x: float | None) -> float | None:
 
 
 def analyze(sends: list[tuple[int, float, float]], records: dict[str, dict[str, list]],
-            viewers: Iterable[str]) -> dict[str, Any]:
+            viewers: Iterable[str], schedule: dict[str, Any] | None = None) -> dict[str, Any]:
     """Latency, throughput and loss over the given viewers.
 
     ``sends``: (seq, t0, t1) per controller call, in call order.
     ``records``: viewer id -> {"seqs", "times", "kinds"} in arrival order.
+    ``schedule``: for paced runs, {"due": due time per call, "unissued": due times of changes
+    never made, "stopped": when the controller stopped}.
     """
     viewers = list(viewers)
     seqs = np.array([s for s, _, _ in sends], dtype=np.int64)
@@ -102,6 +109,17 @@ def analyze(sends: list[tuple[int, float, float]], records: dict[str, dict[str, 
     complete = ~np.isnan(fan).any(axis=0)
     fanout = np.nanmax(np.where(np.isnan(fan), -np.inf, fan), axis=0)[complete] if len(viewers) else np.array([])
     delivery_arr = np.array(delivery)
+    due = None
+    if schedule is not None and len(viewers):
+        due_t = np.array(schedule["due"], dtype=np.float64)
+        worst = np.nanmax(np.where(np.isnan(has), -np.inf, has), axis=0)[complete]
+        from_due = worst - due_t[complete]
+        unissued = np.array([schedule["stopped"] - t for t in schedule["unissued"]], dtype=np.float64)
+        both = np.concatenate([from_due, unissued])
+        due = {"p50": ms(pct(both, 50)), "p99": ms(pct(both, 99)), "max": ms(float(both.max()) if both.size else None),
+               "unissued": len(unissued), "lower_bound": bool(len(unissued)),
+               "behind_schedule_p99": ms(pct(np.array([a - d for (_, a, _), d in zip(sends, due_t, strict=True)]),
+                                             99))}
     last_time = float(np.nanmax(has)) if np.isfinite(has).any() else math.nan
     window = last_time - float(t0.min())
     controller_window = max(s[2] for s in sends) - float(t0.min())
@@ -112,6 +130,7 @@ def analyze(sends: list[tuple[int, float, float]], records: dict[str, dict[str, 
         "final_seq": final_seq,
         "fanout_ms": {"p50": ms(pct(fanout, 50)), "p99": ms(pct(fanout, 99)),
                       "max": ms(float(fanout.max()) if fanout.size else None)},
+        "fanout_due_ms": due,
         "delivery_ms": {"p50": ms(pct(delivery_arr, 50)), "p99": ms(pct(delivery_arr, 99))},
         "call_ms": {"p50": ms(pct(np.array([b - a for _, a, b in sends]), 50)),
                     "p99": ms(pct(np.array([b - a for _, a, b in sends]), 99))},

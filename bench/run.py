@@ -231,30 +231,48 @@ class Sampler:
 # the controller ---------------------------------------------------------------
 
 class Controller:
-    """Makes changes one call at a time, paced or as fast as it can; remembers each call's start."""
+    """Makes changes one call at a time, paced or as fast as it can; remembers each call's start.
+
+    Paced runs follow a fixed schedule (change k is due at start + k / rate), open-loop as in
+    wrk2: a system that holds the controller up does not thereby slow the schedule down. Each
+    call's due time is kept with it, so latency can be taken from when the change was due as
+    well as from when the call could start (a system that makes the controller wait otherwise
+    hides that wait: "coordinated omission"). Changes still due when the window closes are
+    not made; they are reported as never issued.
+    """
 
     def __init__(self, system: System) -> None:
         self.system = system
         self.i = 1
+        self.schedule: dict[str, Any] = {}
 
     def run(self, rate: float | None, seconds: float, max_changes: int) -> list[tuple[int, float, float]]:
         sends: list[tuple[int, float, float]] = []
+        due: list[float] = []
         interval = 1.0 / rate if rate else 0.0
         change = self.system.change
         clock = time.time
-        start = next_at = clock()
+        start = clock()
         while len(sends) < max_changes and clock() - start < seconds:
             if interval:
+                at = start + len(sends) * interval
                 now = clock()
-                if now < next_at:
-                    time.sleep(next_at - now)
+                if now < at:
+                    time.sleep(at - now)
             t0 = clock()
             seq = change(self.i, t0)
             t1 = clock()
             sends.append((seq, t0, t1))
+            due.append(at if interval else t0)
             self.i += 1
-            if interval:
-                next_at = max(next_at + interval, t1)  # behind schedule: no catch-up burst
+        stop = clock()
+        unissued = []
+        if interval:  # due within the window (and the cap) but never made
+            k = len(sends)
+            while k < max_changes and start + k * interval < start + seconds:
+                unissued.append(start + k * interval)
+                k += 1
+        self.schedule = {"due": due, "unissued": unissued, "stopped": stop}
         return sends
 
 
@@ -303,7 +321,7 @@ class Runner:
         usage = sampler.stop(n, all_deliveries)
         if spy is not None:
             self._finish_profile(spy)
-        result = analyze(sends, records, ids)
+        result = analyze(sends, records, ids, schedule=ctl.schedule if rate else None)
         result.update(system=system.name, label=system.label, scenario=scenario, n=n, server=usage,
                       rate=rate, durable=system.durable, load1=round(os.getloadavg()[0], 2),
                       machine_cpu_pct=round(psutil.cpu_percent(interval=None), 1))

@@ -95,7 +95,7 @@ class RemoteMVC(System):
         self.secret = secrets.token_hex(16)
         base = {"state_dir": str(self.workdir / "state"), "ns_port": 0, "port": 0, "metrics_port": -1,
                 "register_interval": 2.0, "credentials": f"controller:controller:{self.secret}",
-                "model_name": "bench.model"}
+                "model_name": "bench.model", "viewer_server": os.environ.get("BENCH_VIEWER_SERVER", "thread")}
         self.ns = NameServer(Settings(service="nameserver", **base)).start()
         self.settings = Settings(service="model", **{**base, "ns_port": self.ns.port})
         log = open(self.workdir / "model-server.log", "ab")  # noqa: SIM115 - the process keeps it
@@ -117,7 +117,10 @@ class RemoteMVC(System):
 
     @staticmethod
     def mvc_env(settings: Any) -> dict[str, str]:
-        return {f"MVC_{k.upper()}": str(v) for k, v in vars(settings).items()}
+        """The settings that differ from the defaults, as MVC_* (a library at an older ref may not
+        know a newer setting, and rejects unknown ones)."""
+        defaults = vars(type(settings)())
+        return {f"MVC_{k.upper()}": str(v) for k, v in vars(settings).items() if v != defaults.get(k)}
 
     def viewer_env(self) -> dict[str, str]:
         viewer = self.settings.replace(service="bench-viewer", credentials="", log_level="WARNING")

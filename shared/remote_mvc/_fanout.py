@@ -10,11 +10,16 @@ thousand:
   per call when the viewer is behind (up to ``batch_max``), with up to
   ``MAX_IN_FLIGHT`` calls and ``queue_limit`` events pipelined (the viewer's
   daemon answers them in order); what queues meanwhile goes out as one batch;
-* each event is encoded once (JSON) and spliced into every viewer's call;
+* each event is encoded once (JSON), and a batch's text once, as one JSON
+  string argument spliced into every viewer's call (Pyro5's decoder at the
+  viewer then has one string to hand over rather than a tree to walk);
 * past ``queue_limit`` queued events the queue is replaced by one fresh
   snapshot, and the viewer is told so;
 * a call not answered within ``call_timeout`` (a stalled viewer), or a broken
-  connection (a dead one), drops the viewer; so does a lease it failed to renew.
+  connection (a dead one), drops the viewer; so does a lease it failed to renew;
+* each loop turn visits only the senders with something to do (all of them
+  after a publish, otherwise those whose socket became ready), and checks for
+  stalls a few times per ``call_timeout``.
 
 The connection and Pyro5 handshake are made by a Pyro5 proxy in a small
 connector pool; the loop thread then owns the socket and speaks Pyro5's wire
@@ -51,6 +56,16 @@ MAX_IN_FLIGHT = 2  # one call being handled, one ready behind it: more only frag
 _JSON_ID = serializers["json"].serializer_id
 _HEADER = protocol._header_size
 _RETRY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class _Tally:
+    """Counts the loop thread keeps between metric updates."""
+
+    __slots__ = ("events", "calls")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.calls = 0
 
 
 class Subscriber:
@@ -105,6 +120,7 @@ class Subscriber:
     def stop(self) -> None:
         with self._lock:
             self._stopped = True
+        self.fanout._stopped.append(self)
         self.fanout._wake()
 
     def _next_batch(self) -> dict | None:
@@ -126,11 +142,11 @@ class Subscriber:
     def _encode(self, batch: dict) -> tuple[bytes, int, int]:
         fanout = self.fanout
         if "snapshot" in batch:
-            body = json.dumps({**batch, "model": fanout.model}, separators=(",", ":"))
+            body = json.dumps(json.dumps({**batch, "model": fanout.model}, separators=(",", ":")))
             revision, count = batch["snapshot"]["revision"], 1
         else:
             events = batch["events"]
-            body = f'{{"model":{fanout.model_json},"events":[{",".join(map(fanout.encoded, events))}]}}'
+            body = fanout.encoded_batch(events)
             revision, count = events[-1]["revision"], len(events)
         payload = f'{{"object":{self._object},"method":"notify","params":[{body}],"kwargs":{{}}}}'
         self._seq = (self._seq + 1) & 0xFFFF
@@ -150,9 +166,9 @@ class Subscriber:
             self._in_flight.append((now, revision, count))
             self._in_flight_events += count
             if "snapshot" in batch:
-                self.fanout.metrics.snapshots_sent.labels(self.fanout.model).inc()
+                self.fanout._snapshots_sent.inc()
             else:
-                self.fanout.metrics.events_delivered.labels(self.fanout.model).inc(len(batch["events"]))
+                self.fanout.tally.events += count
 
     def _flush(self) -> None:
         while self._out:
@@ -185,10 +201,9 @@ class Subscriber:
             _, self.delivered_revision, count = self._in_flight.popleft()
             self._in_flight_events -= count
             self._last_progress = now
-            metrics = self.fanout.metrics
-            metrics.notifications_sent.labels(self.fanout.model).inc()
+            self.fanout.tally.calls += 1
             if msg.flags & protocol.FLAGS_EXCEPTION:  # the viewer's handler raised: it is alive, keep it
-                metrics.notifications_failed.labels(self.fanout.model).inc()
+                self.fanout._failed.inc()
                 log_event(log, "notify_error", "viewer handler raised", level=logging.WARNING,
                           viewer_id=self.viewer_id, revision=self.delivered_revision)
 
@@ -222,9 +237,17 @@ class Fanout:
         self._lock = threading.Lock()
         self._gauge = metrics.viewers_connected.labels(model)
         self._gauge.set(0)
+        self._snapshots_sent = metrics.snapshots_sent.labels(model)
+        self._failed = metrics.notifications_failed.labels(model)
+        self._events_counter = metrics.events_delivered.labels(model)
+        self._calls_counter = metrics.notifications_sent.labels(model)
+        self.tally = _Tally()  # per-delivery counts, added to the metrics once per loop turn
         self._encoded: collections.OrderedDict[int, str] = collections.OrderedDict()
         self._encoded_lock = threading.Lock()
+        self._batch_cache: tuple[int, int, str] = (0, 0, "")  # (first, last revision, body) of the last batch
         self._connected: collections.deque[Subscriber] = collections.deque()
+        self._stopped: collections.deque[Subscriber] = collections.deque()
+        self._published = False  # set by publish(): every sender may have work
         self._connector = ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"connect-{model}")
         self._selector = selectors.DefaultSelector()
         self._waker_r, self._waker_w = socket.socketpair()
@@ -249,6 +272,23 @@ class Fanout:
                 while len(self._encoded) > self.queue_limit + self.batch_max:
                     self._encoded.popitem(last=False)
         return text
+
+    def encoded_batch(self, events: list[dict]) -> str:
+        """The argument of a ``notify`` call carrying ``events``: the batch's JSON text
+        as one JSON string (Pyro5's decoder then has a string to hand over, not a
+        tree to walk; the viewer parses it once).
+
+        Viewers in step all get the same batch (usually one event), so the last
+        one is kept and reused: the per-viewer work is the call's envelope.
+        """
+        first, last = events[0]["revision"], events[-1]["revision"]
+        cached = self._batch_cache
+        if cached[0] == first and cached[1] == last and last - first + 1 == len(events):
+            return cached[2]
+        body = json.dumps(f'{{"model":{self.model_json},"events":[{",".join(map(self.encoded, events))}]}}')
+        if last - first + 1 == len(events):  # contiguous: (first, last) names the batch
+            self._batch_cache = (first, last, body)
+        return body
 
     def _wake(self) -> None:
         try:
@@ -300,7 +340,7 @@ class Fanout:
             sock.setblocking(False)
         except (CommunicationError, PyroError, OSError) as exc:
             proxy._pyroRelease()
-            self.metrics.notifications_failed.labels(self.model).inc()
+            self._failed.inc()
             self.drop(sub, "timeout" if isinstance(exc, PyroTimeout) else "unreachable",
                       f"{type(exc).__name__}: {exc}")
             return
@@ -313,6 +353,7 @@ class Fanout:
         """Queue an event for every subscriber (caller holds the publisher's lock)."""
         for sub in list(self._subs.values()):
             sub.offer(event)
+        self._published = True
         self._wake()
 
     def renew(self, subscription_ids: list[str]) -> list[str]:
@@ -372,38 +413,47 @@ class Fanout:
 
     # the loop ----------------------------------------------------------------------
     def _run(self) -> None:
+        """Send what is queued, read answers, drop the stalled.
+
+        Each turn visits only the senders that may have something to do: all of
+        them after a publish, otherwise those whose socket became ready. Stalls
+        are checked a few times per ``call_timeout``, not on every turn.
+        """
         live: set[Subscriber] = set()
+        pending: set[Subscriber] = set()
         sel = self._selector
+        check_every = max(0.01, min(0.1, self.call_timeout / 10))
+        next_check = 0.0
         while not self._closed:
             while self._connected:
                 sub = self._connected.popleft()
                 sub.proxy._pyroClaimOwnership()  # handed over by the connector: this thread alone uses it now
                 if not sub._stopped:
                     live.add(sub)
+                    pending.add(sub)
                     sel.register(sub.sock, selectors.EVENT_READ, sub)
                 else:
                     sub._close()
-            now = time.monotonic()
-            for sub in list(live):
-                if sub._stopped:
+            while self._stopped:
+                sub = self._stopped.popleft()
+                if sub in live:
                     self._forget(sub, live)
-                    continue
-                try:
-                    if sub.has_work():
-                        sub._fill(now)
-                    if sub._out:
-                        sub._flush()
-                    if sub._stalled(now):
-                        self._fail(sub, live, "timeout", "no answer within the call timeout")
-                        continue
-                    interest = selectors.EVENT_READ | (selectors.EVENT_WRITE if sub._out else 0)
-                    if interest != sub._interest:
-                        sel.modify(sub.sock, interest, sub)
-                        sub._interest = interest
-                except (OSError, PyroError, ValueError) as exc:
-                    self._fail(sub, live, "unreachable", f"{type(exc).__name__}: {exc}")
+                pending.discard(sub)
+            if self._published:
+                self._published = False  # before looking at the queues: a later publish sets it again
+                pending.update(live)
+            now = time.monotonic()
+            for sub in pending:
+                self._service(sub, live, now)
+            pending.clear()
+            if now >= next_check:
+                next_check = now + check_every
+                for sub in [s for s in live if s._stalled(now)]:
+                    self._fail(sub, live, "timeout", "no answer within the call timeout")
+            self._count()
             waiting = any(s._in_flight for s in live)
-            for key, mask in sel.select(timeout=0.05 if waiting else 0.5):
+            timeout = max(0.0, next_check - now) if waiting else 0.5
+            for key, mask in sel.select(timeout=timeout):
                 sub = key.data
                 if sub is None:
                     try:
@@ -421,8 +471,38 @@ class Fanout:
                         sub._flush()
                 except (OSError, PyroError, ValueError) as exc:
                     self._fail(sub, live, "unreachable", f"{type(exc).__name__}: {exc}")
+                    continue
+                pending.add(sub)  # room in its pipeline, or its buffer drained: next turn sends
         for sub in live:
             sub._close()
+
+    def _service(self, sub: Subscriber, live: set[Subscriber], now: float) -> None:
+        """Fill one sender's pipeline, send what it can, and watch its socket for what it needs."""
+        if sub not in live:
+            return
+        if sub._stopped:
+            self._forget(sub, live)
+            return
+        try:
+            if sub.has_work():
+                sub._fill(now)
+            if sub._out:
+                sub._flush()
+            interest = selectors.EVENT_READ | (selectors.EVENT_WRITE if sub._out else 0)
+            if interest != sub._interest:
+                self._selector.modify(sub.sock, interest, sub)
+                sub._interest = interest
+        except (OSError, PyroError, ValueError) as exc:
+            self._fail(sub, live, "unreachable", f"{type(exc).__name__}: {exc}")
+
+    def _count(self) -> None:
+        tally = self.tally
+        if tally.events:
+            self._events_counter.inc(tally.events)
+            tally.events = 0
+        if tally.calls:
+            self._calls_counter.inc(tally.calls)
+            tally.calls = 0
 
     def _forget(self, sub: Subscriber, live: set[Subscriber]) -> None:
         live.discard(sub)
@@ -433,7 +513,7 @@ class Fanout:
         sub._close()
 
     def _fail(self, sub: Subscriber, live: set[Subscriber], reason: str, detail: str) -> None:
-        self.metrics.notifications_failed.labels(self.model).inc()
+        self._failed.inc()
         self._forget(sub, live)
         self.drop(sub, reason, detail)
 

@@ -63,6 +63,10 @@ class Settings:
     call_timeout: float = 3.0
     queue_limit: int = 1000  # events queued for one viewer before a snapshot replaces them
     batch_max: int = 500  # events sent in one notification call at most
+    # how a viewer host serves its viewers: "thread" (a worker per connection: a slow handler holds up
+    # only its own viewer) or "multiplex" (one thread for all: less CPU per delivery when a process
+    # hosts many viewers, but their handlers run one at a time)
+    viewer_server: str = "thread"
     register_interval: float = 2.0  # how often services check their name server registration
     # ticker
     ticker_interval: float = 1.0
@@ -102,6 +106,8 @@ class Settings:
         tls = [self.tls_ca, self.tls_cert, self.tls_key]
         if any(tls) and not all(tls):
             raise ConfigError(f"TLS needs all of {PREFIX}TLS_CA, {PREFIX}TLS_CERT and {PREFIX}TLS_KEY")
+        if self.viewer_server not in ("thread", "multiplex"):
+            raise ConfigError(f"{PREFIX}VIEWER_SERVER must be thread or multiplex, not {self.viewer_server!r}")
         for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")

@@ -30,6 +30,20 @@ def test_seed_sequence_reaches_every_viewer_in_order(mvc_stack):
     assert {d["viewer_id"] for d in rm.viewers()} == {"h0-0", "h1-0", "h2-0"}
 
 
+def test_multiplexed_viewer_host_serves_many_viewers_on_one_thread(mvc_stack):
+    model = mvc_stack.model()
+    host, views = mvc_stack.viewers(5, viewer_server="multiplex")
+    assert type(host.daemon.transportServer).__name__ == "SocketServer_Multiplex"
+    rm = mvc_stack.client("controller")
+    for i in range(1, 31):
+        rm.modify({"value": i})
+    for v in views:
+        assert v.wait_for(30, 5)
+        assert v.received == list(range(0, 31))
+    host.stop()  # unsubscribes every viewer first
+    wait_until(lambda: model.model.subscriber_count == 0, 5, message="the host's viewers to unsubscribe")
+
+
 def test_viewer_process_logs_each_refresh_with_the_values(mvc_stack):
     mvc_stack.model()
     viewer = mvc_stack.process("viewer", viewer_id="seed-viewer")

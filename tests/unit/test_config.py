@@ -29,7 +29,8 @@ def test_unknown_setting_is_rejected_with_the_known_ones_listed():
         Settings().replace(bogus=1)
 
 
-@pytest.mark.parametrize("env", [{"MVC_NS_PORT": "ninety"}, {"MVC_LEASE_SECONDS": "0"}, {"MVC_QUEUE_LIMIT": "0"}])
+@pytest.mark.parametrize("env", [{"MVC_NS_PORT": "ninety"}, {"MVC_LEASE_SECONDS": "0"}, {"MVC_QUEUE_LIMIT": "0"},
+                                 {"MVC_VIEWER_SERVER": "forking"}])
 def test_bad_values_are_rejected(env):
     with pytest.raises(ConfigError):
         Settings.from_env(env)
