@@ -47,6 +47,7 @@ class Config:
     slow: bool
     slow_n: int
     slow_sleep: float
+    viewer_server: str = "multiplex"  # how remote-mvc's viewer processes serve their viewers
 
 
 FULL = Config(ns=[1, 10, 50, 200, 1000], procs=4, rate=50.0, paced_seconds=10.0, unpaced_seconds=8.0,
@@ -342,7 +343,7 @@ class Runner:
     def run_n(self, name: str, n: int) -> None:
         """One system at one N: fresh server and viewer processes, paced then unpaced."""
         cfg = self.cfg
-        system = make(name, self.workdir / f"{name}-{n}", self.libs)
+        system = make(name, self.workdir / f"{name}-{n}", self.libs, cfg.viewer_server)
         procs: list[ViewerProc] = []
         try:
             log(f"{name}: N={n}: starting server and {len(split(n, cfg.procs))} viewer processes")
@@ -366,7 +367,7 @@ class Runner:
         """N viewers: N-2 healthy ones, one whose handler sleeps, one SIGSTOPped; healthy vs. not."""
         cfg = self.cfg
         n = cfg.slow_n
-        system = make(name, self.workdir / f"{name}-slow", self.libs)
+        system = make(name, self.workdir / f"{name}-slow", self.libs, cfg.viewer_server)
         procs: list[ViewerProc] = []
         try:
             log(f"{name}: slow-viewer scenario, N={n}")
@@ -443,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paced-seconds", type=float)
     parser.add_argument("--rate", type=float, help="paced changes per second (default 50)")
     parser.add_argument("--no-slow", action="store_true", help="skip the slow-viewer scenario")
+    parser.add_argument("--viewer-server", choices=["multiplex", "thread"],
+                        help="MVC_VIEWER_SERVER of remote-mvc's viewer processes (default multiplex)")
     parser.add_argument("--out", default=str(ROOT / "bench-results"), help="results directory")
     parser.add_argument("--name", default="", help="results file stem (default: latest, or quick with --quick)")
     parser.add_argument("--no-docs", action="store_true", help="do not refresh the results block of "
@@ -466,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.rate = args.rate
     if args.no_slow:
         cfg.slow = False
+    if args.viewer_server:
+        cfg.viewer_server = args.viewer_server
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if args.proto and "remote-mvc-proto" not in systems:
         systems.insert(1 if systems and systems[0] == "remote-mvc" else 0, "remote-mvc-proto")

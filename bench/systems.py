@@ -83,11 +83,17 @@ class System:
 
 
 class RemoteMVC(System):
-    """remote-mvc: its name server in this process, the model service in its own process."""
+    """remote-mvc: its name server in this process, the model service in its own process.
+
+    ``viewer_server`` is how each viewer process's ViewerHost serves its viewers
+    (``MVC_VIEWER_SERVER``): "multiplex", one thread for all of them, is the
+    like-for-like choice next to the Redis viewers (one asyncio thread per process).
+    """
 
     name = "remote-mvc"
     label = "remote-mvc"
     durable = True
+    viewer_server = "multiplex"
 
     def start(self) -> None:
         from remote_mvc import ModelClient, NameServer, Settings, resolve
@@ -95,7 +101,7 @@ class RemoteMVC(System):
         self.secret = secrets.token_hex(16)
         base = {"state_dir": str(self.workdir / "state"), "ns_port": 0, "port": 0, "metrics_port": -1,
                 "register_interval": 2.0, "credentials": f"controller:controller:{self.secret}",
-                "model_name": "bench.model", "viewer_server": os.environ.get("BENCH_VIEWER_SERVER", "thread")}
+                "model_name": "bench.model", "viewer_server": self.viewer_server}
         self.ns = NameServer(Settings(service="nameserver", **base)).start()
         self.settings = Settings(service="model", **{**base, "ns_port": self.ns.port})
         log = open(self.workdir / "model-server.log", "ab")  # noqa: SIM115 - the process keeps it
@@ -237,15 +243,17 @@ class Redis(System):
         super().stop()
 
 
-def make(name: str, workdir: Path, libs: dict[str, str]) -> System:
+def make(name: str, workdir: Path, libs: dict[str, str], viewer_server: str = "multiplex") -> System:
     """``libs``: system name -> directory holding the remote_mvc package it runs (a snapshot or a copy)."""
-    if name == "remote-mvc":
-        return RemoteMVC(workdir, libs.get(name, ""))
-    if name == "remote-mvc-proto":
-        return RemoteMVCProto(workdir, libs[name])
-    if name == "remote-mvc-ref":
-        system = RemoteMVCRef(workdir, libs[name])
-        system.label = f"remote-mvc @ {libs.get('ref', 'ref')}"
+    if name.startswith("remote-mvc"):
+        cls = {"remote-mvc": RemoteMVC, "remote-mvc-proto": RemoteMVCProto, "remote-mvc-ref": RemoteMVCRef}[name]
+        system = cls(workdir, libs.get(name, ""))
+        system.viewer_server = viewer_server
+        if name == "remote-mvc-ref":
+            system.label = f"remote-mvc @ {libs.get('ref', 'ref')}"
+            config = Path(libs[name]) / "remote_mvc" / "config.py"
+            if "viewer_server" not in config.read_text():  # older than the setting: thread server only
+                system.viewer_server = "thread"
         return system
     if name == "naive-twoway":
         return Naive(workdir)

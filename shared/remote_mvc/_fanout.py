@@ -10,9 +10,9 @@ thousand:
   per call when the viewer is behind (up to ``batch_max``), with up to
   ``MAX_IN_FLIGHT`` calls and ``queue_limit`` events pipelined (the viewer's
   daemon answers them in order); what queues meanwhile goes out as one batch;
-* each event is encoded once (JSON), and a batch's text once, as one JSON
-  string argument spliced into every viewer's call (Pyro5's decoder at the
-  viewer then has one string to hand over rather than a tree to walk);
+* each event is encoded once (JSON), and a batch's text once, spliced into
+  every viewer's call (a viewer host's :class:`~remote_mvc._daemons.ViewerDaemon`
+  takes such calls on a short path);
 * past ``queue_limit`` queued events the queue is replaced by one fresh
   snapshot, and the viewer is told so;
 * a call not answered within ``call_timeout`` (a stalled viewer), or a broken
@@ -142,7 +142,7 @@ class Subscriber:
     def _encode(self, batch: dict) -> tuple[bytes, int, int]:
         fanout = self.fanout
         if "snapshot" in batch:
-            body = json.dumps(json.dumps({**batch, "model": fanout.model}, separators=(",", ":")))
+            body = json.dumps({**batch, "model": fanout.model}, separators=(",", ":"))
             revision, count = batch["snapshot"]["revision"], 1
         else:
             events = batch["events"]
@@ -274,9 +274,7 @@ class Fanout:
         return text
 
     def encoded_batch(self, events: list[dict]) -> str:
-        """The argument of a ``notify`` call carrying ``events``: the batch's JSON text
-        as one JSON string (Pyro5's decoder then has a string to hand over, not a
-        tree to walk; the viewer parses it once).
+        """The JSON argument of a ``notify`` call carrying ``events``.
 
         Viewers in step all get the same batch (usually one event), so the last
         one is kept and reused: the per-viewer work is the call's envelope.
@@ -285,7 +283,7 @@ class Fanout:
         cached = self._batch_cache
         if cached[0] == first and cached[1] == last and last - first + 1 == len(events):
             return cached[2]
-        body = json.dumps(f'{{"model":{self.model_json},"events":[{",".join(map(self.encoded, events))}]}}')
+        body = f'{{"model":{self.model_json},"events":[{",".join(map(self.encoded, events))}]}}'
         if last - first + 1 == len(events):  # contiguous: (first, last) names the batch
             self._batch_cache = (first, last, body)
         return body

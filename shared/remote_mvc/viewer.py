@@ -12,7 +12,6 @@ and unsubscribes them when the host stops.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -23,7 +22,7 @@ import Pyro5.api
 from Pyro5 import config as pyro_config
 from Pyro5.errors import CommunicationError, PyroError
 
-from ._daemons import TrackedDaemon
+from ._daemons import ViewerDaemon
 from .config import Settings
 from .controller import ModelClient
 from .errors import HistoryCompacted, MVCError
@@ -41,6 +40,8 @@ ChangeHandler = Callable[["Viewer", dict[str, Any] | None], None]
 @Pyro5.api.expose
 class Viewer:
     """Mirror of one model, kept current by the server's notifications."""
+
+    _mvc_notify = True  # ViewerDaemon may hand notify calls over directly
 
     def __init__(self, viewer_id: str, model: str, *, on_change: ChangeHandler | None = None,
                  metrics: Metrics | None = None, log_values: bool = True, record: bool = False,
@@ -64,12 +65,9 @@ class Viewer:
         self._revision_gauge = metrics.viewer_revision.labels(model)
         self._resyncs = metrics.resyncs
 
-    def notify(self, batch: dict[str, Any] | str) -> None:
-        """Called by the model server: ``{"events": [...]}`` or ``{"snapshot": {...}}``,
-        as a dict or as its JSON text (what the server sends: cheaper to receive)."""
+    def notify(self, batch: dict[str, Any]) -> None:
+        """Called by the model server: ``{"events": [...]}`` or ``{"snapshot": {...}}``."""
         arrived = self.clock()
-        if isinstance(batch, str):
-            batch = json.loads(batch)
         with self._lock:
             if "snapshot" in batch:
                 self._apply_snapshot(batch["snapshot"], batch.get("reason", "subscribe"))
@@ -154,7 +152,7 @@ class ViewerHost(Service):
         s = self.settings
         servertype, pyro_config.SERVERTYPE = pyro_config.SERVERTYPE, s.viewer_server  # read by the constructor
         try:
-            daemon = TrackedDaemon(host=s.host, port=s.port, nathost=s.advertised_host(), natport=0)
+            daemon = ViewerDaemon(host=s.host, port=s.port, nathost=s.advertised_host(), natport=0)
         finally:
             pyro_config.SERVERTYPE = servertype
         daemon.handshake_timeout = s.handshake_timeout  # the server's sender may idle for long: no idle timeout

@@ -1,0 +1,73 @@
+"""The viewer daemon's short path for notify calls, and everything else through Pyro5 unchanged."""
+
+import json
+import threading
+
+import pytest
+from Pyro5.api import Proxy, expose
+
+from remote_mvc import Viewer
+from remote_mvc._daemons import ViewerDaemon
+
+
+@expose
+class Spy(Viewer):
+    """A viewer that remembers what type each notify argument arrived as."""
+
+    def __init__(self) -> None:
+        super().__init__("v", "m", record=True, log_values=False)
+        self.kinds = []
+
+    def notify(self, batch):
+        self.kinds.append(type(batch).__name__)
+        return super().notify(batch)
+
+
+@pytest.fixture
+def served():
+    daemon = ViewerDaemon(host="127.0.0.1", port=0)
+    viewer = Spy()
+    uri = daemon.register(viewer, objectId="viewer.v")
+    thread = threading.Thread(target=daemon.requestLoop, daemon=True)
+    thread.start()
+    yield viewer, uri, viewer.kinds
+    daemon.shutdown()
+    daemon.close()
+
+
+def batch(*revisions):
+    return {"model": "m", "events": [{"revision": r, "values": {"value": r}, "time": 0.0} for r in revisions]}
+
+
+def test_the_servers_call_shape_takes_the_short_path_and_gets_a_null_result(served):
+    viewer, uri, calls = served
+    with Proxy(uri) as p:
+        p._pyroSerializer = "json"
+        assert p.notify(batch(1, 2)) is None
+        assert viewer.received == [1, 2] and calls == ["dict"]
+
+
+def test_other_calls_are_replayed_to_pyro5(served):
+    viewer, uri, calls = served
+    with Proxy(uri) as p:  # serpent: Pyro5's own dispatch
+        p.notify(batch(1))
+        assert p.wait_for(1, 1.0) is True  # another method
+        with pytest.raises(TypeError):
+            p.wait_for(5, "no timeout")  # raised remotely, answered by Pyro5
+        p._pyroSerializer = "json"
+        p.notify(batch(2))  # the same connection goes on in step, on the short path
+        with pytest.raises(AttributeError):  # not the server's shape (a string): Pyro5's dispatch; notify refuses it
+            p.notify(json.dumps(batch(3)))
+    assert viewer.received == [1, 2]
+    assert calls == ["dict", "dict", "str"]
+
+
+def test_a_handler_error_reaches_the_caller_with_its_type(served):
+    viewer, uri, _ = served
+    viewer.on_change = lambda v, e: 1 / 0
+    with Proxy(uri) as p:
+        p._pyroSerializer = "json"
+        with pytest.raises(ZeroDivisionError):
+            p.notify(batch(1))
+        viewer.on_change = None
+        p.notify(batch(2))  # the connection still works
