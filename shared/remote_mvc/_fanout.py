@@ -35,6 +35,7 @@ import secrets
 import selectors
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +56,10 @@ log = logging.getLogger("remote_mvc.fanout")
 MAX_IN_FLIGHT = 2  # one call being handled, one ready behind it: more only fragments batches
 _JSON_ID = serializers["json"].serializer_id
 _HEADER = protocol._header_size
+# Pyro5's message header, packed here rather than through SendingMessage for every viewer's call
+# (the unit tests check the result against Pyro5's own parser)
+_HEADER_STRUCT = struct.Struct(protocol._header_format)
+_NO_CORRELATION = protocol._empty_correlation_id
 _RETRY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
@@ -85,7 +90,7 @@ class Subscriber:
         # owned by the loop thread once connected
         self.proxy: Proxy | None = None
         self.sock: socket.socket | None = None
-        self._object = b""
+        self._envelope = (b"", b"")  # the JSON of a notify call to this viewer's object, around the argument
         self._seq = 0
         self._out = bytearray()
         self._in = bytearray()
@@ -129,8 +134,11 @@ class Subscriber:
             if self._stopped or not (self._queue or self._snapshot_due):
                 return None
             if not self._snapshot_due:
-                n = min(len(self._queue), self.fanout.batch_max)
-                return {"events": [self._queue.popleft() for _ in range(n)]}
+                queue = self._queue
+                if len(queue) == 1:  # the usual case: a viewer in step
+                    return {"events": [queue.popleft()]}
+                n = min(len(queue), self.fanout.batch_max)
+                return {"events": [queue.popleft() for _ in range(n)]}
             reason, self._snapshot_due = self._snapshot_due, ""
         snap = self.fanout.snapshot()  # takes the publisher's lock: consistent with the event stream
         with self._lock:
@@ -140,18 +148,26 @@ class Subscriber:
 
     # the loop thread's side ------------------------------------------------------
     def _encode(self, batch: dict) -> tuple[bytes, int, int]:
+        """One Pyro5 invoke message: ``notify(batch)`` on this viewer's object, JSON serializer."""
         fanout = self.fanout
         if "snapshot" in batch:
-            body = json.dumps({**batch, "model": fanout.model}, separators=(",", ":"))
+            body = json.dumps({**batch, "model": fanout.model}, separators=(",", ":")).encode()
             revision, count = batch["snapshot"]["revision"], 1
         else:
             events = batch["events"]
             body = fanout.encoded_batch(events)
             revision, count = events[-1]["revision"], len(events)
-        payload = f'{{"object":{self._object},"method":"notify","params":[{body}],"kwargs":{{}}}}'
+        head, tail = self._envelope
+        size = len(head) + len(body) + len(tail)
         self._seq = (self._seq + 1) & 0xFFFF
-        data = protocol.SendingMessage(protocol.MSG_INVOKE, 0, self._seq, _JSON_ID, payload.encode()).data
-        return data, revision, count
+        header = _HEADER_STRUCT.pack(b"PYRO", protocol.PROTOCOL_VERSION, protocol.MSG_INVOKE, _JSON_ID, 0, self._seq,
+                                     size, 0, _NO_CORRELATION, 0, protocol._magic_number)
+        return b"".join((header, head, body, tail)), revision, count
+
+    def set_object(self, object_id: str) -> None:
+        """The Pyro5 object id of the viewer, which every call names."""
+        self._envelope = (f'{{"object":{json.dumps(object_id)},"method":"notify","params":['.encode(),
+                          b'],"kwargs":{}}')
 
     def _fill(self, now: float) -> None:
         """Queue calls while the pipeline has room (calls and events both bounded)."""
@@ -191,8 +207,10 @@ class Subscriber:
             if not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
                 break
         while len(self._in) >= _HEADER:
-            msg = protocol.ReceivingMessage(bytes(self._in[:_HEADER]))
-            size = _HEADER + msg.annotations_size + msg.data_size
+            tag, version, _, _, flags, _, data_size, annotations_size, _, _, magic = _HEADER_STRUCT.unpack_from(self._in)
+            if tag != b"PYRO" or version != protocol.PROTOCOL_VERSION or magic != protocol._magic_number:
+                raise PyroError("invalid message from the viewer")
+            size = _HEADER + annotations_size + data_size
             if len(self._in) < size:
                 break
             del self._in[:size]
@@ -202,7 +220,7 @@ class Subscriber:
             self._in_flight_events -= count
             self._last_progress = now
             self.fanout.tally.calls += 1
-            if msg.flags & protocol.FLAGS_EXCEPTION:  # the viewer's handler raised: it is alive, keep it
+            if flags & protocol.FLAGS_EXCEPTION:  # the viewer's handler raised: it is alive, keep it
                 self.fanout._failed.inc()
                 log_event(log, "notify_error", "viewer handler raised", level=logging.WARNING,
                           viewer_id=self.viewer_id, revision=self.delivered_revision)
@@ -244,7 +262,7 @@ class Fanout:
         self.tally = _Tally()  # per-delivery counts, added to the metrics once per loop turn
         self._encoded: collections.OrderedDict[int, str] = collections.OrderedDict()
         self._encoded_lock = threading.Lock()
-        self._batch_cache: tuple[int, int, str] = (0, 0, "")  # (first, last revision, body) of the last batch
+        self._batch_cache: tuple[int, int, bytes] = (0, 0, b"")  # (first, last revision, body) of the last batch
         self._connected: collections.deque[Subscriber] = collections.deque()
         self._stopped: collections.deque[Subscriber] = collections.deque()
         self._published = False  # set by publish(): every sender may have work
@@ -273,7 +291,7 @@ class Fanout:
                     self._encoded.popitem(last=False)
         return text
 
-    def encoded_batch(self, events: list[dict]) -> str:
+    def encoded_batch(self, events: list[dict]) -> bytes:
         """The JSON argument of a ``notify`` call carrying ``events``.
 
         Viewers in step all get the same batch (usually one event), so the last
@@ -283,7 +301,7 @@ class Fanout:
         cached = self._batch_cache
         if cached[0] == first and cached[1] == last and last - first + 1 == len(events):
             return cached[2]
-        body = f'{{"model":{self.model_json},"events":[{",".join(map(self.encoded, events))}]}}'
+        body = f'{{"model":{self.model_json},"events":[{",".join(map(self.encoded, events))}]}}'.encode()
         if last - first + 1 == len(events):  # contiguous: (first, last) names the batch
             self._batch_cache = (first, last, body)
         return body
@@ -343,7 +361,7 @@ class Fanout:
                       f"{type(exc).__name__}: {exc}")
             return
         sub.proxy, sub.sock = proxy, sock
-        sub._object = json.dumps(proxy._pyroUri.object)
+        sub.set_object(proxy._pyroUri.object)
         self._connected.append(sub)
         self._wake()
 

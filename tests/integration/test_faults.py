@@ -130,3 +130,23 @@ def test_name_server_restart_services_register_again(mvc_stack):
         client.close()
     assert view.wait_for(rev, 10)
     wait_until(lambda: model.healthy(), 10)
+
+
+def test_a_viewer_whose_handler_raises_is_kept_and_the_failure_counted(mvc_stack):
+    model = mvc_stack.model()
+    host, (view,) = mvc_stack.viewers(1)
+    failed = lambda: model.metrics.registry.get_sample_value(  # noqa: E731
+        "remote_mvc_notifications_failed_total", {"model": "remote_mvc.model"}) or 0
+    before = failed()
+
+    def broken(viewer, event):
+        raise RuntimeError("handler bug")
+
+    view.on_change = broken
+    rm = mvc_stack.client("controller")
+    rm.modify({"value": 1})
+    wait_until(lambda: failed() == before + 1, 5, message="the handler's failure to be counted")
+    view.on_change = None
+    assert rm.modify({"value": 2}) == 2
+    assert view.wait_for(2, 5)
+    assert model.model.subscriber_count == 1 and dropped(model, "unreachable") == 0

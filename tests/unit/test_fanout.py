@@ -89,14 +89,13 @@ def test_resubscribing_viewer_replaces_its_old_subscription():
 
 
 def test_calls_are_valid_pyro5_json_messages_with_each_event_encoded_once():
-    import json
 
     from Pyro5 import protocol
     from Pyro5.serializers import serializers
 
     f, _, state = make(batch_max=10)
     sub = f.add("v", "u", backlog=[], start=False)
-    sub._object = json.dumps("viewer.v")
+    sub.set_object("viewer.v")
     events = [{"revision": r, "values": {"name": 'q"u\\o\u2028te', "value": r}, "time": 1.5} for r in (1, 2, 3)]
     for e in events:
         f.publish(e)
@@ -104,6 +103,8 @@ def test_calls_are_valid_pyro5_json_messages_with_each_event_encoded_once():
     assert (revision, count) == (3, 3)
     header = protocol.ReceivingMessage(data[:protocol._header_size])
     assert header.type == protocol.MSG_INVOKE and header.serializer_id == serializers["json"].serializer_id
+    assert data == protocol.SendingMessage(protocol.MSG_INVOKE, 0, header.seq, header.serializer_id,
+                                           data[protocol._header_size:]).data  # byte for byte what Pyro5 makes
     obj, method, vargs, kwargs = serializers["json"].loadsCall(data[protocol._header_size:])
     assert (obj, method, kwargs) == ("viewer.v", "notify", {})
     assert vargs == [{"model": "m", "events": events}]
