@@ -467,8 +467,7 @@ class Fanout:
                 for sub in [s for s in live if s._stalled(now)]:
                     self._fail(sub, live, "timeout", "no answer within the call timeout")
             self._count()
-            waiting = any(s._in_flight for s in live)
-            timeout = max(0.0, next_check - now) if waiting else 0.5
+            timeout = max(0.0, next_check - now) if live else 0.5
             for key, mask in sel.select(timeout=timeout):
                 sub = key.data
                 if sub is None:
