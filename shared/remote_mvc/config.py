@@ -108,6 +108,10 @@ class Settings:
             raise ConfigError(f"TLS needs all of {PREFIX}TLS_CA, {PREFIX}TLS_CERT and {PREFIX}TLS_KEY")
         if self.viewer_server not in ("thread", "multiplex"):
             raise ConfigError(f"{PREFIX}VIEWER_SERVER must be thread or multiplex, not {self.viewer_server!r}")
+        if self.viewer_server == "multiplex" and any(tls):
+            # Pyro5's multiplex server selects on the raw socket: a second message already decrypted
+            # into the TLS layer's buffer would wait there unseen until more bytes arrive
+            raise ConfigError(f"{PREFIX}VIEWER_SERVER=multiplex does not work with TLS; use thread")
         for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
