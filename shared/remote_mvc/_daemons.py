@@ -10,6 +10,7 @@ identity and role on it (see :mod:`remote_mvc.auth`).
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 import weakref
@@ -109,7 +110,7 @@ class TrackedDaemon(TrackedDaemonMixin, Pyro5.api.Daemon):
 
 
 _JSON_ID = serializers["json"].serializer_id
-_NULL = b"null"
+_log = logging.getLogger("remote_mvc.viewer")
 
 
 class ViewerDaemon(TrackedDaemon):
@@ -119,10 +120,15 @@ class ViewerDaemon(TrackedDaemon):
     benchmark's profile showed a third of each one going to Pyro5's generic
     dispatch (a correlation UUID, ``getpeername``, the call context, the result
     serialized). A call that is exactly what the model server's sender makes (an
-    invoke in JSON, no flags, no annotations, ``notify(<one JSON object>)`` to an
-    object that declares ``_mvc_notify``) is handed to the object directly and
-    answered with a ready-made ``null`` result. Anything else is replayed to
-    Pyro5's own ``handleRequest`` unchanged.
+    invoke in JSON, no annotations, ``notify(<one JSON object>)`` to an object
+    that declares ``_mvc_notify``) is handed to the object directly. Anything
+    else is replayed to Pyro5's own ``handleRequest`` unchanged.
+
+    Such calls may be oneway: they run here, in order, on the connection's
+    thread (Pyro5 would start a thread per oneway call, and so reorder them).
+    A handler that raises in a oneway call is counted, and the next two-way
+    call on the connection answers with that count (otherwise ``0``), which the
+    server adds to its failure metric.
     """
 
     def handleRequest(self, conn: Any) -> None:  # noqa: N802 - Pyro5's name
@@ -131,7 +137,8 @@ class ViewerDaemon(TrackedDaemon):
         header += conn.recv(protocol._header_size - 6)
         msg = protocol.ReceivingMessage(header)
         payload = conn.recv(msg.annotations_size + msg.data_size)
-        if (msg.type == protocol.MSG_INVOKE and msg.serializer_id == _JSON_ID and not msg.flags
+        oneway = msg.flags == protocol.FLAGS_ONEWAY
+        if (msg.type == protocol.MSG_INVOKE and msg.serializer_id == _JSON_ID and (oneway or not msg.flags)
                 and not msg.annotations_size):
             try:
                 call = json.loads(payload)
@@ -142,15 +149,24 @@ class ViewerDaemon(TrackedDaemon):
             except (ValueError, KeyError, TypeError, AttributeError):
                 fast = False
             if fast:
-                try:
-                    obj.notify(params[0])
-                except Exception as exc:  # noqa: BLE001 - reported to the caller, as Pyro5 does
-                    self._sendExceptionResponse(conn, msg.seq, msg.serializer_id, exc,
-                                                Pyro5.errors.format_traceback(detailed=False))
-                    return
-                conn.send(protocol.SendingMessage(protocol.MSG_RESULT, 0, msg.seq, _JSON_ID, _NULL).data)
+                self._notify(conn, obj, params[0], msg.seq, oneway)
                 return
         super().handleRequest(_Replayed(conn, header + payload))
+
+    def _notify(self, conn: Any, obj: Any, batch: dict, seq: int, oneway: bool) -> None:
+        try:
+            obj.notify(batch)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, as Pyro5 does
+            if oneway:
+                conn.mvc_failed = getattr(conn, "mvc_failed", 0) + 1
+                _log.warning("viewer %s: handler raised: %r", getattr(obj, "viewer_id", "?"), exc)
+                return
+            self._sendExceptionResponse(conn, seq, _JSON_ID, exc, Pyro5.errors.format_traceback(detailed=False))
+            return
+        if not oneway:
+            failed, conn.mvc_failed = getattr(conn, "mvc_failed", 0), 0
+            answer = b"0" if not failed else str(failed).encode()
+            conn.send(protocol.SendingMessage(protocol.MSG_RESULT, 0, seq, _JSON_ID, answer).data)
 
 
 class _Replayed:

@@ -10,6 +10,10 @@ thousand:
   per call when the viewer is behind (up to ``batch_max``), with up to
   ``MAX_IN_FLIGHT`` calls and ``queue_limit`` events pipelined (the viewer's
   daemon answers them in order); what queues meanwhile goes out as one batch;
+* a viewer that subscribed with ``ordered_oneway`` (remote-mvc's viewer hosts)
+  gets a window of ``ONEWAY_WINDOW`` calls of which only one at a time asks
+  for an answer, and that answer acknowledges every call before it: an
+  answer, and its wake-up, per few calls instead of per call;
 * each event is encoded once (JSON), and a batch's text once, spliced into
   every viewer's call (a viewer host's :class:`~remote_mvc._daemons.ViewerDaemon`
   takes such calls on a short path);
@@ -23,7 +27,7 @@ thousand:
 
 The connection and Pyro5 handshake are made by a Pyro5 proxy in a small
 connector pool; the loop thread then owns the socket and speaks Pyro5's wire
-protocol on it (two-way ``notify`` calls, JSON serializer).
+protocol on it (``notify`` calls, two-way or oneway, JSON serializer).
 """
 
 from __future__ import annotations
@@ -54,6 +58,13 @@ from .metrics import Metrics
 log = logging.getLogger("remote_mvc.fanout")
 
 MAX_IN_FLIGHT = 2  # one call being handled, one ready behind it: more only fragments batches
+# Viewers that take oneway notify calls in order (remote-mvc's ViewerDaemon) are not asked to answer
+# every call: of a window of up to ONEWAY_WINDOW unanswered calls, one is two-way, sent once the
+# window is nearly full or ACK_INTERVAL after the last one; its answer acknowledges every call before
+# it (a connection's calls are handled in order). Calls not answered by ACK_INTERVAL are followed by a
+# two-way call with no events, so a stall is still noticed within ACK_INTERVAL + call_timeout.
+ONEWAY_WINDOW = 4
+ACK_INTERVAL = 0.1
 _JSON_ID = serializers["json"].serializer_id
 _HEADER = protocol._header_size
 # Pyro5's message header, packed here rather than through SendingMessage for every viewer's call
@@ -61,6 +72,18 @@ _HEADER = protocol._header_size
 _HEADER_STRUCT = struct.Struct(protocol._header_format)
 _NO_CORRELATION = protocol._empty_correlation_id
 _RETRY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def _failures(answer: bytes) -> int:
+    """Handler failures a viewer reports in its answer: ViewerDaemon answers with how many of the
+    oneway calls since its last answer raised (a plain Pyro5 daemon answers ``null``)."""
+    if answer in (b"null", b"0"):
+        return 0
+    try:
+        value = json.loads(answer)
+    except ValueError:
+        return 0
+    return value if isinstance(value, int) and value > 0 else 0
 
 
 class _Tally:
@@ -76,8 +99,10 @@ class _Tally:
 class Subscriber:
     """One viewer's subscription: its queue, its sender state and its lease."""
 
-    def __init__(self, fanout: Fanout, viewer_id: str, uri: str, lease_expiry: float) -> None:
+    def __init__(self, fanout: Fanout, viewer_id: str, uri: str, lease_expiry: float,
+                 oneway: bool = False) -> None:
         self.fanout = fanout
+        self.oneway = oneway  # the viewer takes oneway notify calls, in order
         self.viewer_id = viewer_id
         self.uri = uri
         self.id = f"{viewer_id}/{secrets.token_hex(6)}"
@@ -94,8 +119,12 @@ class Subscriber:
         self._seq = 0
         self._out = bytearray()
         self._in = bytearray()
-        self._in_flight: collections.deque[tuple[float, int, int]] = collections.deque()  # sent at, revision, events
+        # calls not yet acknowledged: (sent at, revision, events, two-way)
+        self._in_flight: collections.deque[tuple[float, int, int, bool]] = collections.deque()
         self._in_flight_events = 0
+        self._window = ONEWAY_WINDOW if oneway else MAX_IN_FLIGHT
+        self._awaiting = False  # a two-way call is out (at most one when calls may be oneway)
+        self._asked_at = 0.0  # when the last two-way call was sent
         self._last_progress = 0.0
         self._interest = selectors.EVENT_READ  # what the loop's selector watches this socket for
 
@@ -147,7 +176,7 @@ class Subscriber:
         return {"snapshot": snap, "reason": reason}
 
     # the loop thread's side ------------------------------------------------------
-    def _encode(self, batch: dict) -> tuple[bytes, int, int]:
+    def _encode(self, batch: dict, two_way: bool = True) -> tuple[bytes, int, int]:
         """One Pyro5 invoke message: ``notify(batch)`` on this viewer's object, JSON serializer."""
         fanout = self.fanout
         if "snapshot" in batch:
@@ -156,12 +185,13 @@ class Subscriber:
         else:
             events = batch["events"]
             body = fanout.encoded_batch(events)
-            revision, count = events[-1]["revision"], len(events)
+            revision, count = (events[-1]["revision"] if events else self.delivered_revision), len(events)
         head, tail = self._envelope
         size = len(head) + len(body) + len(tail)
         self._seq = (self._seq + 1) & 0xFFFF
-        header = _HEADER_STRUCT.pack(b"PYRO", protocol.PROTOCOL_VERSION, protocol.MSG_INVOKE, _JSON_ID, 0, self._seq,
-                                     size, 0, _NO_CORRELATION, 0, protocol._magic_number)
+        flags = 0 if two_way else protocol.FLAGS_ONEWAY
+        header = _HEADER_STRUCT.pack(b"PYRO", protocol.PROTOCOL_VERSION, protocol.MSG_INVOKE, _JSON_ID, flags,
+                                     self._seq, size, 0, _NO_CORRELATION, 0, protocol._magic_number)
         return b"".join((header, head, body, tail)), revision, count
 
     def set_object(self, object_id: str) -> None:
@@ -170,21 +200,43 @@ class Subscriber:
                           b'],"kwargs":{}}')
 
     def _fill(self, now: float) -> None:
-        """Queue calls while the pipeline has room (calls and events both bounded)."""
-        while len(self._in_flight) < MAX_IN_FLIGHT and self._in_flight_events < self.fanout.queue_limit:
+        """Queue calls while the window has room (calls and events both bounded)."""
+        while len(self._in_flight) < self._window and self._in_flight_events < self.fanout.queue_limit:
             batch = self._next_batch()
             if batch is None:
                 return
-            data, revision, count = self._encode(batch)
-            if not self._in_flight:
-                self._last_progress = now
-            self._out += data
-            self._in_flight.append((now, revision, count))
-            self._in_flight_events += count
+            two_way = self._two_way(now)
+            data, revision, count = self._encode(batch, two_way)
+            self._send(data, now, revision, count, two_way)
             if "snapshot" in batch:
                 self.fanout._snapshots_sent.inc()
             else:
                 self.fanout.tally.events += count
+
+    def _two_way(self, now: float) -> bool:
+        """Whether the next call asks for an answer."""
+        if not self.oneway:
+            return True
+        if self._awaiting:
+            return False
+        return len(self._in_flight) + 2 >= self._window or now - self._asked_at >= ACK_INTERVAL
+
+    def _send(self, data: bytes, now: float, revision: int, count: int, two_way: bool) -> None:
+        if not self._in_flight:
+            self._last_progress = now
+        if two_way:
+            self._awaiting, self._asked_at = True, now
+        self._out += data
+        self._in_flight.append((now, revision, count, two_way))
+        self._in_flight_events += count
+
+    def _sync(self, now: float) -> bool:
+        """Ask for an answer to calls sent oneway that nothing else will acknowledge."""
+        if self._awaiting or not self._in_flight or now - self._asked_at < ACK_INTERVAL:
+            return False
+        data, _, _ = self._encode({"events": []}, two_way=True)
+        self._send(data, now, self._in_flight[-1][1], 0, True)
+        return True
 
     def _flush(self) -> None:
         while self._out:
@@ -213,20 +265,31 @@ class Subscriber:
             size = _HEADER + annotations_size + data_size
             if len(self._in) < size:
                 break
+            answer = bytes(self._in[_HEADER + annotations_size:size])
             del self._in[:size]
-            if not self._in_flight:
+            if not self._awaiting:
                 raise PyroError("answer to a call that was not made")
-            _, self.delivered_revision, count = self._in_flight.popleft()
-            self._in_flight_events -= count
+            while True:  # the answer acknowledges its call and every (oneway) call before it
+                _, revision, count, two_way = self._in_flight.popleft()
+                self._in_flight_events -= count
+                self.fanout.tally.calls += 1
+                if two_way:
+                    break
+            self.delivered_revision = revision
+            self._awaiting = not self.oneway and bool(self._in_flight)
             self._last_progress = now
-            self.fanout.tally.calls += 1
-            if flags & protocol.FLAGS_EXCEPTION:  # the viewer's handler raised: it is alive, keep it
-                self.fanout._failed.inc()
+            failed = 1 if flags & protocol.FLAGS_EXCEPTION else _failures(answer)
+            if failed:  # the viewer's handler raised: it is alive, keep it
+                self.fanout._failed.inc(failed)
                 log_event(log, "notify_error", "viewer handler raised", level=logging.WARNING,
-                          viewer_id=self.viewer_id, revision=self.delivered_revision)
+                          viewer_id=self.viewer_id, revision=self.delivered_revision, failures=failed)
 
     def _stalled(self, now: float) -> bool:
-        return bool(self._in_flight) and now - self._last_progress > self.fanout.call_timeout
+        if not self._awaiting:
+            return False
+        # with oneway calls the awaited call may be younger than the last answer: time it from its sending
+        since = max(self._last_progress, self._asked_at) if self.oneway else self._last_progress
+        return now - since > self.fanout.call_timeout
 
     def _close(self) -> None:
         if self.proxy is not None:
@@ -297,6 +360,8 @@ class Fanout:
         Viewers in step all get the same batch (usually one event), so the last
         one is kept and reused: the per-viewer work is the call's envelope.
         """
+        if not events:  # a call that only asks for an answer
+            return f'{{"model":{self.model_json},"events":[]}}'.encode()
         first, last = events[0]["revision"], events[-1]["revision"]
         cached = self._batch_cache
         if cached[0] == first and cached[1] == last and last - first + 1 == len(events):
@@ -313,14 +378,15 @@ class Fanout:
             pass  # already awake, or closed
 
     # registry ----------------------------------------------------------------------
-    def add(self, viewer_id: str, uri: str, backlog: list[dict] | None, start: bool = True) -> Subscriber:
+    def add(self, viewer_id: str, uri: str, backlog: list[dict] | None, start: bool = True,
+            oneway: bool = False) -> Subscriber:
         """Subscribe a viewer; ``backlog`` events go first, ``None`` means a snapshot first.
 
         Call with the publisher's lock held so that no event falls between the
         backlog and the live stream. A viewer id subscribing again replaces its
         old subscription (a reconnect), so the count stays right.
         """
-        sub = Subscriber(self, viewer_id, uri, self.clock() + self.lease_seconds)
+        sub = Subscriber(self, viewer_id, uri, self.clock() + self.lease_seconds, oneway)
         if backlog is None:
             sub.offer_snapshot()
         else:
@@ -438,7 +504,7 @@ class Fanout:
         live: set[Subscriber] = set()
         pending: set[Subscriber] = set()
         sel = self._selector
-        check_every = max(0.01, min(0.1, self.call_timeout / 10))
+        check_every = max(0.01, min(ACK_INTERVAL / 2, self.call_timeout / 10))
         next_check = 0.0
         while not self._closed:
             while self._connected:
@@ -466,6 +532,9 @@ class Fanout:
                 next_check = now + check_every
                 for sub in [s for s in live if s._stalled(now)]:
                     self._fail(sub, live, "timeout", "no answer within the call timeout")
+                for sub in live:
+                    if sub.oneway and sub._in_flight and sub._sync(now):
+                        self._service(sub, live, now)
             self._count()
             timeout = max(0.0, next_check - now) if live else 0.5
             for key, mask in sel.select(timeout=timeout):

@@ -229,11 +229,14 @@ class ModelServer:
             pass
 
     # subscriptions ---------------------------------------------------------
-    def subscribe(self, callback_uri: str, viewer_id: str, since_revision: int | None = None) -> dict[str, Any]:
+    def subscribe(self, callback_uri: str, viewer_id: str, since_revision: int | None = None,
+                  ordered_oneway: bool = False) -> dict[str, Any]:
         """Subscribe a viewer's callback object; it first gets what it missed.
 
         With ``since_revision`` the viewer gets the events after it (or a snapshot
         when the history no longer reaches back); without, a snapshot.
+        ``ordered_oneway``: the viewer's daemon runs oneway ``notify`` calls in
+        order (remote-mvc's viewer hosts do), so most calls need no answer.
         """
         if not isinstance(callback_uri, str) or not isinstance(viewer_id, str) or not viewer_id:
             raise ValidationError("subscribe needs a callback URI and a viewer id (strings)")
@@ -248,7 +251,7 @@ class ModelServer:
                     backlog = None
                 if backlog is not None and len(backlog) != self._revision - since_revision:
                     backlog = None  # too far behind: a snapshot is cheaper
-            sub = self._fanout.add(viewer_id, callback_uri, backlog)
+            sub = self._fanout.add(viewer_id, callback_uri, backlog, oneway=ordered_oneway is True)
             return {"subscription": sub.id, "lease": self._fanout.lease_seconds, "revision": self._revision}
 
     def renew(self, subscription_ids: list[str]) -> list[str]:

@@ -248,7 +248,11 @@ class ViewerHost(Service):
                 continue
             uri = self.daemon.uriFor(viewer)
             since = viewer.revision if viewer.synced else None
-            reply = self._client(viewer.model).subscribe(str(uri), viewer.viewer_id, since)
+            client = self._client(viewer.model)
+            try:  # our daemon runs oneway notify calls in order
+                reply = client.subscribe(str(uri), viewer.viewer_id, since, True)
+            except TypeError:  # a model server from before ordered oneway calls
+                reply = client.subscribe(str(uri), viewer.viewer_id, since)
             self._subs[viewer] = reply["subscription"]
             log_event(log, "subscribed", f"subscribed to {viewer.model}", viewer_id=viewer.viewer_id,
                       revision=viewer.revision, server_revision=reply["revision"], since=since)

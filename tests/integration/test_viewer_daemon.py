@@ -39,11 +39,11 @@ def batch(*revisions):
     return {"model": "m", "events": [{"revision": r, "values": {"value": r}, "time": 0.0} for r in revisions]}
 
 
-def test_the_servers_call_shape_takes_the_short_path_and_gets_a_null_result(served):
+def test_the_servers_call_shape_takes_the_short_path(served):
     viewer, uri, calls = served
     with Proxy(uri) as p:
         p._pyroSerializer = "json"
-        assert p.notify(batch(1, 2)) is None
+        assert p.notify(batch(1, 2)) == 0  # the short path answers with a count of failed oneway calls
         assert viewer.received == [1, 2] and calls == ["dict"]
 
 
@@ -71,3 +71,25 @@ def test_a_handler_error_reaches_the_caller_with_its_type(served):
             p.notify(batch(1))
         viewer.on_change = None
         p.notify(batch(2))  # the connection still works
+
+
+def test_oneway_notifies_run_in_order_and_the_next_answer_counts_their_failures(served):
+    viewer, uri, calls = served
+    seen = []
+
+    def handler(v, event):
+        seen.append(event["revision"])
+        if event["revision"] == 2:
+            raise RuntimeError("handler bug")
+
+    viewer.on_change = handler
+    with Proxy(uri) as p:
+        p._pyroSerializer = "json"
+        p._pyroBind()
+        p._pyroOneway.add("notify")
+        for r in range(1, 41):
+            p.notify(batch(r))  # not one thread per call (Pyro5's way): in order, on the connection's thread
+        p._pyroOneway.discard("notify")
+        assert p.notify(batch(41)) == 1  # the failure in a oneway call, reported with the next answer
+        assert p.notify(batch(42)) == 0
+    assert seen == list(range(1, 43)) and viewer.received == list(range(1, 43))

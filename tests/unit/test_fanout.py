@@ -125,3 +125,99 @@ def test_a_batch_is_encoded_once_for_every_viewer_in_step():
     assert f.encoded_batch([ev(1), ev(2)]) is text  # the next viewer's call reuses it
     assert json.loads(text) == {"model": "m", "events": batch}
     assert json.loads(f.encoded_batch([ev(2)])) == {"model": "m", "events": [ev(2)]}
+
+
+def _calls(peer):
+    """The Pyro5 messages sent so far: (oneway?, events) each."""
+    import json
+
+    from Pyro5 import protocol
+
+    data, out = b"", []
+    try:
+        while chunk := peer.recv(65536):
+            data += chunk
+    except BlockingIOError:
+        pass
+    while data:
+        msg = protocol.ReceivingMessage(data[:protocol._header_size])
+        size = protocol._header_size + msg.annotations_size + msg.data_size
+        call = json.loads(data[protocol._header_size + msg.annotations_size:size])
+        out.append((bool(msg.flags & protocol.FLAGS_ONEWAY), [e["revision"] for e in call["params"][0]["events"]]))
+        data = data[size:]
+    return out
+
+
+def _answer(peer, seq, body=b"0"):
+    from Pyro5 import protocol
+
+    peer.send(protocol.SendingMessage(protocol.MSG_RESULT, 0, seq, 2, body).data)
+
+
+def test_an_ordered_oneway_viewer_answers_one_call_per_window_and_that_acknowledges_the_rest():
+    import socket
+
+    import remote_mvc._fanout as fo
+
+    f, _, _ = make()
+    sub = f.add("v", "u", backlog=[], start=False, oneway=True)
+    sub.set_object("viewer.v")
+    sub.sock, peer = socket.socketpair()
+    sub.sock.setblocking(False)
+    peer.setblocking(False)
+    now = 100.0
+    f.publish(ev(1))
+    sub._fill(now)
+    sub._flush()
+    assert _calls(peer) == [(False, [1])]  # the first answer asked for at once (none for ACK_INTERVAL)
+    for r in (2, 3):
+        f.publish(ev(r))
+        sub._fill(now + 0.01)
+    sub._flush()
+    assert _calls(peer) == [(True, [2]), (True, [3])]  # an answer is awaited: these go oneway
+    assert len(sub._in_flight) == 3 and sub._window == fo.ONEWAY_WINDOW
+    for r in (4, 5):
+        f.publish(ev(r))
+        sub._fill(now + 0.02)
+    sub._flush()
+    assert _calls(peer) == [(True, [4])]  # the window (4 calls) is full: 5 waits, and will go in a batch
+    _answer(peer, 1)
+    sub._read(now + 0.03)
+    assert sub.delivered_revision == 1 and len(sub._in_flight) == 3 and not sub._awaiting
+    f.publish(ev(6))
+    sub._fill(now + 0.04)
+    sub._flush()
+    assert _calls(peer) == [(False, [5, 6])]  # the last slot before a full window asks for an answer
+    _answer(peer, 5, b"2")  # ...which acknowledges 2, 3, 4 too, and reports 2 handler failures
+    sub._read(now + 0.05)
+    assert sub.delivered_revision == 6 and not sub._in_flight and sub._in_flight_events == 0
+    assert f.metrics.registry.get_sample_value("remote_mvc_notifications_failed_total", {"model": "m"}) == 2
+    f.publish(ev(7))
+    sub._fill(now + 0.06)
+    sub._flush()
+    assert _calls(peer) == [(True, [7])]  # within ACK_INTERVAL of the last answer asked for: oneway
+    assert not sub._sync(now + 0.07) and sub._sync(now + 0.05 + fo.ACK_INTERVAL)  # then a sync call asks
+    sub._flush()
+    assert _calls(peer) == [(False, [])]
+    assert sub._stalled(now + 0.05 + fo.ACK_INTERVAL + f.call_timeout + 0.01)  # unanswered: a stall
+    sub.sock.close()
+    peer.close()
+
+
+def test_a_viewer_that_did_not_ask_for_oneway_answers_every_call():
+    import socket
+
+    f, _, _ = make()
+    sub = f.add("v", "u", backlog=[], start=False)
+    sub.set_object("viewer.v")
+    sub.sock, peer = socket.socketpair()
+    sub.sock.setblocking(False)
+    peer.setblocking(False)
+    for r in (1, 2, 3):
+        f.publish(ev(r))
+        sub._fill(0.0)
+    sub._flush()
+    assert _calls(peer) == [(False, [1]), (False, [2])]  # two calls in flight at most, each answered
+    assert sub.queued == 1
+    sub.sock.close()
+    peer.close()
