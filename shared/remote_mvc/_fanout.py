@@ -63,7 +63,7 @@ MAX_IN_FLIGHT = 2  # one call being handled, one ready behind it: more only frag
 # window is nearly full or ACK_INTERVAL after the last one; its answer acknowledges every call before
 # it (a connection's calls are handled in order). Calls not answered by ACK_INTERVAL are followed by a
 # two-way call with no events, so a stall is still noticed within ACK_INTERVAL + call_timeout.
-ONEWAY_WINDOW = 4
+ONEWAY_WINDOW = 8
 ACK_INTERVAL = 0.1
 _JSON_ID = serializers["json"].serializer_id
 _HEADER = protocol._header_size

@@ -161,6 +161,8 @@ def test_an_ordered_oneway_viewer_answers_one_call_per_window_and_that_acknowled
 
     f, _, _ = make()
     sub = f.add("v", "u", backlog=[], start=False, oneway=True)
+    assert sub._window == fo.ONEWAY_WINDOW
+    sub._window = 4  # the sequence below is written for a window of 4 calls
     sub.set_object("viewer.v")
     sub.sock, peer = socket.socketpair()
     sub.sock.setblocking(False)
@@ -175,7 +177,7 @@ def test_an_ordered_oneway_viewer_answers_one_call_per_window_and_that_acknowled
         sub._fill(now + 0.01)
     sub._flush()
     assert _calls(peer) == [(True, [2]), (True, [3])]  # an answer is awaited: these go oneway
-    assert len(sub._in_flight) == 3 and sub._window == fo.ONEWAY_WINDOW
+    assert len(sub._in_flight) == 3
     for r in (4, 5):
         f.publish(ev(r))
         sub._fill(now + 0.02)
