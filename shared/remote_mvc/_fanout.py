@@ -25,9 +25,11 @@ thousand:
   after a publish, otherwise those whose socket became ready), and checks for
   stalls a few times per ``call_timeout``.
 
-The connection and Pyro5 handshake are made by a Pyro5 proxy in a small
-connector pool; the loop thread then owns the socket and speaks Pyro5's wire
-protocol on it (``notify`` calls, two-way or oneway, JSON serializer).
+Each subscriber's sender is a :class:`~remote_mvc._sender.Subscriber`; this
+module holds the registry and the loop. The connection and Pyro5 handshake are
+made by a Pyro5 proxy in a small connector pool; the loop thread then owns the
+socket and speaks Pyro5's wire protocol on it (``notify`` calls, two-way or
+oneway, JSON serializer).
 """
 
 from __future__ import annotations
@@ -35,267 +37,25 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import secrets
 import selectors
 import socket
-import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from Pyro5 import protocol
 from Pyro5.api import Proxy
 from Pyro5.errors import CommunicationError, PyroError
 from Pyro5.errors import TimeoutError as PyroTimeout
-from Pyro5.serializers import serializers
 
+from ._sender import ACK_INTERVAL, MAX_IN_FLIGHT, ONEWAY_WINDOW, Subscriber, _Tally
 from .logs import log_event
 from .metrics import Metrics
 
+__all__ = ["ACK_INTERVAL", "MAX_IN_FLIGHT", "ONEWAY_WINDOW", "Fanout", "Subscriber"]
+
 log = logging.getLogger("remote_mvc.fanout")
-
-MAX_IN_FLIGHT = 2  # one call being handled, one ready behind it: more only fragments batches
-# Viewers that take oneway notify calls in order (remote-mvc's ViewerDaemon) are not asked to answer
-# every call: of a window of up to ONEWAY_WINDOW unanswered calls, one is two-way, sent once the
-# window is nearly full or ACK_INTERVAL after the last one; its answer acknowledges every call before
-# it (a connection's calls are handled in order). Calls not answered by ACK_INTERVAL are followed by a
-# two-way call with no events, so a stall is still noticed within ACK_INTERVAL + call_timeout.
-ONEWAY_WINDOW = 8
-ACK_INTERVAL = 0.1
-_JSON_ID = serializers["json"].serializer_id
-_HEADER = protocol._header_size
-# Pyro5's message header, packed here rather than through SendingMessage for every viewer's call
-# (the unit tests check the result against Pyro5's own parser)
-_HEADER_STRUCT = struct.Struct(protocol._header_format)
-_NO_CORRELATION = protocol._empty_correlation_id
-_RETRY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-
-
-def _failures(answer: bytes) -> int:
-    """Handler failures a viewer reports in its answer: ViewerDaemon answers with how many of the
-    oneway calls since its last answer raised (a plain Pyro5 daemon answers ``null``)."""
-    if answer in (b"null", b"0"):
-        return 0
-    try:
-        value = json.loads(answer)
-    except ValueError:
-        return 0
-    return value if isinstance(value, int) and value > 0 else 0
-
-
-class _Tally:
-    """Counts the loop thread keeps between metric updates."""
-
-    __slots__ = ("events", "calls")
-
-    def __init__(self) -> None:
-        self.events = 0
-        self.calls = 0
-
-
-class Subscriber:
-    """One viewer's subscription: its queue, its sender state and its lease."""
-
-    def __init__(self, fanout: Fanout, viewer_id: str, uri: str, lease_expiry: float,
-                 oneway: bool = False) -> None:
-        self.fanout = fanout
-        self.oneway = oneway  # the viewer takes oneway notify calls, in order
-        self.viewer_id = viewer_id
-        self.uri = uri
-        self.id = f"{viewer_id}/{secrets.token_hex(6)}"
-        self.lease_expiry = lease_expiry
-        self.delivered_revision = 0  # the last revision the viewer acknowledged
-        self._queue: collections.deque[dict] = collections.deque()
-        self._snapshot_due = ""  # why a snapshot is due ("subscribe", "behind"), or "" when none is
-        self._stopped = False
-        self._lock = threading.Lock()
-        # owned by the loop thread once connected
-        self.proxy: Proxy | None = None
-        self.sock: socket.socket | None = None
-        self._envelope = (b"", b"")  # the JSON of a notify call to this viewer's object, around the argument
-        self._seq = 0
-        self._out = bytearray()
-        self._in = bytearray()
-        # calls not yet acknowledged: (sent at, revision, events, two-way)
-        self._in_flight: collections.deque[tuple[float, int, int, bool]] = collections.deque()
-        self._in_flight_events = 0
-        self._window = ONEWAY_WINDOW if oneway else MAX_IN_FLIGHT
-        self._awaiting = False  # a two-way call is out (at most one when calls may be oneway)
-        self._asked_at = 0.0  # when the last two-way call was sent
-        self._last_progress = 0.0
-        self._interest = selectors.EVENT_READ  # what the loop's selector watches this socket for
-
-    # called with the publisher's lock held, so offers arrive in revision order
-    def offer(self, event: dict) -> None:
-        with self._lock:
-            if self._stopped or self._snapshot_due:
-                return  # stopped, or the snapshot to come will include this change
-            if len(self._queue) >= self.fanout.queue_limit:
-                self._queue.clear()
-                self._snapshot_due = "behind"
-            else:
-                self._queue.append(event)
-
-    def offer_snapshot(self, reason: str = "subscribe") -> None:
-        with self._lock:
-            self._queue.clear()
-            self._snapshot_due = reason
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    def has_work(self) -> bool:
-        return bool(self._queue or self._snapshot_due) and not self._stopped
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopped = True
-        self.fanout._stopped.append(self)
-        self.fanout._wake()
-
-    def _next_batch(self) -> dict | None:
-        """The next call's payload: up to ``batch_max`` queued events, or a snapshot."""
-        with self._lock:
-            if self._stopped or not (self._queue or self._snapshot_due):
-                return None
-            if not self._snapshot_due:
-                queue = self._queue
-                if len(queue) == 1:  # the usual case: a viewer in step
-                    return {"events": [queue.popleft()]}
-                n = min(len(queue), self.fanout.batch_max)
-                return {"events": [queue.popleft() for _ in range(n)]}
-            reason, self._snapshot_due = self._snapshot_due, ""
-        snap = self.fanout.snapshot()  # takes the publisher's lock: consistent with the event stream
-        with self._lock:
-            while self._queue and self._queue[0]["revision"] <= snap["revision"]:
-                self._queue.popleft()
-        return {"snapshot": snap, "reason": reason}
-
-    # the loop thread's side ------------------------------------------------------
-    def _encode(self, batch: dict, two_way: bool = True) -> tuple[bytes, int, int]:
-        """One Pyro5 invoke message: ``notify(batch)`` on this viewer's object, JSON serializer."""
-        fanout = self.fanout
-        if "snapshot" in batch:
-            body = json.dumps({**batch, "model": fanout.model}, separators=(",", ":")).encode()
-            revision, count = batch["snapshot"]["revision"], 1
-        else:
-            events = batch["events"]
-            body = fanout.encoded_batch(events)
-            revision, count = (events[-1]["revision"] if events else self.delivered_revision), len(events)
-        head, tail = self._envelope
-        size = len(head) + len(body) + len(tail)
-        self._seq = (self._seq + 1) & 0xFFFF
-        flags = 0 if two_way else protocol.FLAGS_ONEWAY
-        header = _HEADER_STRUCT.pack(b"PYRO", protocol.PROTOCOL_VERSION, protocol.MSG_INVOKE, _JSON_ID, flags,
-                                     self._seq, size, 0, _NO_CORRELATION, 0, protocol._magic_number)
-        return b"".join((header, head, body, tail)), revision, count
-
-    def set_object(self, object_id: str) -> None:
-        """The Pyro5 object id of the viewer, which every call names."""
-        self._envelope = (f'{{"object":{json.dumps(object_id)},"method":"notify","params":['.encode(),
-                          b'],"kwargs":{}}')
-
-    def _fill(self, now: float) -> None:
-        """Queue calls while the window has room (calls and events both bounded)."""
-        while len(self._in_flight) < self._window and self._in_flight_events < self.fanout.queue_limit:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            two_way = self._two_way(now)
-            data, revision, count = self._encode(batch, two_way)
-            self._send(data, now, revision, count, two_way)
-            if "snapshot" in batch:
-                self.fanout._snapshots_sent.inc()
-            else:
-                self.fanout.tally.events += count
-
-    def _two_way(self, now: float) -> bool:
-        """Whether the next call asks for an answer."""
-        if not self.oneway:
-            return True
-        if self._awaiting:
-            return False
-        return len(self._in_flight) + 2 >= self._window or now - self._asked_at >= ACK_INTERVAL
-
-    def _send(self, data: bytes, now: float, revision: int, count: int, two_way: bool) -> None:
-        if not self._in_flight:
-            self._last_progress = now
-        if two_way:
-            self._awaiting, self._asked_at = True, now
-        self._out += data
-        self._in_flight.append((now, revision, count, two_way))
-        self._in_flight_events += count
-
-    def _sync(self, now: float) -> bool:
-        """Ask for an answer to calls sent oneway that nothing else will acknowledge."""
-        if self._awaiting or not self._in_flight or now - self._asked_at < ACK_INTERVAL:
-            return False
-        data, _, _ = self._encode({"events": []}, two_way=True)
-        self._send(data, now, self._in_flight[-1][1], 0, True)
-        return True
-
-    def _flush(self) -> None:
-        while self._out:
-            try:
-                sent = self.sock.send(self._out)
-            except _RETRY:
-                return
-            del self._out[:sent]
-
-    def _read(self, now: float) -> None:
-        """Take the viewer's answers off the socket; each one completes the oldest call."""
-        while True:
-            try:
-                chunk = self.sock.recv(65536)
-            except _RETRY:
-                break
-            if not chunk:
-                raise ConnectionResetError("the viewer closed the connection")
-            self._in += chunk
-            if not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
-                break
-        while len(self._in) >= _HEADER:
-            tag, version, _, _, flags, _, data_size, annotations_size, _, _, magic = _HEADER_STRUCT.unpack_from(self._in)
-            if tag != b"PYRO" or version != protocol.PROTOCOL_VERSION or magic != protocol._magic_number:
-                raise PyroError("invalid message from the viewer")
-            size = _HEADER + annotations_size + data_size
-            if len(self._in) < size:
-                break
-            answer = bytes(self._in[_HEADER + annotations_size:size])
-            del self._in[:size]
-            if not self._awaiting:
-                raise PyroError("answer to a call that was not made")
-            while True:  # the answer acknowledges its call and every (oneway) call before it
-                _, revision, count, two_way = self._in_flight.popleft()
-                self._in_flight_events -= count
-                self.fanout.tally.calls += 1
-                if two_way:
-                    break
-            self.delivered_revision = revision
-            self._awaiting = not self.oneway and bool(self._in_flight)
-            self._last_progress = now
-            failed = 1 if flags & protocol.FLAGS_EXCEPTION else _failures(answer)
-            if failed:  # the viewer's handler raised: it is alive, keep it
-                self.fanout._failed.inc(failed)
-                log_event(log, "notify_error", "viewer handler raised", level=logging.WARNING,
-                          viewer_id=self.viewer_id, revision=self.delivered_revision, failures=failed)
-
-    def _stalled(self, now: float) -> bool:
-        if not self._awaiting:
-            return False
-        # with oneway calls the awaited call may be younger than the last answer: time it from its sending
-        since = max(self._last_progress, self._asked_at) if self.oneway else self._last_progress
-        return now - since > self.fanout.call_timeout
-
-    def _close(self) -> None:
-        if self.proxy is not None:
-            self.proxy._pyroRelease()  # closes the socket too
-            self.proxy = None
-        self.sock = None
 
 
 class Fanout:
