@@ -25,6 +25,7 @@ from Pyro5.serializers import serializers
 
 from .auth import address_of
 from .errors import AuthenticationError
+from .logs import log_event
 
 
 class TrackedDaemonMixin:
@@ -159,7 +160,8 @@ class ViewerDaemon(TrackedDaemon):
         except Exception as exc:  # noqa: BLE001 - reported to the caller, as Pyro5 does
             if oneway:
                 conn.mvc_failed = getattr(conn, "mvc_failed", 0) + 1
-                _log.warning("viewer %s: handler raised: %r", getattr(obj, "viewer_id", "?"), exc)
+                log_event(_log, "notify_error", f"viewer handler raised: {exc!r}", level=logging.WARNING,
+                          viewer_id=getattr(obj, "viewer_id", None), revision=getattr(obj, "revision", None))
                 return
             self._sendExceptionResponse(conn, seq, _JSON_ID, exc, Pyro5.errors.format_traceback(detailed=False))
             return

@@ -123,11 +123,12 @@ class Fanout:
         if not events:  # a call that only asks for an answer
             return f'{{"model":{self.model_json},"events":[]}}'.encode()
         first, last = events[0]["revision"], events[-1]["revision"]
+        contiguous = last - first + 1 == len(events)  # then (first, last) names the batch
         cached = self._batch_cache
-        if cached[0] == first and cached[1] == last and last - first + 1 == len(events):
+        if contiguous and cached[0] == first and cached[1] == last:
             return cached[2]
         body = f'{{"model":{self.model_json},"events":[{",".join(map(self.encoded, events))}]}}'.encode()
-        if last - first + 1 == len(events):  # contiguous: (first, last) names the batch
+        if contiguous:
             self._batch_cache = (first, last, body)
         return body
 
@@ -293,7 +294,7 @@ class Fanout:
                 for sub in [s for s in live if s._stalled(now)]:
                     self._fail(sub, live, "timeout", "no answer within the call timeout")
                 for sub in live:
-                    if sub.oneway and sub._in_flight and sub._sync(now):
+                    if sub._sync(now):
                         self._service(sub, live, now)
             self._count()
             timeout = max(0.0, next_check - now) if live else 0.5

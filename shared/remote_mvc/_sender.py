@@ -98,7 +98,7 @@ class Subscriber:
         self._in_flight: collections.deque[tuple[float, int, int, bool]] = collections.deque()
         self._in_flight_events = 0
         self._window = ONEWAY_WINDOW if oneway else MAX_IN_FLIGHT
-        self._awaiting = False  # a two-way call is out (at most one when calls may be oneway)
+        self._asking = 0  # two-way calls among them (at most one when calls may be oneway)
         self._asked_at = 0.0  # when the last two-way call was sent
         self._last_progress = 0.0
         self._interest = selectors.EVENT_READ  # what the loop's selector watches this socket for
@@ -192,7 +192,7 @@ class Subscriber:
         """Whether the next call asks for an answer."""
         if not self.oneway:
             return True
-        if self._awaiting:
+        if self._asking:
             return False
         return len(self._in_flight) + 2 >= self._window or now - self._asked_at >= ACK_INTERVAL
 
@@ -200,14 +200,15 @@ class Subscriber:
         if not self._in_flight:
             self._last_progress = now
         if two_way:
-            self._awaiting, self._asked_at = True, now
+            self._asking += 1
+            self._asked_at = now
         self._out += data
         self._in_flight.append((now, revision, count, two_way))
         self._in_flight_events += count
 
     def _sync(self, now: float) -> bool:
         """Ask for an answer to calls sent oneway that nothing else will acknowledge."""
-        if self._awaiting or not self._in_flight or now - self._asked_at < ACK_INTERVAL:
+        if self._asking or not self._in_flight or now - self._asked_at < ACK_INTERVAL:
             return False
         data, _, _ = self._encode({"events": []}, two_way=True)
         self._send(data, now, self._in_flight[-1][1], 0, True)
@@ -242,7 +243,7 @@ class Subscriber:
                 break
             answer = bytes(self._in[_HEADER + annotations_size:size])
             del self._in[:size]
-            if not self._awaiting:
+            if not self._asking:
                 raise PyroError("answer to a call that was not made")
             while True:  # the answer acknowledges its call and every (oneway) call before it
                 _, revision, count, two_way = self._in_flight.popleft()
@@ -251,7 +252,7 @@ class Subscriber:
                 if two_way:
                     break
             self.delivered_revision = revision
-            self._awaiting = not self.oneway and bool(self._in_flight)
+            self._asking -= 1
             self._last_progress = now
             failed = 1 if flags & protocol.FLAGS_EXCEPTION else _failures(answer)
             if failed:  # the viewer's handler raised: it is alive, keep it
@@ -260,11 +261,12 @@ class Subscriber:
                           viewer_id=self.viewer_id, revision=self.delivered_revision, failures=failed)
 
     def _stalled(self, now: float) -> bool:
-        if not self._awaiting:
+        """The oldest call that asked for an answer has had none for ``call_timeout``, counted from
+        the last answer or from its sending, whichever is later (it cannot be answered before)."""
+        if not self._asking:
             return False
-        # with oneway calls the awaited call may be younger than the last answer: time it from its sending
-        since = max(self._last_progress, self._asked_at) if self.oneway else self._last_progress
-        return now - since > self.fanout.call_timeout
+        sent = next(at for at, _, _, two_way in self._in_flight if two_way)
+        return now - max(self._last_progress, sent) > self.fanout.call_timeout
 
     def _close(self) -> None:
         if self.proxy is not None:

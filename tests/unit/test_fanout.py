@@ -185,7 +185,7 @@ def test_an_ordered_oneway_viewer_answers_one_call_per_window_and_that_acknowled
     assert _calls(peer) == [(True, [4])]  # the window (4 calls) is full: 5 waits, and will go in a batch
     _answer(peer, 1)
     sub._read(now + 0.03)
-    assert sub.delivered_revision == 1 and len(sub._in_flight) == 3 and not sub._awaiting
+    assert sub.delivered_revision == 1 and len(sub._in_flight) == 3 and not sub._asking
     f.publish(ev(6))
     sub._fill(now + 0.04)
     sub._flush()
