@@ -48,6 +48,7 @@ class Config:
     slow_n: int
     slow_sleep: float
     viewer_server: str = "multiplex"  # how remote-mvc's viewer processes serve their viewers
+    dump: str = ""  # directory: keep each measurement's raw sends and viewer records (JSON) there
 
 
 FULL = Config(ns=[1, 10, 50, 200, 1000], procs=4, rate=50.0, paced_seconds=10.0, unpaced_seconds=8.0,
@@ -317,6 +318,11 @@ class Runner:
             p.wait(cfg.drain_timeout + 60)
             records.update(json.loads(paths[p].read_text()))
             paths[p].unlink()
+        if cfg.dump:
+            Path(cfg.dump).mkdir(parents=True, exist_ok=True)
+            raw = {"sends": sends, "records": records, "schedule": ctl.schedule if rate else None,
+                   "procs": {str(p.pid): p.ids for p in procs}}
+            (Path(cfg.dump) / f"{system.name}-{scenario}-{n}.json").write_text(json.dumps(raw))
         ids = healthy if healthy is not None else [v for p in procs for v in p.ids]
         all_deliveries = sum(1 for rec in records.values() for s in rec["seqs"] if s >= sends[0][0])
         usage = sampler.stop(n, all_deliveries)
@@ -454,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also benchmark remote-mvc-proto: the library with the prototypes in bench/proto")
     parser.add_argument("--ref", default="", help="also benchmark the library as committed at this git ref "
                         "(system remote-mvc-ref), e.g. to measure a change before/after in one run")
+    parser.add_argument("--dump", default="", help="directory: keep every measurement's raw data (the "
+                        "controller's calls, each viewer's deliveries) as JSON, for analysis by hand")
     parser.add_argument("--profile", default="", help="directory: record py-spy profiles of the remote-mvc server")
     parser.add_argument("--profile-n", default="200", help="N values to profile at")
     args = parser.parse_args(argv)
@@ -469,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.rate = args.rate
     if args.no_slow:
         cfg.slow = False
+    cfg.dump = args.dump
     if args.viewer_server:
         cfg.viewer_server = args.viewer_server
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import random
 import secrets
 import selectors
 import socket
@@ -38,8 +39,12 @@ MAX_IN_FLIGHT = 2  # one call being handled, one ready behind it: more only frag
 # window is nearly full or ACK_INTERVAL after the last one; its answer acknowledges every call before
 # it (a connection's calls are handled in order). Calls not answered by ACK_INTERVAL are followed by a
 # two-way call with no events, so a stall is still noticed within ACK_INTERVAL + call_timeout.
+# Each interval is drawn between ACK_INTERVAL / 2 and ACK_INTERVAL, so that the viewers of a change
+# do not all answer the same call: in step, every viewer would ask on the same change, and that
+# change would carry N answers to send and read on top of its N deliveries (a latency spike).
 ONEWAY_WINDOW = 8
 ACK_INTERVAL = 0.1
+_jitter = random.Random()
 _JSON_ID = serializers["json"].serializer_id
 _HEADER = protocol._header_size
 # Pyro5's message header, packed here rather than through SendingMessage for every viewer's call
@@ -99,7 +104,7 @@ class Subscriber:
         self._in_flight_events = 0
         self._window = ONEWAY_WINDOW if oneway else MAX_IN_FLIGHT
         self._asking = 0  # two-way calls among them (at most one when calls may be oneway)
-        self._asked_at = 0.0  # when the last two-way call was sent
+        self._ask_by = 0.0  # when the next call asks for an answer, at the latest (see ACK_INTERVAL)
         self._last_progress = 0.0
         self._interest = selectors.EVENT_READ  # what the loop's selector watches this socket for
 
@@ -194,21 +199,21 @@ class Subscriber:
             return True
         if self._asking:
             return False
-        return len(self._in_flight) + 2 >= self._window or now - self._asked_at >= ACK_INTERVAL
+        return len(self._in_flight) + 2 >= self._window or now >= self._ask_by
 
     def _send(self, data: bytes, now: float, revision: int, count: int, two_way: bool) -> None:
         if not self._in_flight:
             self._last_progress = now
         if two_way:
             self._asking += 1
-            self._asked_at = now
+            self._ask_by = now + ACK_INTERVAL * _jitter.uniform(0.5, 1.0)
         self._out += data
         self._in_flight.append((now, revision, count, two_way))
         self._in_flight_events += count
 
     def _sync(self, now: float) -> bool:
         """Ask for an answer to calls sent oneway that nothing else will acknowledge."""
-        if self._asking or not self._in_flight or now - self._asked_at < ACK_INTERVAL:
+        if self._asking or not self._in_flight or now < self._ask_by:
             return False
         data, _, _ = self._encode({"events": []}, two_way=True)
         self._send(data, now, self._in_flight[-1][1], 0, True)

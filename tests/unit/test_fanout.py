@@ -206,6 +206,53 @@ def test_an_ordered_oneway_viewer_answers_one_call_per_window_and_that_acknowled
     peer.close()
 
 
+def test_viewers_in_step_do_not_all_ask_for_an_answer_on_the_same_change():
+    """Every viewer asks about every ACK_INTERVAL, but at its own moments: if all asked on the same
+    change, that change would carry N answers on top of its N deliveries."""
+    import socket
+
+    import remote_mvc._fanout as fo
+
+    f, _, _ = make()
+    n, step = 60, 0.02  # 60 viewers, a change every 20 ms (50 changes/s)
+    subs, peers = [], []
+    for i in range(n):
+        sub = f.add(f"v{i}", "u", backlog=[], start=False, oneway=True)
+        sub.set_object(f"viewer.v{i}")
+        sub.sock, peer = socket.socketpair()
+        sub.sock.setblocking(False)
+        peer.setblocking(False)
+        subs.append(sub)
+        peers.append(peer)
+    askers, last_ask = [], dict.fromkeys(range(n), 0.0)
+    for k in range(1, 101):
+        now = 100.0 + k * step
+        f.publish(ev(k))
+        asked = 0
+        for i, (sub, peer) in enumerate(zip(subs, peers, strict=True)):
+            sub._fill(now)
+            sub._flush()
+            calls = _calls(peer)
+            assert [revs for _, revs in calls] == [[k]]
+            if not calls[0][0]:  # two-way: answer it at once
+                asked += 1
+                assert k == 1 or now - last_ask[i] >= fo.ACK_INTERVAL / 2 - 1e-9
+                last_ask[i] = now
+                _answer(peer, 0)
+                sub._read(now)
+                assert sub.delivered_revision == k and not sub._in_flight
+            else:
+                assert now - last_ask[i] < fo.ACK_INTERVAL + 1e-9  # nobody goes longer without asking
+        askers.append(asked)
+    assert askers[0] == n  # the first change after a quiet spell: everyone asks
+    # after that, about a fifth of the viewers ask on each change (intervals of 50-100 ms)
+    assert max(askers[10:]) <= n // 2 and min(askers[10:]) >= 1
+    assert 0.1 * n <= sum(askers[10:]) / len(askers[10:]) <= 0.5 * n
+    for sub, peer in zip(subs, peers, strict=True):
+        sub.sock.close()
+        peer.close()
+
+
 def test_a_viewer_that_did_not_ask_for_oneway_answers_every_call():
     import socket
 
