@@ -111,6 +111,8 @@ class TrackedDaemon(TrackedDaemonMixin, Pyro5.api.Daemon):
 
 
 _JSON_ID = serializers["json"].serializer_id
+_HEADER_SIZE = protocol._header_size
+_READ_SIZE = 65536  # larger reads cost more than they save: recv allocates the whole size first
 _log = logging.getLogger("remote_mvc.viewer")
 
 
@@ -133,16 +135,37 @@ class ViewerDaemon(TrackedDaemon):
     """
 
     def handleRequest(self, conn: Any) -> None:  # noqa: N802 - Pyro5's name
-        header = conn.recv(6)
-        protocol.ReceivingMessage.validate(header)
-        header += conn.recv(protocol._header_size - 6)
-        msg = protocol.ReceivingMessage(header)
-        payload = conn.recv(msg.annotations_size + msg.data_size)
+        """Read what the connection has in one ``recv`` and handle every whole message in it
+        (Pyro5 reads a message in three), keeping the rest for the next call."""
+        buffer = getattr(conn, "mvc_in", None)
+        if buffer is None:
+            buffer = conn.mvc_in = bytearray()
+        try:
+            chunk = conn.sock.recv(_READ_SIZE)
+        except TimeoutError:  # socket.timeout
+            raise Pyro5.errors.TimeoutError("receiving: timeout") from None
+        except OSError as exc:
+            raise Pyro5.errors.ConnectionClosedError(f"receiving: connection lost: {exc}") from None
+        if not chunk:
+            raise Pyro5.errors.ConnectionClosedError("receiving: connection lost")
+        buffer += chunk
+        while len(buffer) >= _HEADER_SIZE:
+            protocol.ReceivingMessage.validate(bytes(buffer[:6]))
+            msg = protocol.ReceivingMessage(bytes(buffer[:_HEADER_SIZE]))
+            size = _HEADER_SIZE + msg.annotations_size + msg.data_size
+            if len(buffer) < size:
+                return
+            message = bytes(buffer[:size])
+            del buffer[:size]
+            self._handle(conn, msg, message)
+
+    def _handle(self, conn: Any, msg: protocol.ReceivingMessage, message: bytes) -> None:
+        """One whole message: a notify call of the model server's shape, or Pyro5's business."""
         oneway = msg.flags == protocol.FLAGS_ONEWAY
         if (msg.type == protocol.MSG_INVOKE and msg.serializer_id == _JSON_ID and (oneway or not msg.flags)
                 and not msg.annotations_size):
             try:
-                call = json.loads(payload)
+                call = json.loads(message[_HEADER_SIZE:])
                 obj = self.objectsById.get(call["object"])
                 params = call["params"]
                 fast = (call["method"] == "notify" and getattr(obj, "_mvc_notify", False) and not call["kwargs"]
@@ -152,7 +175,7 @@ class ViewerDaemon(TrackedDaemon):
             if fast:
                 self._notify(conn, obj, params[0], msg.seq, oneway)
                 return
-        super().handleRequest(_Replayed(conn, header + payload))
+        super().handleRequest(_Replayed(conn, message))
 
     def _notify(self, conn: Any, obj: Any, batch: dict, seq: int, oneway: bool) -> None:
         try:

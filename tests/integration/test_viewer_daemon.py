@@ -23,9 +23,15 @@ class Spy(Viewer):
         return super().notify(batch)
 
 
-@pytest.fixture
-def served():
-    daemon = ViewerDaemon(host="127.0.0.1", port=0)
+@pytest.fixture(params=["thread", "multiplex"])
+def served(request):
+    from Pyro5 import config
+
+    servertype, config.SERVERTYPE = config.SERVERTYPE, request.param  # read by the constructor
+    try:
+        daemon = ViewerDaemon(host="127.0.0.1", port=0)
+    finally:
+        config.SERVERTYPE = servertype
     viewer = Spy()
     uri = daemon.register(viewer, objectId="viewer.v")
     thread = threading.Thread(target=daemon.requestLoop, daemon=True)
@@ -93,3 +99,30 @@ def test_oneway_notifies_run_in_order_and_the_next_answer_counts_their_failures(
         assert p.notify(batch(41)) == 1  # the failure in a oneway call, reported with the next answer
         assert p.notify(batch(42)) == 0
     assert seen == list(range(1, 43)) and viewer.received == list(range(1, 43))
+
+
+def test_messages_arriving_together_or_in_pieces_are_each_handled_in_order(served):
+    """One read may bring several messages, and a message may come in pieces: each is handled
+    once, in order, whether on the short path or replayed to Pyro5."""
+    from Pyro5 import protocol
+    from Pyro5.serializers import serializers
+
+    viewer, uri, calls = served
+    json_id = serializers["json"].serializer_id
+
+    def message(seq, method, params, flags=0):
+        body = json.dumps({"object": "viewer.v", "method": method, "params": params, "kwargs": {}}).encode()
+        return protocol.SendingMessage(protocol.MSG_INVOKE, flags, seq, json_id, body).data
+
+    data = (message(1, "notify", [batch(1)], protocol.FLAGS_ONEWAY) + message(2, "notify", [batch(2)], protocol.FLAGS_ONEWAY)
+            + message(3, "wait_for", [2, 5.0]) + message(4, "notify", [batch(3)]))
+    with Proxy(uri) as p:
+        p._pyroBind()  # connected and past the handshake: from here on, raw messages on its socket
+        conn = p._pyroConnection
+        conn.sock.sendall(data[:3])  # a piece of a header
+        conn.sock.sendall(data[3:-10])  # the rest of four messages but the last 10 bytes
+        assert viewer.wait_for(2, 5.0)
+        conn.sock.sendall(data[-10:])
+        answers = [protocol.recv_stub(conn) for _ in range(2)]
+    assert [(a.seq, a.data) for a in answers] == [(3, b"true"), (4, b"0")]  # Pyro5's answer, then the short path's
+    assert viewer.received == [1, 2, 3] and calls == ["dict", "dict", "dict"]
