@@ -5,6 +5,9 @@
 authenticated connection; ``modify`` needs the controller role and runs
 validate → audit → commit → apply → notify, in that order, under one lock, so
 revisions are gap-free and every acknowledged change is durable and recorded.
+The audit record's fsync is the one fsync of a change: the commit after it is not
+synced, and at start-up the server rolls forward what the audit log holds past
+the state file (so a change recorded, then cut off by a crash, is applied).
 
 A change event, as viewers and ``history`` see it::
 
@@ -20,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from Pyro5.api import expose
@@ -76,19 +80,19 @@ class ModelServer:
         self._history: collections.deque[dict] = collections.deque(maxlen=history_limit)
         first = max(0, revision - history_limit)
         self._history.extend(store.events(name, first, history_limit))
+        self._roll_forward()
         # request ids of recent changes, so a retried modify is applied at most once
         self._requests: collections.OrderedDict[str, int] = collections.OrderedDict(
             (e["request"], e["revision"]) for e in self._history if e.get("request"))
         self._fanout = Fanout(name, self.snapshot, metrics, lease_seconds=lease_seconds,
                               call_timeout=call_timeout, queue_limit=queue_limit, batch_max=batch_max,
                               clock=monotonic)
-        audit.reconcile(name, revision)
         self._revision_gauge = metrics.model_revision.labels(name)
-        self._revision_gauge.set(revision)
+        self._revision_gauge.set(self._revision)
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name=f"lease-reaper-{name}", daemon=True)
         self._reaper.start()
-        log_event(log, "model_loaded", "model loaded", model=name, revision=revision, values=self._values)
+        log_event(log, "model_loaded", "model loaded", model=name, revision=self._revision, values=self._values)
 
     # reads -----------------------------------------------------------------
     def query(self) -> dict[str, Any]:
@@ -163,18 +167,47 @@ class ModelServer:
         with self._lock:
             return self._apply(self._schema.validate(self._values, changes), identity, None, None, audited=False)
 
-    def _apply(self, normalized: dict[str, Any], identity: str, address: str | None, request_id: str | None,
-               audited: bool = True) -> int:
-        """Record, commit and publish an already validated change (lock held)."""
-        revision = self._revision + 1
-        values = {**self._values, **normalized}
+    def _event(self, normalized: dict[str, Any], identity: str, request_id: str | None,
+               at: float | None = None) -> dict[str, Any]:
+        """The change event of an already validated change, at the next revision."""
         event = {
-            "model": self._name, "revision": revision, "time": self._clock(), "identity": identity,
+            "model": self._name, "revision": self._revision + 1, "time": self._clock() if at is None else at,
+            "identity": identity,
             "changes": {k: {"old": self._values.get(k), "new": v} for k, v in normalized.items()},
-            "values": values,
+            "values": {**self._values, **normalized},
         }
         if request_id is not None:
             event["request"] = request_id
+        return event
+
+    def _roll_forward(self) -> None:
+        """Apply the changes whose audit record outlived their commit (see AuditLog.unapplied)."""
+        for record in self._audit.unapplied(self._name, self._revision):
+            try:
+                normalized = self._schema.validate(self._values, record.get("changes") or {})
+                at = datetime.fromisoformat(record["time"]).timestamp()
+                event = self._event(normalized, record["identity"], record.get("request"), at)
+                self._store.commit(self._name, event)
+            except (MVCError, KeyError, TypeError, ValueError) as exc:
+                log_event(log, "roll_forward_failed", "an audited change could not be applied at start-up",
+                          level=logging.ERROR, model=self._name, revision=record["revision"], error=str(exc))
+                try:  # the log must not claim a change that was never applied
+                    self._audit.record("modify", record.get("identity", "unknown"), record.get("client"), "failed",
+                                       model=self._name, revision=record["revision"], request=record.get("request"),
+                                       error=f"not applied at start-up: {exc}")
+                except PersistenceError:
+                    pass
+                return
+            self._values, self._revision = event["values"], event["revision"]
+            self._history.append(event)
+            log_event(log, "modify_rolled_forward", "audited change applied at start-up", model=self._name,
+                      revision=self._revision, identity=event["identity"], request=event.get("request"))
+
+    def _apply(self, normalized: dict[str, Any], identity: str, address: str | None, request_id: str | None,
+               audited: bool = True) -> int:
+        """Record, commit and publish an already validated change (lock held)."""
+        event = self._event(normalized, identity, request_id)
+        revision, values = event["revision"], event["values"]
         try:
             if audited:
                 self._audit.record("modify", identity, address, "accepted", model=self._name,
@@ -185,7 +218,7 @@ class ModelServer:
                       identity=identity, model=self._name)
             raise
         try:
-            self._store.commit(self._name, event)
+            self._store.commit(self._name, event, fsync=not audited)  # an audited change is durable already
         except PersistenceError as exc:
             self._metrics.modifications.labels(self._name, "persist_failed").inc()
             log_event(log, "modify_failed", "state not durable: change refused", level=logging.ERROR,

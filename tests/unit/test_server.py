@@ -120,6 +120,9 @@ def test_commit_failure_is_refused_and_not_applied(tmp_path):
     assert metrics.registry.get_sample_value("remote_mvc_modifications_total",
                                              {"model": "m", "result": "persist_failed"}) == 1
     m.close()
+    m2 = make(tmp_path)  # the failed record cancels the accepted one: nothing rolled forward
+    assert m2.snapshot()["revision"] == 1 and m2.query()["value"] == 1
+    m2.close()
 
 
 def test_audit_failure_refuses_the_change(tmp_path):
@@ -132,21 +135,68 @@ def test_audit_failure_refuses_the_change(tmp_path):
     m.close()
 
 
-def test_restart_after_a_crash_between_audit_and_commit_reconciles_the_audit_log(tmp_path):
-    m = make(tmp_path)
-    m.modify({"value": 1})
-    # the crash: the record of revision 2 is written, the commit never happens
-    m._audit.record("modify", "controller", "10.0.0.9:5", "accepted", model="m", changes={"value": 2},
-                    revision=2, request="r2")
+def _restart(m, tmp_path, **kw):
     m.close()
     m._store.close()
+    return make(tmp_path, **kw)
+
+
+def test_restart_after_a_crash_between_audit_and_commit_rolls_the_change_forward(tmp_path):
+    m = make(tmp_path)
+    m.modify({"value": 1})
+    # the crash: the record of revision 2 is written (and fsynced), the commit never happens
+    m._audit.record("modify", "controller", "10.0.0.9:5", "accepted", model="m", changes={"value": 2},
+                    revision=2, request="r2")
+    m2 = _restart(m, tmp_path)
+    assert m2.snapshot()["revision"] == 2 and m2.query()["value"] == 2
+    event = m2.history(1)[0]
+    assert event["request"] == "r2" and event["identity"] == "controller"
+    assert event["changes"] == {"value": {"old": 1, "new": 2}}
+    assert m2.modify({"value": 2}, request_id="r2") == 2  # the controller's retry: applied once
+    assert [(r["result"], r["revision"]) for r in read_audit(tmp_path / "audit.jsonl")] == [
+        ("accepted", 1), ("accepted", 2)]
+    m3 = _restart(m2, tmp_path)  # committed now: a second start applies nothing again
+    assert m3.snapshot()["revision"] == 2 and [e["revision"] for e in m3.history(0)] == [1, 2]
+    m3.close()
+
+
+def test_a_state_file_that_lost_its_unsynced_tail_is_restored_from_the_audit_log(tmp_path):
+    import sqlite3
+
+    m = make(tmp_path)
+    for v in (1, 2, 3):
+        m.modify({"value": v}, request_id=f"r{v}")
+    m.modify({"name": "last"})
+    m.close()
+    m._store.close()
+    # a power loss: the audited commits were not fsynced; the state file is back at revision 1
+    db = sqlite3.connect(tmp_path / "state.sqlite3")
+    db.execute("DELETE FROM events WHERE revision > 1")
+    db.execute("""UPDATE state SET revision = 1, vals = '{"name": "xxx", "value": 1}'""")
+    db.commit()
+    db.close()
     m2 = make(tmp_path)
-    assert m2.snapshot()["revision"] == 1
-    records = read_audit(tmp_path / "audit.jsonl")
-    assert [(r["result"], r["revision"]) for r in records] == [("accepted", 1), ("accepted", 2), ("failed", 2)]
-    assert records[-1]["request"] == "r2" and "not committed" in records[-1]["error"]
+    assert m2.snapshot()["revision"] == 4 and m2.query() == {"name": "last", "value": 3}
+    assert [e["values"] for e in m2.history(0)] == [
+        {"name": "xxx", "value": 1}, {"name": "xxx", "value": 2}, {"name": "xxx", "value": 3},
+        {"name": "last", "value": 3}]
+    assert m2._store.load("m") == (4, {"name": "last", "value": 3})  # and committed again
+    assert m2.modify({"value": 3}, request_id="r3") == 3  # request ids restored with the history
     m2.close()
-    m2._store.close()
-    m3 = make(tmp_path)  # reconciled once: a second start adds nothing
-    assert len(read_audit(tmp_path / "audit.jsonl")) == 3
+
+
+def test_an_audited_change_that_cannot_be_applied_at_start_up_is_recorded_as_failed(tmp_path):
+    m = make(tmp_path)
+    m.modify({"value": 1})
+    m._audit.record("modify", "controller", None, "accepted", model="m", changes={"value": "x"}, revision=2)
+    m._audit.record("modify", "controller", None, "accepted", model="m", changes={"value": 3}, revision=3)
+    m2 = _restart(m, tmp_path)
+    assert m2.snapshot()["revision"] == 1  # nothing past the change that failed
+    records = read_audit(tmp_path / "audit.jsonl")
+    assert [(r["result"], r["revision"]) for r in records] == [
+        ("accepted", 1), ("accepted", 2), ("accepted", 3), ("failed", 2)]
+    assert "not applied at start-up" in records[-1]["error"]
+    assert m2.modify({"value": 5}) == 2  # revision 2 is taken by the next change
+    m3 = _restart(m2, tmp_path)  # whose record is the last of revision 2: nothing to roll forward
+    assert m3.snapshot()["revision"] == 2 and m3.query()["value"] == 5
     m3.close()

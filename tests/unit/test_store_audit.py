@@ -39,6 +39,70 @@ def test_duplicate_revision_is_refused_and_state_kept(tmp_path):
     assert s.load("m") == (1, {"value": 1})
 
 
+def test_only_commits_not_made_durable_elsewhere_are_fsynced(tmp_path):
+    s = Store(tmp_path / "s.sqlite3")
+
+    def synchronous():
+        return s._db.execute("PRAGMA synchronous").fetchone()[0]
+
+    s.commit("m", event(1, value=1))
+    assert synchronous() == 2  # FULL: the WAL is fsynced at the commit
+    s.commit("m", event(2, value=2), fsync=False)
+    assert synchronous() == 1  # NORMAL: an audited change, durable by its audit record
+    s.commit("m", event(3, value=3))
+    assert synchronous() == 2
+    assert s.load("m") == (3, {"value": 3})
+
+
+def test_the_wal_is_checkpointed_by_the_stores_thread_not_inside_a_commit(tmp_path):
+    import os
+
+    path = tmp_path / "s.sqlite3"
+    s = Store(path, checkpoint_every=50)
+    assert s._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # no commit checkpoints
+    before = os.path.getsize(path)
+    for r in range(1, 121):
+        s.commit("m", event(r, value=r, pad="x" * 500), fsync=False)
+    assert s.wait_checkpoints(2, 10.0)  # one per 50 commits
+    assert os.path.getsize(path) > before  # the pages were copied into the database file
+    assert s.load("m")[0] == 120
+    s.close()
+    assert not s._checkpointer.is_alive()
+    assert Store(path).load("m")[0] == 120
+
+
+def test_unapplied_records_are_the_accepted_ones_past_a_revision_in_order(tmp_path):
+    log = AuditLog(tmp_path / "audit.jsonl", clock=lambda: 0.0)
+    for r in range(1, 41):
+        log.record("modify", "ctl", None, "accepted", model="m", revision=r, changes={"v": r})
+        log.record("modify", "ctl", None, "accepted", model="other", revision=r, changes={"v": r})
+        log.record("modify", "ctl", None, "invalid", model="m", error="no")
+    log.record("modify", "ctl", None, "failed", model="m", revision=38, error="disk full")
+    log.record("modify", "ctl", None, "accepted", model="m", revision=38, changes={"v": "again"})
+    log.record("modify", "ctl", None, "failed", model="m", revision=40, error="disk full")
+    assert [r["revision"] for r in log.unapplied("m", 35)] == [36, 37, 38, 39]  # 40 was cancelled
+    assert log.unapplied("m", 35)[2]["changes"] == {"v": "again"}  # the last record of a revision wins
+    assert log.unapplied("m", 40) == [] and log.unapplied("nobody", 0) == []
+    assert [r["revision"] for r in log.unapplied("other", 0)] == list(range(1, 41))
+    # read backwards a small chunk at a time: records cut by a chunk boundary are put back together
+    assert log._modifies_after("m", 30, chunk=50) == log._modifies_after("m", 30)
+    assert [r["revision"] for r in log._modifies_after("other", 30, chunk=37)] == list(range(31, 41))
+
+
+def test_unapplied_stops_at_a_missing_revision_and_skips_a_torn_last_line(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, clock=lambda: 0.0)
+    for r in (1, 2, 4):
+        log.record("modify", "ctl", None, "accepted", model="m", revision=r, changes={"v": r})
+    with open(path, "a") as f:
+        f.write('{"action": "modify", "model": "m", "revision": 3, "res')  # killed mid-write
+    assert [r["revision"] for r in log.unapplied("m", 0)] == [1, 2]
+    assert AuditLog(tmp_path / "none.jsonl").unapplied("m", 0) == []
+    again = AuditLog(path, clock=lambda: 0.0)  # the restarted server: its records are not glued to the torn one
+    again.record("modify", "ctl", None, "accepted", model="m", revision=3, changes={"v": 3})
+    assert [r["revision"] for r in again.unapplied("m", 0)] == [1, 2, 3, 4]
+
+
 def test_unopenable_state_file(tmp_path):
     (tmp_path / "dir").mkdir()
     with pytest.raises(PersistenceError, match="cannot open"):
