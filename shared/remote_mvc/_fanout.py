@@ -58,6 +58,12 @@ __all__ = ["ACK_INTERVAL", "MAX_IN_FLIGHT", "ONEWAY_WINDOW", "Fanout", "Subscrib
 log = logging.getLogger("remote_mvc.fanout")
 
 
+def _by_destination(sub: Subscriber) -> tuple[str, str]:
+    """Send order within a turn: the viewers of one host (one daemon address) one after another,
+    so that a host hosting many viewers wakes once for all of them rather than once for each."""
+    return sub.destination, sub.id
+
+
 class Fanout:
     """The subscriber registry of one model: subscribe, publish, renew, expire; and its loop."""
 
@@ -286,7 +292,7 @@ class Fanout:
                 self._published = False  # before looking at the queues: a later publish sets it again
                 pending.update(live)
             now = time.monotonic()
-            for sub in pending:
+            for sub in sorted(pending, key=_by_destination) if len(pending) > 1 else pending:
                 self._service(sub, live, now)
             pending.clear()
             if now >= next_check:

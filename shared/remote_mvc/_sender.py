@@ -85,6 +85,7 @@ class Subscriber:
         self.oneway = oneway  # the viewer takes oneway notify calls, in order
         self.viewer_id = viewer_id
         self.uri = uri
+        self.destination = uri.rpartition("@")[2]  # the viewer's daemon address (host:port)
         self.id = f"{viewer_id}/{secrets.token_hex(6)}"
         self.lease_expiry = lease_expiry
         self.delivered_revision = 0  # the last revision the viewer acknowledged

@@ -270,3 +270,51 @@ def test_a_viewer_that_did_not_ask_for_oneway_answers_every_call():
     assert sub.queued == 1
     sub.sock.close()
     peer.close()
+
+
+def test_a_turn_sends_to_the_viewers_of_one_host_one_after_another():
+    """Viewers hosted together (one daemon address) get a change back to back, so their host wakes
+    once for all of them, not once per viewer interleaved with the other hosts."""
+    import socket
+    import threading
+
+    from remote_mvc.testing import wait_until
+
+    class Owned:  # stands in for the connected proxy the loop takes over
+        def _pyroClaimOwnership(self):
+            pass
+
+        def _pyroRelease(self):
+            pass
+
+    f, _, _ = make()
+    order, lock, peers = [], threading.Lock(), []
+    hosts = [f"10.0.0.{h}:900{h}" for h in range(4)]
+    for i in range(24):  # subscribed in an order that interleaves the hosts
+        sub = f.add(f"v{i}", f"PYRO:viewer.v{i}@{hosts[i % 4]}", backlog=[], start=False, oneway=True)
+        sub.set_object(f"viewer.v{i}")
+        sub.proxy = Owned()
+        sub.sock, peer = socket.socketpair()
+        sub.sock.setblocking(False)
+        peers.append(peer)
+        flush = sub._flush
+
+        def recorded(sub=sub, flush=flush):
+            if sub._out:
+                with lock:
+                    order.append(sub.destination)
+            flush()
+
+        sub._flush = recorded
+        f._connected.append(sub)
+    f._loop_started = True
+    f._loop.start()
+    try:
+        f.publish(ev(1))
+        wait_until(lambda: len(order) == 24, timeout=10, message="a call to every viewer")
+        runs = [d for k, d in enumerate(order) if k == 0 or order[k - 1] != d]
+        assert sorted(runs) == hosts  # one run per host: 4 runs of 6
+    finally:
+        f.close()
+        for peer in peers:
+            peer.close()
