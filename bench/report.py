@@ -101,8 +101,8 @@ def targets(results: list[dict]) -> list[dict[str, Any]]:
                 f"{a} ms vs {b} ms ({x}x)")
         if paced:
             add("durability on the measured path", bool(paced.get("durable")),
-                "every change is a real modify: HMAC-authenticated connection, validation, fsynced audit record, "
-                "SQLite commit (WAL, synchronous=FULL) before viewers are notified")
+                "every change is a real modify: HMAC-authenticated connection, validation, fsynced audit record "
+                "(the write-ahead log), SQLite commit (WAL), all before viewers are notified")
     return out
 
 

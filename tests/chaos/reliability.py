@@ -32,9 +32,9 @@ FAULTS: dict[str, tuple[str, str, str]] = {
         "model container in the middle of the stream, then `docker start`.",
         "Every modification acknowledged to a controller is in the restored state and history, at the "
         "revision it was acknowledged with; none is applied twice (controllers retry with the same "
-        "request id across the restart); revisions stay gap-free; the audit log has an accepted record "
-        "for every applied change, and a change recorded but killed before its commit is marked failed "
-        "at start-up; every viewer re-subscribes from its last revision and ends at the final revision "
+        "request id across the restart); revisions stay gap-free; the audit log has exactly one accepted "
+        "record per applied change and none for anything else (a change recorded, then killed before its "
+        "commit, is rolled forward from the audit log at start-up); every viewer re-subscribes from its last revision and ends at the final revision "
         "with a gap-free sequence (or an explicit snapshot)."),
     "test_paused_viewer_is_dropped_and_catches_up": (
         "2. Viewer replica paused (`docker pause`) for longer than its lease",
