@@ -1,10 +1,12 @@
 """Fan-out of change events to subscribed viewers.
 
-Every subscriber has its own sender: a bounded queue of events, an outbound
-buffer and a count of calls in flight. One event-loop thread per model drives
-all the senders over non-blocking sockets, so a slow or dead viewer only ever
-holds up its own sender, and a thousand viewers cost one thread, not a
-thousand:
+A publish appends the event to one shared log of recent events, whatever the
+number of viewers (etcd's watch works the same way). Every subscriber has its
+own sender: a cursor into that log (and a backlog from history when it
+resubscribed), an outbound buffer and a count of calls in flight. One
+event-loop thread per model drives all the senders over non-blocking sockets,
+so a slow or dead viewer only ever holds up its own sender, and a thousand
+viewers cost one thread, not a thousand:
 
 * events go out in revision order over the viewer's one connection, several
   per call when the viewer is behind (up to ``batch_max``), with up to
@@ -17,8 +19,9 @@ thousand:
 * each event is encoded once (JSON), and a batch's text once, spliced into
   every viewer's call (a viewer host's :class:`~remote_mvc._daemons.ViewerDaemon`
   takes such calls on a short path);
-* past ``queue_limit`` queued events the queue is replaced by one fresh
-  snapshot, and the viewer is told so;
+* a viewer more than ``queue_limit`` events behind gets one fresh snapshot
+  instead, and is told so;
+* a turn sends to the viewers of one host one after another;
 * a call not answered within ``call_timeout`` (a stalled viewer), or a broken
   connection (a dead one), drops the viewer; so does a lease it failed to renew;
 * each loop turn visits only the senders with something to do (all of them
@@ -35,6 +38,7 @@ oneway, JSON serializer).
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import selectors
@@ -69,7 +73,7 @@ class Fanout:
 
     def __init__(self, model: str, snapshot: Callable[[], dict], metrics: Metrics, *,
                  lease_seconds: float = 10.0, call_timeout: float = 3.0, queue_limit: int = 1000,
-                 batch_max: int = 500, clock: Callable[[], float] = time.monotonic) -> None:
+                 batch_max: int = 500, clock: Callable[[], float] = time.monotonic, revision: int = 0) -> None:
         self.model = model
         self.model_json = json.dumps(model)
         self.snapshot = snapshot
@@ -79,6 +83,10 @@ class Fanout:
         self.queue_limit = queue_limit
         self.batch_max = batch_max
         self.clock = clock
+        # the live stream: recent events in revision order, read by every sender from its own cursor
+        self._log: collections.deque[dict] = collections.deque()
+        self._log_lock = threading.Lock()
+        self.last_revision = revision  # of the last event published
         self._subs: dict[str, Subscriber] = {}
         self._by_viewer: dict[str, Subscriber] = {}
         self._lock = threading.Lock()
@@ -157,8 +165,7 @@ class Fanout:
         if backlog is None:
             sub.offer_snapshot()
         else:
-            for event in backlog:
-                sub.offer(event)
+            sub.offer_backlog(backlog)
         with self._lock:
             old = self._by_viewer.get(viewer_id)
             if old is not None:
@@ -199,11 +206,29 @@ class Fanout:
         self._wake()
 
     def publish(self, event: dict) -> None:
-        """Queue an event for every subscriber (caller holds the publisher's lock)."""
-        for sub in list(self._subs.values()):
-            sub.offer(event)
+        """Append an event to the live stream (caller holds the publisher's lock): O(1), whatever
+        the number of viewers; each sender reads on from its own cursor."""
+        with self._log_lock:
+            self._log.append(event)
+            if len(self._log) > self.queue_limit + self.batch_max:
+                self._log.popleft()
+            self.last_revision = event["revision"]
         self._published = True
         self._wake()
+
+    def events_after(self, revision: int) -> list[dict] | None:
+        """Up to ``batch_max`` events of the live stream after ``revision``; None when some of
+        them are no longer kept (the reader is to take a snapshot)."""
+        with self._log_lock:
+            log = self._log
+            if not log or log[-1]["revision"] <= revision:
+                return []
+            start = revision + 1 - log[0]["revision"]
+            if start < 0:
+                return None
+            if start == len(log) - 1:  # the usual case: a viewer in step
+                return [log[-1]]
+            return list(itertools.islice(log, start, start + self.batch_max))
 
     def renew(self, subscription_ids: list[str]) -> list[str]:
         """Extend leases; return the ids this server does not know (to re-subscribe)."""

@@ -1,10 +1,11 @@
-"""One viewer's sender: its queue, its window of calls, its Pyro5 messages.
+"""One viewer's sender: its cursor, its window of calls, its Pyro5 messages.
 
 The fan-out loop (:mod:`remote_mvc._fanout`) owns every :class:`Subscriber`'s
-socket and calls its ``_fill``, ``_flush``, ``_read`` and ``_sync``; the model
-server's request threads only ``offer`` events to it (under the publisher's
-lock, so in revision order). Calls are Pyro5 invoke messages of ``notify``
-with the JSON serializer, built here without Pyro5's per-message machinery.
+socket and calls its ``_fill``, ``_flush``, ``_read`` and ``_sync``; the sender
+reads events from the fanout's shared log, after its cursor (and first, its
+backlog from history, given when it subscribed under the publisher's lock).
+Calls are Pyro5 invoke messages of ``notify`` with the JSON serializer, built
+here without Pyro5's per-message machinery.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class Subscriber:
         self.id = f"{viewer_id}/{secrets.token_hex(6)}"
         self.lease_expiry = lease_expiry
         self.delivered_revision = 0  # the last revision the viewer acknowledged
-        self._queue: collections.deque[dict] = collections.deque()
+        self._queue: collections.deque[dict] = collections.deque()  # its backlog (history) events
+        self._cursor = fanout.last_revision  # the last revision it has been given (or will be by its backlog)
         self._snapshot_due = ""  # why a snapshot is due ("subscribe", "behind"), or "" when none is
         self._stopped = False
         self._lock = threading.Lock()
@@ -109,16 +111,15 @@ class Subscriber:
         self._last_progress = 0.0
         self._interest = selectors.EVENT_READ  # what the loop's selector watches this socket for
 
-    # called with the publisher's lock held, so offers arrive in revision order
-    def offer(self, event: dict) -> None:
+    def offer_backlog(self, events: list[dict]) -> None:
+        """Events from history that go before the live stream (with the publisher's lock held)."""
         with self._lock:
-            if self._stopped or self._snapshot_due:
-                return  # stopped, or the snapshot to come will include this change
-            if len(self._queue) >= self.fanout.queue_limit:
-                self._queue.clear()
+            if len(events) > self.fanout.queue_limit:
                 self._snapshot_due = "behind"
-            else:
-                self._queue.append(event)
+                return
+            self._queue.extend(events)
+            if events:
+                self._cursor = max(self._cursor, events[-1]["revision"])
 
     def offer_snapshot(self, reason: str = "subscribe") -> None:
         with self._lock:
@@ -127,10 +128,12 @@ class Subscriber:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Events waiting for this viewer: its backlog, and how far it is behind the live stream."""
+        return len(self._queue) + max(0, self.fanout.last_revision - self._cursor)
 
     def has_work(self) -> bool:
-        return bool(self._queue or self._snapshot_due) and not self._stopped
+        return bool(self._queue or self._snapshot_due or self._cursor < self.fanout.last_revision) \
+            and not self._stopped
 
     def stop(self) -> None:
         with self._lock:
@@ -139,21 +142,37 @@ class Subscriber:
         self.fanout._wake()
 
     def _next_batch(self) -> dict | None:
-        """The next call's payload: up to ``batch_max`` queued events, or a snapshot."""
+        """The next call's payload: up to ``batch_max`` events (its backlog first, then the live
+        stream from the fanout's shared log), or a snapshot: when due, or once the viewer is more
+        than ``queue_limit`` events behind."""
+        fanout = self.fanout
         with self._lock:
-            if self._stopped or not (self._queue or self._snapshot_due):
+            if self._stopped:
                 return None
             if not self._snapshot_due:
                 queue = self._queue
-                if len(queue) == 1:  # the usual case: a viewer in step
-                    return {"events": [queue.popleft()]}
-                n = min(len(queue), self.fanout.batch_max)
-                return {"events": [queue.popleft() for _ in range(n)]}
+                if queue:
+                    n = min(len(queue), fanout.batch_max)
+                    events = [queue.popleft() for _ in range(n)]
+                    if not queue and n < fanout.batch_max:  # the live stream follows on in the same call
+                        live = fanout.events_after(self._cursor) or []
+                        events += live[:fanout.batch_max - n]
+                        if live:
+                            self._cursor = events[-1]["revision"]
+                    return {"events": events}
+                if fanout.last_revision - self._cursor <= fanout.queue_limit:
+                    events = fanout.events_after(self._cursor)
+                    if events is not None:
+                        if not events:
+                            return None
+                        self._cursor = events[-1]["revision"]
+                        return {"events": events}
+                self._snapshot_due = "behind"
             reason, self._snapshot_due = self._snapshot_due, ""
-        snap = self.fanout.snapshot()  # takes the publisher's lock: consistent with the event stream
+        snap = fanout.snapshot()  # takes the publisher's lock: consistent with the event stream
         with self._lock:
-            while self._queue and self._queue[0]["revision"] <= snap["revision"]:
-                self._queue.popleft()
+            self._queue.clear()  # a backlog is older than any snapshot
+            self._cursor = max(self._cursor, snap["revision"])
         return {"snapshot": snap, "reason": reason}
 
     # the loop thread's side ------------------------------------------------------

@@ -84,7 +84,7 @@ class ModelServer:
         # request ids of recent changes, so a retried modify is applied at most once
         self._requests: collections.OrderedDict[str, int] = collections.OrderedDict(
             (e["request"], e["revision"]) for e in self._history if e.get("request"))
-        self._fanout = Fanout(name, self.snapshot, metrics, lease_seconds=lease_seconds,
+        self._fanout = Fanout(name, self.snapshot, metrics, revision=self._revision, lease_seconds=lease_seconds,
                               call_timeout=call_timeout, queue_limit=queue_limit, batch_max=batch_max,
                               clock=monotonic)
         self._revision_gauge = metrics.model_revision.labels(name)

@@ -39,13 +39,33 @@ def test_backlog_first_then_live_events():
     assert [e["revision"] for e in sub._next_batch()["events"]] == [1, 2, 3]
 
 
+def test_one_shared_log_read_by_every_sender_from_its_own_cursor():
+    f, _, _ = make(batch_max=4, queue_limit=10)
+    early = f.add("early", "u", backlog=[], start=False)
+    f.publish(ev(1))
+    f.publish(ev(2))
+    assert f._log[-1]["revision"] == 2 and early.queued == 2
+    late = f.add("late", "u", backlog=[ev(1), ev(2)], start=False)  # resubscribed from revision 0
+    for r in range(3, 6):
+        f.publish(ev(r))
+    assert [e["revision"] for e in early._next_batch()["events"]] == [1, 2, 3, 4]
+    assert [e["revision"] for e in late._next_batch()["events"]] == [1, 2, 3, 4]  # backlog, then live
+    assert [e["revision"] for e in late._next_batch()["events"]] == [5]
+    assert late._next_batch() is None and not late.has_work() and early.has_work()
+    assert [e["revision"] for e in early._next_batch()["events"]] == [5]
+    for r in range(6, 30):
+        f.publish(ev(r))
+    assert len(f._log) == 14  # queue_limit + batch_max events kept, whatever the number of viewers
+    assert f.events_after(5) is None  # no longer kept: the reader takes a snapshot
+
+
 def test_past_the_bound_a_snapshot_replaces_the_queue():
     f, _, state = make(queue_limit=4)
     sub = f.add("v", "u", backlog=[], start=False)
     for r in range(1, 9):
         f.publish(ev(r))
         state["revision"] = r
-    assert sub.queued == 0
+    assert sub.queued == 8  # more than queue_limit behind: the next call is a snapshot
     batch = sub._next_batch()
     assert batch == {"snapshot": {"revision": 8, "values": {}}, "reason": "behind"}
     f.publish(ev(9))
