@@ -37,6 +37,7 @@ oneway, JSON serializer).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import json
@@ -101,6 +102,7 @@ class Fanout:
         self._encoded_lock = threading.Lock()
         self._batch_cache: tuple[int, int, bytes] = (0, 0, b"")  # (first, last revision, body) of the last batch
         self._connected: collections.deque[Subscriber] = collections.deque()
+        self._in_order: list[Subscriber] = []  # the loop's live senders, sorted by _by_destination
         self._stopped: collections.deque[Subscriber] = collections.deque()
         self._published = False  # set by publish(): every sender may have work
         self._connector = ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"connect-{model}")
@@ -304,6 +306,7 @@ class Fanout:
                 sub.proxy._pyroClaimOwnership()  # handed over by the connector: this thread alone uses it now
                 if not sub._stopped:
                     live.add(sub)
+                    bisect.insort(self._in_order, sub, key=_by_destination)
                     pending.add(sub)
                     sel.register(sub.sock, selectors.EVENT_READ, sub)
                 else:
@@ -315,9 +318,11 @@ class Fanout:
                 pending.discard(sub)
             if self._published:
                 self._published = False  # before looking at the queues: a later publish sets it again
-                pending.update(live)
+                turn = list(self._in_order)  # every sender, kept in host order (a copy: _service may drop one)
+            else:
+                turn = sorted(pending, key=_by_destination) if len(pending) > 1 else pending
             now = time.monotonic()
-            for sub in sorted(pending, key=_by_destination) if len(pending) > 1 else pending:
+            for sub in turn:
                 self._service(sub, live, now)
             pending.clear()
             if now >= next_check:
@@ -381,7 +386,9 @@ class Fanout:
             tally.calls = 0
 
     def _forget(self, sub: Subscriber, live: set[Subscriber]) -> None:
-        live.discard(sub)
+        if sub in live:
+            live.discard(sub)
+            self._in_order.remove(sub)
         try:
             self._selector.unregister(sub.sock)
         except (KeyError, ValueError, OSError):
