@@ -61,7 +61,7 @@ class Settings:
     viewer_id: str = ""  # empty: <hostname>-<pid>
     lease_seconds: float = 10.0
     call_timeout: float = 3.0
-    queue_limit: int = 1000  # events queued for one viewer before a snapshot replaces them
+    queue_limit: int = 1000  # how many events a viewer may fall behind before it gets a snapshot instead
     batch_max: int = 500  # events sent in one notification call at most
     # how a viewer host serves its viewers: "thread" (a worker per connection: a slow handler holds up
     # only its own viewer) or "multiplex" (one thread for all: less CPU per delivery when a process
