@@ -201,7 +201,8 @@ class Subscriber:
 
     def _fill(self, now: float) -> None:
         """Queue calls while the window has room (calls and events both bounded)."""
-        while len(self._in_flight) < self._window and self._in_flight_events < self.fanout.queue_limit:
+        while len(self._in_flight) < self._window and self._in_flight_events < self.fanout.queue_limit \
+                and self.has_work():  # (a cheap look first: _next_batch takes two locks to say "nothing")
             batch = self._next_batch()
             if batch is None:
                 return

@@ -60,6 +60,7 @@ class Viewer:
         self.fetch_snapshot: Callable[[], dict[str, Any]] | None = None
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._waiting = 0  # threads in wait_for
         metrics = metrics or Metrics()
         self._latency = metrics.notification_latency.labels(model)
         self._revision_gauge = metrics.viewer_revision.labels(model)
@@ -75,7 +76,8 @@ class Viewer:
                 self._latency.observe(max(0.0, arrived - event["time"]))
                 self._apply_event(event)
             self._revision_gauge.set(self.revision)
-            self._changed.notify_all()
+            if self._waiting:  # notify_all costs a few µs even with nobody waiting
+                self._changed.notify_all()
 
     def _apply_event(self, event: dict[str, Any]) -> None:
         revision = event["revision"]
@@ -133,7 +135,11 @@ class Viewer:
     def wait_for(self, revision: int, timeout: float) -> bool:
         """Block until this viewer has applied ``revision`` (tests, tools)."""
         with self._changed:
-            return self._changed.wait_for(lambda: self.synced and self.revision >= revision, timeout)
+            self._waiting += 1
+            try:
+                return self._changed.wait_for(lambda: self.synced and self.revision >= revision, timeout)
+            finally:
+                self._waiting -= 1
 
 
 class ViewerHost(Service):
