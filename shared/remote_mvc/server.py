@@ -228,7 +228,10 @@ class ModelServer:
                     self._audit.record("modify", identity, address, "failed", model=self._name,
                                        revision=revision, error=str(exc))
             except PersistenceError:
-                pass
+                # the accepted record stands alone: a restart would roll the change forward, so its
+                # outcome is not "refused" but unknown until then (a retry with its request id tells)
+                raise PersistenceError(f"{exc}; its failure could not be recorded either, so it may still be "
+                                       "applied when the server restarts: retry with the same request id") from exc
             raise
         self._values = values
         self._revision = revision

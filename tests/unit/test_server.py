@@ -125,6 +125,27 @@ def test_commit_failure_is_refused_and_not_applied(tmp_path):
     m2.close()
 
 
+def test_a_failed_commit_whose_failure_cannot_be_recorded_is_reported_as_undecided(tmp_path):
+    m = make(tmp_path)
+    m.modify({"value": 1})
+    m._store._db.close()  # the state disk is gone...
+    real = m._audit.record
+
+    def record(action, identity, client, result, **fields):
+        if result == "failed":  # ...and the audit disk is full by the time the failure is recorded
+            raise PersistenceError("audit log not writable: No space left on device")
+        return real(action, identity, client, result, **fields)
+
+    m._audit.record = record
+    with pytest.raises(PersistenceError, match="may still be applied when the server restarts"):
+        m.modify({"value": 2}, request_id="r2")
+    assert m.query()["value"] == 1
+    m2 = _restart(m, tmp_path)  # the accepted record stands alone: rolled forward
+    assert m2.snapshot()["revision"] == 2
+    assert m2.modify({"value": 2}, request_id="r2") == 2  # the controller's retry learns it was applied
+    m2.close()
+
+
 def test_audit_failure_refuses_the_change(tmp_path):
     m = make(tmp_path)
     m._audit.path = tmp_path  # a directory: the audit log cannot be written
