@@ -8,7 +8,7 @@
 
 BENCH_ARGS ?=
 BENCH_PY_DEPS := redis psutil numpy matplotlib py-spy
-APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q -y
+APT_GET := env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q -y
 
 .PHONY: bench bench-quick bench-profile bench-deps
 
