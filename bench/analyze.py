@@ -46,6 +46,9 @@ def analyze(sends: list[tuple[int, float, float]], records: dict[str, dict[str, 
     ``records``: viewer id -> {"seqs", "times", "kinds"} in arrival order.
     ``schedule``: for paced runs, {"due": due time per call, "unissued": due times of changes
     never made, "stopped": when the controller stopped}.
+
+    The per-change samples behind the percentiles are kept under ``_samples`` (for
+    :func:`pool`; the runner removes them before the result is written).
     """
     viewers = list(viewers)
     seqs = np.array([s for s, _, _ in sends], dtype=np.int64)
@@ -108,41 +111,75 @@ def analyze(sends: list[tuple[int, float, float]], records: dict[str, dict[str, 
     fan = has - t0[None, :]
     complete = ~np.isnan(fan).any(axis=0)
     fanout = np.nanmax(np.where(np.isnan(fan), -np.inf, fan), axis=0)[complete] if len(viewers) else np.array([])
-    delivery_arr = np.array(delivery)
-    due = None
+    samples: dict[str, Any] = {"fanout": fanout, "delivery": np.array(delivery),
+                               "calls": np.array([b - a for _, a, b in sends]), "from_due": None}
     if schedule is not None and len(viewers):
         due_t = np.array(schedule["due"], dtype=np.float64)
         worst = np.nanmax(np.where(np.isnan(has), -np.inf, has), axis=0)[complete]
-        from_due = worst - due_t[complete]
         unissued = np.array([schedule["stopped"] - t for t in schedule["unissued"]], dtype=np.float64)
-        both = np.concatenate([from_due, unissued])
-        due = {"p50": ms(pct(both, 50)), "p99": ms(pct(both, 99)), "max": ms(float(both.max()) if both.size else None),
-               "unissued": len(unissued), "lower_bound": bool(len(unissued)),
-               "behind_schedule_p99": ms(pct(np.array([a - d for (_, a, _), d in zip(sends, due_t, strict=True)]),
-                                             99))}
+        samples.update(from_due=np.concatenate([worst - due_t[complete], unissued]), unissued=len(unissued),
+                       behind_schedule=np.array([a - d for (_, a, _), d in zip(sends, due_t, strict=True)]))
     last_time = float(np.nanmax(has)) if np.isfinite(has).any() else math.nan
-    window = last_time - float(t0.min())
-    controller_window = max(s[2] for s in sends) - float(t0.min())
+    counts = {"viewers": len(viewers), "changes": len(seqs), "first_seq": first_seq, "final_seq": final_seq,
+              "deliveries": deliveries, "lost": lost, "out_of_order": ooo, "duplicated": dup,
+              "snapshots": snapshots, "behind": behind[:20], "behind_count": len(behind),
+              "window_s": last_time - float(t0.min()),
+              "controller_window_s": max(s[2] for s in sends) - float(t0.min())}
+    return _summary(counts, samples)
+
+
+def _summary(counts: dict[str, Any], samples: dict[str, Any]) -> dict[str, Any]:
+    """A result: counts, rates over the windows, percentiles over the samples."""
+    fanout, from_due = samples["fanout"], samples["from_due"]
+    due = None
+    if from_due is not None:
+        due = {"p50": ms(pct(from_due, 50)), "p99": ms(pct(from_due, 99)),
+               "max": ms(float(from_due.max()) if from_due.size else None),
+               "unissued": samples["unissued"], "lower_bound": bool(samples["unissued"]),
+               "behind_schedule_p99": ms(pct(samples["behind_schedule"], 99))}
+    window, controller_window = counts["window_s"], counts["controller_window_s"]
     return {
-        "viewers": len(viewers),
-        "changes": len(seqs),
-        "first_seq": first_seq,
-        "final_seq": final_seq,
+        **{k: counts[k] for k in ("viewers", "changes", "first_seq", "final_seq")},
         "fanout_ms": {"p50": ms(pct(fanout, 50)), "p99": ms(pct(fanout, 99)),
                       "max": ms(float(fanout.max()) if fanout.size else None)},
         "fanout_due_ms": due,
-        "delivery_ms": {"p50": ms(pct(delivery_arr, 50)), "p99": ms(pct(delivery_arr, 99))},
-        "call_ms": {"p50": ms(pct(np.array([b - a for _, a, b in sends]), 50)),
-                    "p99": ms(pct(np.array([b - a for _, a, b in sends]), 99))},
-        "controller_changes_per_s": round(len(seqs) / controller_window, 1) if controller_window > 0 else None,
-        "changes_per_s": round(len(seqs) / window, 1) if window > 0 else None,
-        "deliveries": deliveries,
-        "deliveries_per_s": round(deliveries / window, 1) if window > 0 else None,
-        "lost": lost,
-        "out_of_order": ooo,
-        "duplicated": dup,
-        "snapshots": snapshots,
-        "behind": behind[:20],
-        "behind_count": len(behind),
+        "delivery_ms": {"p50": ms(pct(samples["delivery"], 50)), "p99": ms(pct(samples["delivery"], 99))},
+        "call_ms": {"p50": ms(pct(samples["calls"], 50)), "p99": ms(pct(samples["calls"], 99))},
+        "controller_changes_per_s": round(counts["changes"] / controller_window, 1) if controller_window > 0 else None,
+        "changes_per_s": round(counts["changes"] / window, 1) if window > 0 else None,
+        "deliveries": counts["deliveries"],
+        "deliveries_per_s": round(counts["deliveries"] / window, 1) if window > 0 else None,
+        **{k: counts[k] for k in ("lost", "out_of_order", "duplicated", "snapshots", "behind", "behind_count")},
         "window_s": round(window, 3),
+        "controller_window_s": round(controller_window, 3),
+        "_samples": samples,
     }
+
+
+def pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several rounds of one measurement (same system, scenario and N).
+
+    Percentiles are taken over the changes of all rounds together, counts are
+    summed, and rates are over the rounds' windows added up (the gaps between
+    rounds, when other systems were measured, count for nothing). ``rounds``
+    keeps each round's own p99s and rate, so the spread between rounds shows.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    samples = [p["_samples"] for p in parts]
+    pooled: dict[str, Any] = {k: np.concatenate([s[k] for s in samples]) for k in ("fanout", "delivery", "calls")}
+    pooled["from_due"] = None
+    if all(s["from_due"] is not None for s in samples):
+        pooled.update(from_due=np.concatenate([s["from_due"] for s in samples]),
+                      unissued=sum(s["unissued"] for s in samples),
+                      behind_schedule=np.concatenate([s["behind_schedule"] for s in samples]))
+    counts: dict[str, Any] = {k: sum(p[k] for p in parts) for k in
+                              ("changes", "deliveries", "lost", "out_of_order", "duplicated", "snapshots",
+                               "behind_count", "window_s", "controller_window_s")}
+    counts.update(viewers=parts[0]["viewers"], first_seq=min(p["first_seq"] for p in parts),
+                  final_seq=max(p["final_seq"] for p in parts), behind=[v for p in parts for v in p["behind"]][:20])
+    result = _summary(counts, pooled)
+    result["rounds"] = [{"fanout_p99_ms": p["fanout_ms"]["p99"],
+                         "fanout_due_p99_ms": p["fanout_due_ms"]["p99"] if p["fanout_due_ms"] else None,
+                         "changes_per_s": p["changes_per_s"], "changes": p["changes"]} for p in parts]
+    return result

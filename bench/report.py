@@ -36,7 +36,18 @@ def _p99_text(r: dict) -> str:
     if not due:
         return f"{r['fanout_ms']['p99']} ms"
     bound = f" (lower bound: {due['unissued']} due changes never made)" if due["lower_bound"] else ""
-    return f"{'>= ' if due['lower_bound'] else ''}{due['p99']} ms from due{bound}, {r['fanout_ms']['p99']} ms from call start"
+    return (f"{'>= ' if due['lower_bound'] else ''}{due['p99']} ms from due{bound}, {r['fanout_ms']['p99']} ms "
+            f"from call start{_rounds_text(r)}")
+
+
+def _rounds_text(r: dict) -> str:
+    """Each round's own p99 (from due where there is one), for a result pooled from rounds."""
+    rounds = r.get("rounds")
+    if not rounds:
+        return ""
+    each = " / ".join(_f(x["fanout_due_p99_ms"] if x["fanout_due_p99_ms"] is not None else x["fanout_p99_ms"], 1)
+                      for x in rounds)
+    return f"; {len(rounds)} rounds pooled, each {each} ms"
 
 
 def ratios(results: list[dict]) -> list[dict[str, Any]]:
@@ -205,6 +216,13 @@ def markdown(doc: dict) -> str:
             f"{' (' + str(r['behind_count']) + ' behind)' if r['behind_count'] else ''} | {r['snapshots']} "
             f"| {_f(s.get('server_cpu_us_per_delivery'), 0)} / {_f(s.get('viewer_cpu_us_per_delivery'), 0)} "
             f"| {_f(r.get('machine_cpu_pct'), 0)} |")
+    pooled = [r for r in doc["results"] if r.get("rounds")]
+    if pooled:
+        lines += ["", f"Paced at N = {', '.join(sorted({str(r['n']) for r in pooled}))}: every system was up at "
+                  f"once and the systems took turns at the paced window, {len(pooled[0]['rounds'])} rounds each, in "
+                  "an order reversed every round; each row pools its system's rounds (percentiles over all their "
+                  "changes). Fan-out p99 from due of each round: "
+                  + "; ".join(f"{r['label']} N={r['n']} {_rounds_text(r).split('each ')[1]}" for r in pooled) + "."]
     slow_rows = [r for r in doc["results"] if r["scenario"] == "slow-viewer"]
     if slow_rows:
         lines += ["", "Slow viewer (N = 10: 8 healthy viewers, one whose handler sleeps "

@@ -10,6 +10,7 @@ viewer, or left one behind the final change.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from typing import Any
 import psutil
 
 from bench import report
-from bench.analyze import analyze
+from bench.analyze import analyze, pool
 from bench.machine import machine_facts
 from bench.systems import ROOT, System, make, stop_process
 
@@ -47,14 +49,18 @@ class Config:
     slow: bool
     slow_n: int
     slow_sleep: float
+    rounds: int = 1  # paced windows per system at the N in rounds_ns, taken in turns and pooled
+    rounds_ns: tuple[int, ...] = ()
     viewer_server: str = "multiplex"  # how remote-mvc's viewer processes serve their viewers
     dump: str = ""  # directory: keep each measurement's raw sends and viewer records (JSON) there
 
 
 FULL = Config(ns=[1, 10, 50, 200, 1000], procs=4, rate=50.0, paced_seconds=10.0, unpaced_seconds=8.0,
-              unpaced_cap=3000, delivery_budget=400_000, drain_timeout=60.0, slow=True, slow_n=10, slow_sleep=0.2)
+              unpaced_cap=3000, delivery_budget=400_000, drain_timeout=60.0, slow=True, slow_n=10, slow_sleep=0.2,
+              rounds=3, rounds_ns=(200,))
 QUICK = Config(ns=[1, 10], procs=2, rate=50.0, paced_seconds=2.0, unpaced_seconds=2.0,
-               unpaced_cap=400, delivery_budget=20_000, drain_timeout=20.0, slow=True, slow_n=10, slow_sleep=0.2)
+               unpaced_cap=400, delivery_budget=20_000, drain_timeout=20.0, slow=True, slow_n=10, slow_sleep=0.2,
+               rounds=2, rounds_ns=(10,))
 
 
 def log(msg: str) -> None:
@@ -215,19 +221,31 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         c = self.p.cpu_times()
-        cpu = c.user + c.system - self.cpu0
-        vcpu = self._viewer_cpu() - self.vcpu0
-        wall = time.monotonic() - self.wall0
-        rss = max(self.rss_peak, self.p.memory_info().rss)
-        cpu_pct = 100.0 * cpu / wall if wall > 0 else 0.0
-        per100 = 100.0 / max(1, viewers)
-        return {"cpu_pct": round(cpu_pct, 1), "cpu_pct_per_100_viewers": round(cpu_pct * per100, 2),
-                "cpu_seconds": round(cpu, 3), "wall_seconds": round(wall, 3),
-                "rss_mb": round(rss / 2**20, 1), "rss_mb_per_100_viewers": round(rss / 2**20 * per100, 2),
-                "threads": self.threads_peak, "viewer_procs_cpu_seconds": round(vcpu, 3),
-                # CPU cost of one delivery, server side and viewer side (robust to outside load)
-                "server_cpu_us_per_delivery": round(cpu / deliveries * 1e6, 1) if deliveries else None,
-                "viewer_cpu_us_per_delivery": round(vcpu / deliveries * 1e6, 1) if deliveries else None}
+        return usage(cpu=c.user + c.system - self.cpu0, viewer_cpu=self._viewer_cpu() - self.vcpu0,
+                     wall=time.monotonic() - self.wall0, rss=max(self.rss_peak, self.p.memory_info().rss),
+                     threads=self.threads_peak, viewers=viewers, deliveries=deliveries)
+
+
+def usage(*, cpu: float, viewer_cpu: float, wall: float, rss: float, threads: int, viewers: int,
+          deliveries: int) -> dict[str, Any]:
+    """Resource figures of a measurement window (or of several, added up)."""
+    cpu_pct = 100.0 * cpu / wall if wall > 0 else 0.0
+    per100 = 100.0 / max(1, viewers)
+    return {"cpu_pct": round(cpu_pct, 1), "cpu_pct_per_100_viewers": round(cpu_pct * per100, 2),
+            "cpu_seconds": round(cpu, 3), "wall_seconds": round(wall, 3),
+            "rss_mb": round(rss / 2**20, 1), "rss_mb_per_100_viewers": round(rss / 2**20 * per100, 2),
+            "threads": threads, "viewer_procs_cpu_seconds": round(viewer_cpu, 3), "deliveries": deliveries,
+            # CPU cost of one delivery, server side and viewer side (robust to outside load)
+            "server_cpu_us_per_delivery": round(cpu / deliveries * 1e6, 1) if deliveries else None,
+            "viewer_cpu_us_per_delivery": round(viewer_cpu / deliveries * 1e6, 1) if deliveries else None}
+
+
+def pool_usage(parts: list[dict[str, Any]], viewers: int) -> dict[str, Any]:
+    """The resource figures of several rounds' windows taken together."""
+    return usage(cpu=sum(u["cpu_seconds"] for u in parts), viewer_cpu=sum(u["viewer_procs_cpu_seconds"] for u in parts),
+                 wall=sum(u["wall_seconds"] for u in parts), rss=max(u["rss_mb"] for u in parts) * 2**20,
+                 threads=max(u["threads"] for u in parts), viewers=viewers,
+                 deliveries=sum(u["deliveries"] for u in parts))
 
 
 # the controller ---------------------------------------------------------------
@@ -294,7 +312,9 @@ class Runner:
 
     def measure(self, system: System, ctl: Controller, procs: list[ViewerProc], scenario: str, n: int, *,
                 rate: float | None, seconds: float, max_changes: int, healthy: list[str] | None = None,
-                extra_collect: list[ViewerProc] = (), profile: bool = False) -> dict[str, Any]:
+                extra_collect: list[ViewerProc] = (), profile: bool = False, keep: bool = True) -> dict[str, Any]:
+        """One measurement window; its result is kept in the run's results unless ``keep`` is False
+        (a round, pooled with the others by :meth:`keep_pooled`)."""
         cfg = self.cfg
         live = [p for p in procs if not p.stopped]
         for p in live:
@@ -335,7 +355,8 @@ class Runner:
         if healthy is not None:
             others = [v for p in procs for v in p.ids if v not in set(healthy)]
             result["special_viewers"] = {v: _viewer_summary(records.get(v), sends) for v in others}
-        self.results.append(result)
+        if keep:
+            result = self.keep_pooled([result])
         f = result["fanout_ms"]
         log(f"{system.name:>16} {scenario:<14} N={n:<5} fan-out p50/p99/max {f['p50']}/{f['p99']}/{f['max']} ms, "
             f"{result['changes_per_s']} changes/s, {result['deliveries_per_s']} deliveries/s, "
@@ -343,31 +364,88 @@ class Runner:
             f"dup {result['duplicated']} snap {result['snapshots']} behind {result['behind_count']}")
         return result
 
+    def keep_pooled(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+        """Keep one result for a measurement made in one or more rounds (see :func:`bench.analyze.pool`)."""
+        result = {**rounds[-1], **pool(rounds)}
+        if len(rounds) > 1:
+            result.update(server=pool_usage([r["server"] for r in rounds], result["viewers"]),
+                          load1=round(sum(r["load1"] for r in rounds) / len(rounds), 2),
+                          machine_cpu_pct=round(sum(r["machine_cpu_pct"] for r in rounds) / len(rounds), 1))
+        result.pop("_samples", None)
+        self.results.append(result)
+        return result
+
     def unpaced_changes(self, n: int) -> int:
         return max(100, min(self.cfg.unpaced_cap, self.cfg.delivery_budget // n))
 
-    def run_n(self, name: str, n: int) -> None:
-        """One system at one N: fresh server and viewer processes, paced then unpaced."""
+    def run_n(self, names: list[str], n: int) -> None:
+        """Every system at one N: paced, then unpaced. Where ``cfg.rounds`` > 1 at this N, all
+        systems are up together and take turns at the paced window, round by round, in an order
+        reversed every round (ABC CBA ABC): a burst of outside load then falls on one round of
+        one system rather than on its only window, and each system's rounds are pooled into
+        its paced result. Otherwise one system at a time, each with fresh processes."""
         cfg = self.cfg
-        system = make(name, self.workdir / f"{name}-{n}", self.libs, cfg.viewer_server)
-        procs: list[ViewerProc] = []
+        rounds = cfg.rounds if n in cfg.rounds_ns else 1
+        groups = [names] if rounds > 1 else [[name] for name in names]
+        for group in groups:
+            up: list[tuple[System, list[ViewerProc], Controller]] = []
+            try:
+                for name in group:
+                    started = self._start(name, n)
+                    if started:
+                        up.append(started)
+                paced: dict[str, list[dict[str, Any]]] = {system.name: [] for system, _, _ in up}
+                for r in range(rounds):
+                    for system, procs, ctl in (up if r % 2 == 0 else up[::-1]):
+                        with self._step(system.name, n):
+                            paced[system.name].append(self.measure(
+                                system, ctl, procs, "paced", n, rate=cfg.rate, seconds=cfg.paced_seconds,
+                                max_changes=int(cfg.rate * cfg.paced_seconds) + 1, keep=False,
+                                profile=r == 0 and self._profiling(system.name, n)))
+                for system, procs, ctl in up:
+                    if paced[system.name]:
+                        kept = self.keep_pooled(paced[system.name])
+                        if rounds > 1:
+                            log(f"{system.name:>16} paced          N={n:<5} {rounds} rounds pooled: fan-out p99 "
+                                f"{kept['fanout_ms']['p99']} ms (rounds: "
+                                f"{', '.join(str(x['fanout_p99_ms']) for x in kept['rounds'])})")
+                    with self._step(system.name, n):
+                        self.measure(system, ctl, procs, "unpaced", n, rate=None, seconds=cfg.unpaced_seconds,
+                                     max_changes=self.unpaced_changes(n), profile=self._profiling(system.name, n))
+            finally:
+                for system, procs, _ in up:
+                    close_all(procs)
+                    system.stop()
+
+    def _profiling(self, name: str, n: int) -> bool:
+        return self.profile_dir is not None and n in self.profile_ns and name.startswith("remote-mvc")
+
+    @contextlib.contextmanager
+    def _step(self, name: str, n: int) -> Iterator[None]:
+        """One step of one system: a failure is recorded, and must not hide the other systems."""
         try:
-            log(f"{name}: N={n}: starting server and {len(split(n, cfg.procs))} viewer processes")
-            system.start()
-            procs = start_viewers(system, split(n, cfg.procs), system.workdir)
-            ctl = Controller(system)
-            ctl.run(None, 0.5, 20)  # warm-up, not measured
-            profile = self.profile_dir is not None and n in self.profile_ns and name.startswith("remote-mvc")
-            self.measure(system, ctl, procs, "paced", n, rate=cfg.rate, seconds=cfg.paced_seconds,
-                         max_changes=int(cfg.rate * cfg.paced_seconds) + 1, profile=profile)
-            self.measure(system, ctl, procs, "unpaced", n, rate=None, seconds=cfg.unpaced_seconds,
-                         max_changes=self.unpaced_changes(n), profile=profile)
-        except Exception as exc:  # noqa: BLE001 - one system failing must not hide the others
+            yield
+        except Exception as exc:  # noqa: BLE001
             log(f"{name}: N={n}: FAILED: {type(exc).__name__}: {exc}")
             self.errors.append(f"{name} N={n}: {type(exc).__name__}: {exc}")
-        finally:
-            close_all(procs)
-            system.stop()
+
+    def _start(self, name: str, n: int) -> tuple[System, list[ViewerProc], Controller] | None:
+        """A fresh server and its viewer processes, warmed up; None (recorded) if it fails."""
+        system = make(name, self.workdir / f"{name}-{n}", self.libs, self.cfg.viewer_server)
+        procs: list[ViewerProc] = []
+        with self._step(name, n):
+            log(f"{name}: N={n}: starting server and {len(split(n, self.cfg.procs))} viewer processes")
+            try:
+                system.start()
+                procs = start_viewers(system, split(n, self.cfg.procs), system.workdir)
+                ctl = Controller(system)
+                ctl.run(None, 0.5, 20)  # warm-up, not measured
+            except BaseException:
+                close_all(procs)
+                system.stop()
+                raise
+            return system, procs, ctl
+        return None
 
     def run_slow(self, name: str) -> None:
         """N viewers: N-2 healthy ones, one whose handler sleeps, one SIGSTOPped; healthy vs. not."""
@@ -450,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paced-seconds", type=float)
     parser.add_argument("--rate", type=float, help="paced changes per second (default 50)")
     parser.add_argument("--no-slow", action="store_true", help="skip the slow-viewer scenario")
+    parser.add_argument("--rounds", type=int, help="paced windows per system, taken in turns and pooled, at the N "
+                        "of --rounds-n (default: 3 at N = 200; quick: 2 at N = 10)")
+    parser.add_argument("--rounds-n", help="comma-separated N measured in rounds")
     parser.add_argument("--viewer-server", choices=["multiplex", "thread"],
                         help="MVC_VIEWER_SERVER of remote-mvc's viewer processes (default multiplex)")
     parser.add_argument("--out", default=str(ROOT / "bench-results"), help="results directory")
@@ -477,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg.rate = args.rate
     if args.no_slow:
         cfg.slow = False
+    if args.rounds:
+        cfg.rounds = args.rounds
+    if args.rounds_n is not None:
+        cfg.rounds_ns = tuple(int(x) for x in args.rounds_n.split(",") if x)
     cfg.dump = args.dump
     if args.viewer_server:
         cfg.viewer_server = args.viewer_server
@@ -511,8 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         # N by N, every system in turn: systems compared at one N are measured minutes apart at most,
         # so background load on the machine shifts them alike (load is recorded with each result)
         for n in cfg.ns:
-            for name in systems:
-                runner.run_n(name, n)
+            runner.run_n(systems, n)
         if cfg.slow:
             for name in systems:
                 runner.run_slow(name)
