@@ -109,6 +109,7 @@ class Subscriber:
         self._asking = 0  # two-way calls among them (at most one when calls may be oneway)
         self._ask_by = 0.0  # when the next call asks for an answer, at the latest (see ACK_INTERVAL)
         self._last_progress = 0.0
+        self._report_due = False  # a handler raised in a two-way call: ask once more (see _read)
         self._interest = selectors.EVENT_READ  # what the loop's selector watches this socket for
 
     def offer_backlog(self, events: list[dict]) -> None:
@@ -233,11 +234,13 @@ class Subscriber:
         self._in_flight_events += count
 
     def _sync(self, now: float) -> bool:
-        """Ask for an answer to calls sent oneway that nothing else will acknowledge."""
-        if self._asking or not self._in_flight or now < self._ask_by:
+        """Ask for an answer to calls sent oneway that nothing else will acknowledge, or for the
+        count of oneway failures that an exception answer could not carry."""
+        if self._asking or now < self._ask_by or not (self._in_flight or self._report_due):
             return False
+        self._report_due = False
         data, _, _ = self._encode({"events": []}, two_way=True)
-        self._send(data, now, self._in_flight[-1][1], 0, True)
+        self._send(data, now, self._in_flight[-1][1] if self._in_flight else self.delivered_revision, 0, True)
         return True
 
     def _flush(self) -> None:
@@ -281,6 +284,8 @@ class Subscriber:
             self._asking -= 1
             self._last_progress = now
             failed = 1 if flags & protocol.FLAGS_EXCEPTION else _failures(answer)
+            if flags & protocol.FLAGS_EXCEPTION and self.oneway:  # its own failure only: the oneway calls'
+                self._report_due = True  # failures before it are still counted at the viewer: ask for them
             if failed:  # the viewer's handler raised: it is alive, keep it
                 self.fanout._failed.inc(failed)
                 log_event(log, "notify_error", "viewer handler raised", level=logging.WARNING,

@@ -1,7 +1,7 @@
 """Dead, stalled and lagging viewers; model server and name server restarts."""
 
 import signal
-import time
+import threading
 
 from remote_mvc import ModelClient
 from remote_mvc.testing import wait_until
@@ -67,8 +67,11 @@ def test_idle_stalled_viewer_loses_its_lease(mvc_stack):
 def test_lagging_viewer_gets_batches_then_a_snapshot(mvc_stack):
     model = mvc_stack.model(queue_limit=20, batch_max=8, call_timeout=10.0)
 
+    working = threading.Event()  # cleared: the lagging viewer's handler is busy until it is set again
+    working.set()
+
     def slow(viewer, event):
-        time.sleep(0.05)  # a viewer doing real work on every change: slower than the changes come
+        assert working.wait(20)  # a viewer doing real work: its changes queue up meanwhile
 
     from remote_mvc import Viewer
 
@@ -81,18 +84,29 @@ def test_lagging_viewer_gets_batches_then_a_snapshot(mvc_stack):
     wait_until(lambda: model.model.subscriber_count == 2)
     wait_until(lambda: lagging.synced)
     rm = mvc_stack.client("controller")
-    for i in range(1, 61):
+    # 12 changes while it works on the first: more than its window of calls in flight (8), fewer
+    # than queue_limit (20): what queues behind the window goes out as one call once it answers
+    working.clear()
+    for i in range(1, 13):
         rm.modify({"value": i})
-    assert fast.wait_for(60, 10) and fast.received == list(range(0, 61))
-    assert lagging.wait_for(60, 20)
-    assert lagging.values["value"] == 60
+    assert fast.wait_for(12, 10)
+    working.set()
+    assert lagging.wait_for(12, 20)
+    assert max(batches) > 1
+    # 40 more while it works again: more than queue_limit behind, so one snapshot replaces them
+    working.clear()
+    for i in range(13, 53):
+        rm.modify({"value": i})
+    assert fast.wait_for(52, 10) and fast.received == list(range(0, 53))
+    working.set()
+    assert lagging.wait_for(52, 20)
+    assert lagging.values["value"] == 52
     assert lagging.received == sorted(set(lagging.received))  # in order, nothing twice
     assert lagging.snapshots >= 2  # the one at subscribe, and one that replaced the overflowing queue
     m = model.metrics.registry
     wait_until(lambda: m.get_sample_value("remote_mvc_snapshots_sent_total", {"model": "remote_mvc.model"}) >= 3,
                5, message="the server to count its snapshots (2 at subscribe, 1 for the overflow)")
-    assert max(batches) > 1  # what queued while it worked came as one call
-    assert sum(batches) < 60  # the overflow was replaced by a snapshot, not sent
+    assert sum(batches) < 52  # the overflow was replaced by a snapshot, not sent
 
 
 def test_model_server_sigkill_restart_loses_nothing_acknowledged(mvc_stack):
@@ -142,13 +156,17 @@ def test_a_viewer_whose_handler_raises_is_kept_and_the_failure_counted(mvc_stack
         "remote_mvc_notifications_failed_total", {"model": "remote_mvc.model"}) or 0
     before = failed()
 
+    attempts = []
+
     def broken(viewer, event):
+        attempts.append(event["revision"])
         raise RuntimeError("handler bug")
 
     view.on_change = broken
     rm = mvc_stack.client("controller")
-    for i in range(1, 6):  # back to back: most calls go oneway, their failures come with a later answer
-        rm.modify({"value": i})
+    for i in range(1, 6):  # one call each (a batch would fail as one): most go oneway, and their
+        rm.modify({"value": i})  # failures come with a later answer
+        wait_until(lambda i=i: i in attempts, 5, message=f"the viewer to try change {i}")
     wait_until(lambda: failed() == before + 5, 5, message="each of the handler's failures to be counted")
     view.on_change = None
     assert rm.modify({"value": 6}) == 6
