@@ -342,7 +342,10 @@ class Runner:
             Path(cfg.dump).mkdir(parents=True, exist_ok=True)
             raw = {"sends": sends, "records": records, "schedule": ctl.schedule if rate else None,
                    "procs": {str(p.pid): p.ids for p in procs}}
-            (Path(cfg.dump) / f"{system.name}-{scenario}-{n}.json").write_text(json.dumps(raw))
+            stem, k = f"{system.name}-{scenario}-{n}", 1
+            while (Path(cfg.dump) / f"{stem}{f'-round{k}' if k > 1 else ''}.json").exists():  # a later round
+                k += 1
+            (Path(cfg.dump) / f"{stem}{f'-round{k}' if k > 1 else ''}.json").write_text(json.dumps(raw))
         ids = healthy if healthy is not None else [v for p in procs for v in p.ids]
         all_deliveries = sum(1 for rec in records.values() for s in rec["seqs"] if s >= sends[0][0])
         usage = sampler.stop(n, all_deliveries)
@@ -397,7 +400,7 @@ class Runner:
                 paced: dict[str, list[dict[str, Any]]] = {system.name: [] for system, _, _ in up}
                 for r in range(rounds):
                     for system, procs, ctl in (up if r % 2 == 0 else up[::-1]):
-                        with self._step(system.name, n):
+                        with self._step(system.name, f"N={n}"):
                             paced[system.name].append(self.measure(
                                 system, ctl, procs, "paced", n, rate=cfg.rate, seconds=cfg.paced_seconds,
                                 max_changes=int(cfg.rate * cfg.paced_seconds) + 1, keep=False,
@@ -409,7 +412,7 @@ class Runner:
                             log(f"{system.name:>16} paced          N={n:<5} {rounds} rounds pooled: fan-out p99 "
                                 f"{kept['fanout_ms']['p99']} ms (rounds: "
                                 f"{', '.join(str(x['fanout_p99_ms']) for x in kept['rounds'])})")
-                    with self._step(system.name, n):
+                    with self._step(system.name, f"N={n}"):
                         self.measure(system, ctl, procs, "unpaced", n, rate=None, seconds=cfg.unpaced_seconds,
                                      max_changes=self.unpaced_changes(n), profile=self._profiling(system.name, n))
             finally:
@@ -421,19 +424,20 @@ class Runner:
         return self.profile_dir is not None and n in self.profile_ns and name.startswith("remote-mvc")
 
     @contextlib.contextmanager
-    def _step(self, name: str, n: int) -> Iterator[None]:
-        """One step of one system: a failure is recorded, and must not hide the other systems."""
+    def _step(self, name: str, what: str) -> Iterator[None]:
+        """One step of one system (``what``: "N=200", "slow"): a failure is recorded, and must not
+        hide the other systems."""
         try:
             yield
         except Exception as exc:  # noqa: BLE001
-            log(f"{name}: N={n}: FAILED: {type(exc).__name__}: {exc}")
-            self.errors.append(f"{name} N={n}: {type(exc).__name__}: {exc}")
+            log(f"{name}: {what}: FAILED: {type(exc).__name__}: {exc}")
+            self.errors.append(f"{name} {what}: {type(exc).__name__}: {exc}")
 
     def _start(self, name: str, n: int) -> tuple[System, list[ViewerProc], Controller] | None:
         """A fresh server and its viewer processes, warmed up; None (recorded) if it fails."""
         system = make(name, self.workdir / f"{name}-{n}", self.libs, self.cfg.viewer_server)
         procs: list[ViewerProc] = []
-        with self._step(name, n):
+        with self._step(name, f"N={n}"):
             log(f"{name}: N={n}: starting server and {len(split(n, self.cfg.procs))} viewer processes")
             try:
                 system.start()
@@ -454,32 +458,30 @@ class Runner:
         system = make(name, self.workdir / f"{name}-slow", self.libs, cfg.viewer_server)
         procs: list[ViewerProc] = []
         try:
-            log(f"{name}: slow-viewer scenario, N={n}")
-            system.start()
-            layout = split(n - 2, cfg.procs) + [1, 1]
-            procs = start_viewers(system, layout, system.workdir)
-            slow, stopped = procs[-2], procs[-1]
-            healthy = [v for p in procs[:-2] for v in p.ids]
-            ctl = Controller(system)
-            ctl.run(None, 0.5, 20)
-            kw = dict(rate=cfg.rate, seconds=cfg.paced_seconds, max_changes=int(cfg.rate * cfg.paced_seconds) + 1,
-                      healthy=healthy)
-            self.measure(system, ctl, procs, "slow-baseline", n, **kw)
-            slow.request({"cmd": "sleep", "seconds": cfg.slow_sleep})
-            stopped.pause()
-            result = self.measure(system, ctl, procs, "slow-viewer", n, extra_collect=[slow], **kw)
-            stopped.resume()
-            # does the stopped viewer come back to the latest state once resumed?
-            final = result["final_seq"]
-            path = system.workdir / "stopped.json"
-            reply = stopped.request({"cmd": "collect", "final": final, "timeout": 20.0, "path": str(path)}, 60)
-            data = json.loads(path.read_text())
-            last = max(data[stopped.ids[0]]["seqs"], default=None)
-            result["special_viewers"][stopped.ids[0]]["after_resume"] = {
-                "caught_up": not reply.get("behind"), "last_seq": last}
-        except Exception as exc:  # noqa: BLE001
-            log(f"{name}: slow scenario FAILED: {type(exc).__name__}: {exc}")
-            self.errors.append(f"{name} slow: {type(exc).__name__}: {exc}")
+            with self._step(name, "slow"):
+                log(f"{name}: slow-viewer scenario, N={n}")
+                system.start()
+                layout = split(n - 2, cfg.procs) + [1, 1]
+                procs = start_viewers(system, layout, system.workdir)
+                slow, stopped = procs[-2], procs[-1]
+                healthy = [v for p in procs[:-2] for v in p.ids]
+                ctl = Controller(system)
+                ctl.run(None, 0.5, 20)
+                kw = dict(rate=cfg.rate, seconds=cfg.paced_seconds,
+                          max_changes=int(cfg.rate * cfg.paced_seconds) + 1, healthy=healthy)
+                self.measure(system, ctl, procs, "slow-baseline", n, **kw)
+                slow.request({"cmd": "sleep", "seconds": cfg.slow_sleep})
+                stopped.pause()
+                result = self.measure(system, ctl, procs, "slow-viewer", n, extra_collect=[slow], **kw)
+                stopped.resume()
+                # does the stopped viewer come back to the latest state once resumed?
+                final = result["final_seq"]
+                path = system.workdir / "stopped.json"
+                reply = stopped.request({"cmd": "collect", "final": final, "timeout": 20.0, "path": str(path)}, 60)
+                data = json.loads(path.read_text())
+                last = max(data[stopped.ids[0]]["seqs"], default=None)
+                result["special_viewers"][stopped.ids[0]]["after_resume"] = {
+                    "caught_up": not reply.get("behind"), "last_seq": last}
         finally:
             close_all(procs)
             system.stop()
