@@ -4,13 +4,14 @@
 #   make bench                        full run: N = 1 ... 1000, paced + unpaced + slow viewer, < 15 min
 #   make bench BENCH_ARGS=--proto     also the prototyped library changes (bench/proto), same run
 #   make bench-profile                py-spy profiles of the model server at N = 200
+#   make bench-commit                 concurrent controllers (group commit): changes/s with 1, 4, 16
 # Results: bench-results/latest.{json,md}, bench-results/fanout_p99.png (see docs/performance.md).
 
 BENCH_ARGS ?=
 BENCH_PY_DEPS := redis psutil numpy matplotlib py-spy
 APT_GET := env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q -y
 
-.PHONY: bench bench-quick bench-profile bench-deps
+.PHONY: bench bench-quick bench-profile bench-deps bench-commit
 
 bench-deps: venv
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -29,3 +30,6 @@ bench-quick: bench-deps ## benchmark smoke run (~1.5 min); fails on lost/duplica
 bench-profile: bench-deps ## py-spy profiles of the model server at N=200, paced and unpaced
 	$(PY) -m bench --systems remote-mvc --n 200 --no-slow --profile bench-results/profiles --name profile-run \
 	  $(BENCH_ARGS)
+
+bench-commit: bench-deps ## concurrent controllers: durable changes/s with 1, 4, 16 controllers (~1 min; BENCH_ARGS="--ref REF")
+	$(PY) -m bench.commit $(BENCH_ARGS)

@@ -104,7 +104,12 @@ class Store:
     def commit(self, model: str, event: dict[str, Any], fsync: bool = True) -> None:
         """Record a change event and the values it produced; with ``fsync=False`` only for a change
         already made durable elsewhere (its fsynced audit record)."""
-        revision = event["revision"]
+        self.commit_many(model, [event], fsync)
+
+    def commit_many(self, model: str, events: list[dict[str, Any]], fsync: bool = True) -> None:
+        """Record consecutive change events in one transaction (a group commit), the state at the
+        last of them; all of them or, on PersistenceError, none."""
+        first, last = events[0]["revision"], events[-1]["revision"]
         synchronous = "FULL" if fsync else "NORMAL"
         try:
             with self._lock:
@@ -115,25 +120,26 @@ class Store:
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     db.execute("INSERT OR REPLACE INTO state(model, revision, vals) VALUES (?,?,?)",
-                               (model, revision, json.dumps(event["values"])))
-                    db.execute("INSERT INTO events(model, revision, event) VALUES (?,?,?)",
-                               (model, revision, json.dumps(event)))
-                    if revision % 100 == 0:
+                               (model, last, json.dumps(events[-1]["values"])))
+                    db.executemany("INSERT INTO events(model, revision, event) VALUES (?,?,?)",
+                                   [(model, e["revision"], json.dumps(e)) for e in events])
+                    if (first - 1) // 100 != last // 100:  # a multiple of 100 among them: prune
                         db.execute("DELETE FROM events WHERE model=? AND revision<=?",
-                                   (model, revision - self.history_limit))
+                                   (model, last - self.history_limit))
                     db.execute("COMMIT")
                 except BaseException:
                     if db.in_transaction:  # SQLite already rolled back by itself on "disk full"
                         db.execute("ROLLBACK")
                     raise
         except (sqlite3.Error, OSError) as exc:
-            raise PersistenceError(f"could not commit revision {revision}: {exc}") from exc
+            what = f"revision {last}" if first == last else f"revisions {first}-{last}"
+            raise PersistenceError(f"could not commit {what}: {exc}") from exc
         if self._checkpointer is not None:
-            self._committed()
+            self._committed(len(events))
 
-    def _committed(self) -> None:
+    def _committed(self, count: int = 1) -> None:
         with self._checkpoint_due:
-            self._uncheckpointed += 1
+            self._uncheckpointed += count
             if self._uncheckpointed >= self.checkpoint_every:
                 self._checkpoint_due.notify_all()
 

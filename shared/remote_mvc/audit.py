@@ -40,6 +40,7 @@ class AuditLog:
         self.clock = clock or time.time
         self._lock = threading.Lock()
         self._file = None
+        self.syncs = 0  # fsyncs made (one per record, or per group of records)
 
     def _open(self):
         if self._file is None:
@@ -56,25 +57,26 @@ class AuditLog:
 
     def record(self, action: str, identity: str, client: str | None, result: str, **fields: Any) -> dict:
         """Append one record durably; raise PersistenceError if it cannot be written."""
+        return self.record_many([(action, identity, client, result, fields)])[0]
+
+    def record_many(self, records: list[tuple[str, str, str | None, str, dict[str, Any]]]) -> list[dict]:
+        """Append ``(action, identity, client, result, fields)`` records with one write and one fsync
+        (the model server's group commit); all of them or, on PersistenceError, none."""
         now = self.clock()
-        entry = {
-            "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="microseconds"),
-            "action": action,
-            "identity": identity,
-            "client": client,
-            "result": result,
-            **fields,
-        }
+        stamp = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="microseconds")
+        entries = [{"time": stamp, "action": action, "identity": identity, "client": client, "result": result,
+                    **fields} for action, identity, client, result, fields in records]
         # ASCII-escaped, so no character in untrusted input can split a record in two
-        line = json.dumps(entry, default=repr, ensure_ascii=True) + "\n"
+        text = "".join(json.dumps(entry, default=repr, ensure_ascii=True) + "\n" for entry in entries)
         pos = None
         try:
             with self._lock:
                 f = self._open()
                 pos = f.tell()
-                f.write(line)
+                f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
+                self.syncs += 1
         except (OSError, ValueError) as exc:
             with self._lock:
                 self._reset()
@@ -84,9 +86,9 @@ class AuditLog:
                     except OSError:
                         pass
             if self.metrics:
-                self.metrics.audit_write_failures.inc()
+                self.metrics.audit_write_failures.inc(len(entries))
             raise PersistenceError(f"audit log {self.path} not writable: {exc}") from exc
-        return entry
+        return entries
 
     def unapplied(self, model: str, revision: int) -> list[dict]:
         """The ``accepted`` modify records of ``model`` past ``revision``, to roll forward at start-up.

@@ -58,6 +58,9 @@ class Metrics:
             "remote_mvc_modifications", "Modify attempts by result.", ["model", "result"], registry=r)
         self.audit_write_failures = Counter(
             "remote_mvc_audit_write_failures", "Audit records that could not be written.", registry=r)
+        self.commit_batch = Histogram(
+            "remote_mvc_commit_batch_size", "Changes made durable together by one audit fsync (group commit).",
+            ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.model_revision = Gauge(
             "remote_mvc_model_revision", "Current revision of a model.", ["model"], registry=r)
         self.viewer_revision = Gauge(

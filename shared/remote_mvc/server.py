@@ -3,11 +3,17 @@
 :class:`ModelServer` is the one object a model service registers. Reads
 (``query``, ``snapshot``, ``history``) and subscriptions are open to every
 authenticated connection; ``modify`` needs the controller role and runs
-validate → audit → commit → apply → notify, in that order, under one lock, so
-revisions are gap-free and every acknowledged change is durable and recorded.
-The audit record's fsync is the one fsync of a change: the commit after it is not
-synced, and at start-up the server rolls forward what the audit log holds past
-the state file (so a change recorded, then cut off by a crash, is applied).
+validate → audit → commit → apply → notify, in that order, so revisions are
+gap-free and every acknowledged change is durable and recorded. A change is
+validated and given its revision under the model lock, against the values of
+every change ahead of it, then queued for the disk: whoever takes the commit lock
+writes every change queued by then with one audit write and fsync and one SQLite
+transaction (a group commit; concurrent controllers share fsyncs, a lone one
+waits for nothing), and only then applies and publishes them in revision order.
+Reads see durable state only. The audit record's fsync is the one fsync of a
+change: the commit after it is not synced, and at start-up the server rolls
+forward what the audit log holds past the state file (so a change recorded, then
+cut off by a crash, is applied).
 
 A change event, as viewers and ``history`` see it::
 
@@ -59,6 +65,25 @@ def _summary(value: Any, limit: int = 2000) -> Any:
     return text if len(text) <= limit else text[:limit] + "...(truncated)"
 
 
+class _Pending:
+    """A validated change on its way to disk, with what its thread learns of the outcome."""
+
+    __slots__ = ("event", "changes", "identity", "address", "audited", "done", "error")
+
+    def __init__(self, event: dict[str, Any], changes: dict[str, Any], address: str | None, audited: bool) -> None:
+        self.event = event
+        self.changes = changes
+        self.identity: str = event["identity"]
+        self.address = address
+        self.audited = audited
+        self.done = False  # applied, or refused (then error says why)
+        self.error: str | None = None
+
+    @property
+    def revision(self) -> int:
+        return self.event["revision"]
+
+
 @expose
 class ModelServer:
     """A model's values, revision, history and subscribers, served over Pyro5."""
@@ -74,6 +99,10 @@ class ModelServer:
         self._metrics = metrics
         self._clock = clock
         self._lock = threading.RLock()
+        self._commit_lock = threading.Lock()  # one batch on its way to disk at a time
+        self._queue: list[_Pending] = []  # validated changes waiting for the disk, in revision order
+        self._writing: list[_Pending] = []  # the batch on its way to disk (before the queue)
+        self._inflight: dict[str, _Pending] = {}  # their request ids
         revision, values = store.load(name)
         self._revision = revision
         self._values = {**schema.defaults(), **(values or {})}
@@ -88,6 +117,7 @@ class ModelServer:
                               call_timeout=call_timeout, queue_limit=queue_limit, batch_max=batch_max,
                               clock=monotonic)
         self._revision_gauge = metrics.model_revision.labels(name)
+        self._commit_batch = metrics.commit_batch.labels(name)
         self._revision_gauge.set(self._revision)
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name=f"lease-reaper-{name}", daemon=True)
@@ -148,33 +178,51 @@ class ModelServer:
         if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 128):
             raise ValidationError("request_id must be a string of at most 128 characters")
         with self._lock:
-            if request_id is not None and request_id in self._requests:
-                return self._requests[request_id]
-            try:
-                normalized = self._schema.validate(self._values, changes)
-                if expected_revision is not None and expected_revision != self._revision:
-                    raise ConflictError(f"expected revision {expected_revision}, model is at {self._revision}")
-            except ConflictError as exc:
-                self._refused(identity, address, changes, "conflict", exc)
-                raise
-            except ValidationError as exc:
-                self._refused(identity, address, changes, "invalid", exc)
-                raise
-            return self._apply(normalized, identity, address, request_id)
+            pending = None
+            if request_id is not None:
+                if request_id in self._requests:
+                    return self._requests[request_id]
+                pending = self._inflight.get(request_id)  # a retry while the first try is on its way
+            if pending is None:
+                revision, values = self._head()
+                try:
+                    normalized = self._schema.validate(values, changes)
+                    if expected_revision is not None and expected_revision != revision:
+                        raise ConflictError(f"expected revision {expected_revision}, model is at {revision}")
+                except ConflictError as exc:
+                    self._refused(identity, address, changes, "conflict", exc)
+                    raise
+                except ValidationError as exc:
+                    self._refused(identity, address, changes, "invalid", exc)
+                    raise
+                pending = self._enqueue(normalized, identity, address, request_id)
+        return self._commit(pending)
 
     def _modify_local(self, changes: dict[str, Any], identity: str) -> int:
         """An in-process change (the ticker's clock): validated and durable, not audited."""
         with self._lock:
-            return self._apply(self._schema.validate(self._values, changes), identity, None, None, audited=False)
+            pending = self._enqueue(self._schema.validate(self._head()[1], changes), identity, None, None,
+                                    audited=False)
+        return self._commit(pending)
+
+    def _head(self) -> tuple[int, dict[str, Any]]:
+        """Revision and values after every change validated so far, durable or on its way (lock held):
+        what the next change is validated against."""
+        ahead = self._queue or self._writing
+        if ahead:
+            event = ahead[-1].event
+            return event["revision"], event["values"]
+        return self._revision, self._values
 
     def _event(self, normalized: dict[str, Any], identity: str, request_id: str | None,
                at: float | None = None) -> dict[str, Any]:
         """The change event of an already validated change, at the next revision."""
+        revision, values = self._head()
         event = {
-            "model": self._name, "revision": self._revision + 1, "time": self._clock() if at is None else at,
+            "model": self._name, "revision": revision + 1, "time": self._clock() if at is None else at,
             "identity": identity,
-            "changes": {k: {"old": self._values.get(k), "new": v} for k, v in normalized.items()},
-            "values": {**self._values, **normalized},
+            "changes": {k: {"old": values.get(k), "new": v} for k, v in normalized.items()},
+            "values": {**values, **normalized},
         }
         if request_id is not None:
             event["request"] = request_id
@@ -203,57 +251,114 @@ class ModelServer:
             log_event(log, "modify_rolled_forward", "audited change applied at start-up", model=self._name,
                       revision=self._revision, identity=event["identity"], request=event.get("request"))
 
-    def _apply(self, normalized: dict[str, Any], identity: str, address: str | None, request_id: str | None,
-               audited: bool = True) -> int:
-        """Record, commit and publish an already validated change (lock held)."""
-        event = self._event(normalized, identity, request_id)
-        revision, values = event["revision"], event["values"]
+    def _enqueue(self, normalized: dict[str, Any], identity: str, address: str | None, request_id: str | None,
+                 audited: bool = True) -> _Pending:
+        """Give a validated change the next revision and queue it for the disk (lock held)."""
+        pending = _Pending(self._event(normalized, identity, request_id), normalized, address, audited)
+        self._queue.append(pending)
+        if request_id is not None:
+            self._inflight[request_id] = pending
+        return pending
+
+    def _commit(self, pending: _Pending) -> int:
+        """Make ``pending`` durable together with every change queued with it (a group commit: one
+        audit fsync and one transaction for all of them), then apply and publish them in revision
+        order; return its revision or raise its error. Whoever gets the commit lock writes
+        everything queued by then; a change written meanwhile by another thread is done when its
+        own thread gets the lock."""
+        with self._commit_lock:
+            if not pending.done:
+                with self._lock:
+                    batch = self._writing = self._queue
+                    self._queue = []
+                try:
+                    self._write(batch)
+                except Exception as exc:  # a bug, not the disk (handled in _write): refuse, never hang
+                    self._fail(batch, "error", "modify_failed", "change refused", f"{type(exc).__name__}: {exc}")
+                    raise
+        if pending.error is not None:
+            raise PersistenceError(pending.error)
+        return pending.event["revision"]
+
+    def _write(self, batch: list[_Pending]) -> None:
+        """Record, commit, apply and publish one batch (commit lock held)."""
+        audited = [p for p in batch if p.audited]
         try:
             if audited:
-                self._audit.record("modify", identity, address, "accepted", model=self._name,
-                                   changes=normalized, revision=revision, request=request_id)
-        except PersistenceError:
-            self._metrics.modifications.labels(self._name, "audit_failed").inc()
-            log_event(log, "modify_refused", "audit log not writable: change refused", level=logging.ERROR,
-                      identity=identity, model=self._name)
-            raise
-        try:
-            self._store.commit(self._name, event, fsync=not audited)  # an audited change is durable already
+                self._audit.record_many([("modify", p.identity, p.address, "accepted",
+                                          {"model": self._name, "changes": p.changes, "revision": p.revision,
+                                           "request": p.event.get("request")}) for p in audited])
         except PersistenceError as exc:
-            self._metrics.modifications.labels(self._name, "persist_failed").inc()
-            log_event(log, "modify_failed", "state not durable: change refused", level=logging.ERROR,
-                      identity=identity, model=self._name, revision=revision, error=str(exc))
-            try:  # the accepted record above must not stand alone
+            self._fail(batch, "audit_failed", "modify_refused", "audit log not writable: change refused", str(exc))
+            return
+        try:  # an audited change is durable already: its commit is synced only with unaudited ones
+            self._store.commit_many(self._name, [p.event for p in batch], fsync=len(audited) < len(batch))
+        except PersistenceError as exc:
+            error = str(exc)
+            try:  # the accepted records above must not stand alone
                 if audited:
-                    self._audit.record("modify", identity, address, "failed", model=self._name,
-                                       revision=revision, error=str(exc))
+                    self._audit.record_many([("modify", p.identity, p.address, "failed",
+                                              {"model": self._name, "revision": p.revision, "error": error})
+                                             for p in audited])
             except PersistenceError:
-                # the accepted record stands alone: a restart would roll the change forward, so its
-                # outcome is not "refused" but unknown until then (a retry with its request id tells)
-                raise PersistenceError(f"{exc}; its failure could not be recorded either, so it may still be "
-                                       "applied when the server restarts: retry with the same request id") from exc
-            raise
-        self._values = values
-        self._revision = revision
+                # they stand alone: a restart would roll the changes forward, so their outcome
+                # is not "refused" but unknown until then (a retry with its request id tells)
+                error = (f"{exc}; its failure could not be recorded either, so it may still be applied when "
+                         "the server restarts: retry with the same request id")
+            self._fail(batch, "persist_failed", "modify_failed", "state not durable: change refused", error)
+            return
+        with self._lock:
+            for p in batch:
+                self._applied(p)
+            self._writing = []
+            self._revision_gauge.set(self._revision)
+        self._commit_batch.observe(len(batch))
+
+    def _applied(self, pending: _Pending) -> None:
+        """A durable change becomes the model's state, and its viewers' news (lock held)."""
+        event = pending.event
+        self._values, self._revision = event["values"], event["revision"]
         self._history.append(event)
+        request_id = event.get("request")
         if request_id is not None:
-            self._requests[request_id] = revision
+            self._inflight.pop(request_id, None)
+            self._requests[request_id] = self._revision
             while len(self._requests) > (self._history.maxlen or 10000):
                 self._requests.popitem(last=False)
-        self._revision_gauge.set(revision)
         self._metrics.modifications.labels(self._name, "accepted").inc()
         self._fanout.publish(event)
-        log_event(log, "modified", "model modified", model=self._name, revision=revision, identity=identity,
-                  client=address, changes=normalized)
-        return revision
+        pending.done = True
+        log_event(log, "modified", "model modified", model=self._name, revision=self._revision,
+                  identity=pending.identity, client=pending.address, changes=pending.changes)
+
+    def _fail(self, batch: list[_Pending], result: str, event: str, message: str, error: str) -> None:
+        """Refuse a batch that could not be made durable, and every change queued behind it (each was
+        validated on top of it): nothing of them is applied (commit lock held)."""
+        with self._lock:
+            behind, self._queue, self._writing = self._queue, [], []
+            for p in [q for q in batch if not q.done] + behind:
+                p.error = error if p in batch else f"not applied: a change before it could not be made durable: {error}"
+                p.done = True
+                request_id = p.event.get("request")
+                if request_id is not None:
+                    self._inflight.pop(request_id, None)
+                self._metrics.modifications.labels(self._name, result).inc()
+                log_event(log, event, message, level=logging.ERROR, identity=p.identity, model=self._name,
+                          revision=p.revision, error=p.error)
+            for p in behind:
+                if p.audited:  # its attempt is on record, as every attempt is
+                    self._record_refusal(p.identity, p.address, p.changes, result, p.error)
 
     def _refused(self, identity: str, address: str | None, changes: Any, result: str, exc: MVCError) -> None:
         self._metrics.modifications.labels(self._name, result).inc()
         log_event(log, "modify_refused", f"modify refused: {exc}", level=logging.WARNING, model=self._name,
                   identity=identity, client=address, result=result)
+        self._record_refusal(identity, address, changes, result, str(exc))
+
+    def _record_refusal(self, identity: str, address: str | None, changes: Any, result: str, error: str) -> None:
         try:
             self._audit.record("modify", identity, address, result, model=self._name,
-                               changes=_summary(changes), error=str(exc))
+                               changes=_summary(changes), error=error)
         except PersistenceError:
             pass  # counted in the metric; the refusal stands either way
 

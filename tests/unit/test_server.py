@@ -129,14 +129,14 @@ def test_a_failed_commit_whose_failure_cannot_be_recorded_is_reported_as_undecid
     m = make(tmp_path)
     m.modify({"value": 1})
     m._store._db.close()  # the state disk is gone...
-    real = m._audit.record
+    real = m._audit.record_many
 
-    def record(action, identity, client, result, **fields):
-        if result == "failed":  # ...and the audit disk is full by the time the failure is recorded
-            raise PersistenceError("audit log not writable: No space left on device")
-        return real(action, identity, client, result, **fields)
+    def record_many(records):
+        if any(result == "failed" for _, _, _, result, _ in records):  # ...and the audit disk is full
+            raise PersistenceError("audit log not writable: No space left on device")  # by the time the
+        return real(records)  # failure is recorded
 
-    m._audit.record = record
+    m._audit.record_many = record_many
     with pytest.raises(PersistenceError, match="may still be applied when the server restarts"):
         m.modify({"value": 2}, request_id="r2")
     assert m.query()["value"] == 1
