@@ -57,7 +57,7 @@ class Config:
 
 FULL = Config(ns=[1, 10, 50, 200, 1000], procs=4, rate=50.0, paced_seconds=10.0, unpaced_seconds=8.0,
               unpaced_cap=3000, delivery_budget=400_000, drain_timeout=60.0, slow=True, slow_n=10, slow_sleep=0.2,
-              rounds=3, rounds_ns=(200,))
+              rounds=5, rounds_ns=(200,))
 QUICK = Config(ns=[1, 10], procs=2, rate=50.0, paced_seconds=2.0, unpaced_seconds=2.0,
                unpaced_cap=400, delivery_budget=20_000, drain_timeout=20.0, slow=True, slow_n=10, slow_sleep=0.2,
                rounds=2, rounds_ns=(10,))
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, help="paced changes per second (default 50)")
     parser.add_argument("--no-slow", action="store_true", help="skip the slow-viewer scenario")
     parser.add_argument("--rounds", type=int, help="paced windows per system, taken in turns and pooled, at the N "
-                        "of --rounds-n (default: 3 at N = 200; quick: 2 at N = 10)")
+                        "of --rounds-n (default: 5 at N = 200; quick: 2 at N = 10)")
     parser.add_argument("--rounds-n", help="comma-separated N measured in rounds")
     parser.add_argument("--viewer-server", choices=["multiplex", "thread"],
                         help="MVC_VIEWER_SERVER of remote-mvc's viewer processes (default multiplex)")
