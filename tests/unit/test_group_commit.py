@@ -115,9 +115,14 @@ def test_a_queued_change_is_validated_against_the_changes_ahead_of_it(tmp_path):
 def test_a_retry_while_the_first_try_is_being_written_gets_the_same_revision(tmp_path):
     m = make(tmp_path)
     gate = Gate(m)
+    waiting = []  # the changes whose threads went on to wait for the disk
+    commit = m._commit
+    m._commit = lambda pending: (waiting.append(pending), commit(pending))[1]
     first = run(m.modify, {"value": 5}, request_id="same")
     assert gate.entered.wait(10)
     retry = run(m.modify, {"value": 5}, request_id="same")
+    wait_until(lambda: len(waiting) == 2, message="the retry to wait")
+    assert waiting[0] is waiting[1]  # for the first try, not as a change of its own
     gate.opened.set()
     first.join(10)
     retry.join(10)
