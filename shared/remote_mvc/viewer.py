@@ -21,6 +21,7 @@ from typing import Any
 import Pyro5.api
 from Pyro5 import config as pyro_config
 from Pyro5.errors import CommunicationError, PyroError
+from Pyro5.errors import TimeoutError as PyroTimeout
 
 from ._daemons import ViewerDaemon
 from .config import Settings
@@ -263,19 +264,37 @@ class ViewerHost(Service):
             log_event(log, "subscribed", f"subscribed to {viewer.model}", viewer_id=viewer.viewer_id,
                       revision=viewer.revision, server_revision=reply["revision"], since=since)
 
+    def _unsubscribe(self, model: str, sid: str, retry_until: float) -> Exception | None:
+        """Unsubscribe; None, or why not. A timeout means the server is there but slow (a loaded
+        host): try again on a fresh connection (unsubscribing twice is harmless) until
+        ``retry_until``; a server that is gone is not waited for."""
+        client = self._client(model)
+        while True:
+            try:
+                client.unsubscribe(sid)
+                return None
+            except PyroTimeout as exc:
+                client.close()
+                if time.monotonic() >= retry_until:
+                    return exc
+            except (MVCError, CommunicationError, PyroError, OSError) as exc:
+                return exc
+
     def _unsubscribe_all(self) -> None:
         self._kick.set()
         with self._sub_lock:
             self._unsubscribe_locked()
 
     def _unsubscribe_locked(self) -> None:
+        # a retry after a timeout only early in the stop: one extra call timeout in all, never a hang
+        retry_until = time.monotonic() + 2 * self.settings.call_timeout
         for viewer, sid in list(self._subs.items()):
-            try:
-                self._client(viewer.model).unsubscribe(sid)
+            error = self._unsubscribe(viewer.model, sid, retry_until)
+            if error is None:
                 log_event(log, "unsubscribed", "unsubscribed", viewer_id=viewer.viewer_id, revision=viewer.revision)
-            except (MVCError, CommunicationError, PyroError, OSError) as exc:
+            else:
                 log_event(log, "unsubscribe_failed", "could not unsubscribe", level=logging.WARNING,
-                          viewer_id=viewer.viewer_id, error=str(exc))
+                          viewer_id=viewer.viewer_id, error=str(error))
         self._subs.clear()
         for client in self._clients.values():
             client.close()

@@ -125,8 +125,10 @@ def test_viewer_burst_3_to_30_to_3_leaks_nothing(load: ChaosStack, figures: dict
     samples = load.scrape(model)
     dropped = load.metric(model, "remote_mvc_viewers_dropped_total", samples) - dropped0
     left = len(load.events(model, "viewer_unsubscribed")) - unsub0
-    assert left == 2 * LEFT, f"{left} viewers unsubscribed, expected {2 * LEFT}"
-    assert dropped == 0, f"{dropped} leaving viewers were dropped instead of unsubscribing"
+    reasons = [(e.get("viewer_id"), e.get("reason")) for e in load.events(model, "viewer_dropped")]
+    assert (left, dropped) == (2 * LEFT, 0), (
+        f"{left} leaving viewers unsubscribed and {int(dropped)} were dropped instead, expected {2 * LEFT} and 0; "
+        f"drops: {reasons}")
 
     after1, after2 = cycles[0]["after"], cycles[1]["after"]
     for c in cycles:
