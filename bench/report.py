@@ -40,24 +40,30 @@ def _p99_text(r: dict) -> str:
             f"from call start{_rounds_text(r)}")
 
 
+def _round_p99(x: dict) -> float | None:
+    """The p99 a round is judged by: from due where there is one (see :func:`p99`)."""
+    return x["fanout_due_p99_ms"] if x["fanout_due_p99_ms"] is not None else x["fanout_p99_ms"]
+
+
 def _rounds_won(mine: dict, other: dict) -> str:
     """In how many rounds (paired by round: measured minutes apart) the first p99 was the lower."""
     a, b = mine.get("rounds"), other.get("rounds")
     if not a or not b or len(a) != len(b):
         return ""
-    key = "fanout_due_p99_ms" if a[0]["fanout_due_p99_ms"] is not None else "fanout_p99_ms"
-    won = sum(1 for x, y in zip(a, b, strict=True) if x[key] is not None and y[key] is not None and x[key] <= y[key])
+    won = sum(1 for x, y in zip(a, b, strict=True)
+              if _round_p99(x) is not None and _round_p99(y) is not None and _round_p99(x) <= _round_p99(y))
     return f"; lower or equal in {won} of {len(a)} rounds"
 
 
+def _each_round(r: dict) -> str:
+    """Each round's own p99 of a result pooled from rounds, as "a / b / c"."""
+    return " / ".join(_f(_round_p99(x), 1) for x in r["rounds"])
+
+
 def _rounds_text(r: dict) -> str:
-    """Each round's own p99 (from due where there is one), for a result pooled from rounds."""
-    rounds = r.get("rounds")
-    if not rounds:
+    if not r.get("rounds"):
         return ""
-    each = " / ".join(_f(x["fanout_due_p99_ms"] if x["fanout_due_p99_ms"] is not None else x["fanout_p99_ms"], 1)
-                      for x in rounds)
-    return f"; {len(rounds)} rounds pooled, each {each} ms"
+    return f"; {len(r['rounds'])} rounds pooled, each {_each_round(r)} ms"
 
 
 def ratios(results: list[dict]) -> list[dict[str, Any]]:
@@ -233,7 +239,7 @@ def markdown(doc: dict) -> str:
                   f"once and the systems took turns at the paced window, {len(pooled[0]['rounds'])} rounds each, in "
                   "an order reversed every round; each row pools its system's rounds (percentiles over all their "
                   "changes). Fan-out p99 from due of each round: "
-                  + "; ".join(f"{r['label']} N={r['n']} {_rounds_text(r).split('each ')[1]}" for r in pooled) + "."]
+                  + "; ".join(f"{r['label']} N={r['n']} {_each_round(r)} ms" for r in pooled) + "."]
     slow_rows = [r for r in doc["results"] if r["scenario"] == "slow-viewer"]
     if slow_rows:
         lines += ["", "Slow viewer (N = 10: 8 healthy viewers, one whose handler sleeps "
