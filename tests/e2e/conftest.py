@@ -30,8 +30,10 @@ os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
 from e2e_stack import REPO, Stack, clean_env, log, once_per_session, sh  # noqa: E402
 
-REMOTE_MVC_IMAGE = "remote-mvc:e2e"
-PROMETHEUS_IMAGE = "remote-mvc/prometheus:e2e"
+# E2E_TAG lets several checkouts test side by side on one engine without sharing images
+E2E_TAG = os.environ.get("E2E_TAG", "e2e")
+REMOTE_MVC_IMAGE = f"remote-mvc:{E2E_TAG}"
+PROMETHEUS_IMAGE = f"remote-mvc/prometheus:{E2E_TAG}"
 
 
 def _in_ci() -> bool:
