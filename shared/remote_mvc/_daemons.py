@@ -1,50 +1,154 @@
-"""The Pyro5 daemons remote-mvc runs: tracked connections, authenticated handshakes.
+"""The Pyro5 daemons remote-mvc runs: a guarded wire, tracked connections, authenticated handshakes.
 
-Pyro5's thread server stops accepting on shutdown but leaves established
-connections to their worker threads; a stopped service must not keep answering
-old clients, so :meth:`TrackedDaemonMixin.close_connections` shuts them down.
+Every daemon here is a :class:`GuardedDaemonMixin` daemon:
+
+* **The wire is checked before it is parsed** (:mod:`remote_mvc._wire`): the
+  handshake is read and decoded here, not by Pyro5, and only after its header
+  passed (connect message, serpent/JSON, no flags, at most ``limits.handshake``
+  bytes); every later message's header is checked the same way before its
+  payload is read (no keep-serialized blobs, compression, batches, or oneway
+  calls; a size bound by what the peer proved). A refusal closes the connection
+  and is reported through ``on_refused`` (audited by the service).
+* **TLS handshakes run in the connection's worker, with a timeout**: Pyro5's
+  listening socket would otherwise complete each TLS handshake inside its accept
+  loop, where one silent TCP connection stops every other client from
+  connecting.
+* **Bounded connections**: a connection must finish its handshake within
+  ``handshake_timeout``; then it may idle ``idle_timeout`` seconds (anonymous
+  ones ``anonymous_idle_timeout``); one address holds at most
+  ``max_connections_per_address`` connections (each holds a worker thread).
+* **A small daemon object**: Pyro5's ``Pyro.Daemon`` object answers only
+  ``get_metadata`` and ``ping`` (not ``registered``, ``info`` or streams).
+
 :class:`AuthMixin` authenticates each connection in the handshake and pins the
-identity and role on it (see :mod:`remote_mvc.auth`).
+identity and role on it (see :mod:`remote_mvc.auth`). A stopped service must not
+keep answering old clients, so :meth:`GuardedDaemonMixin.close_connections`
+shuts established connections down.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import logging
+import select
 import socket
-import time
+import ssl
+import threading
+import uuid
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import Pyro5.api
+import Pyro5.core
 import Pyro5.errors
 import Pyro5.nameserver
+import Pyro5.server
 from Pyro5 import protocol
-from Pyro5.serializers import serializers
+from Pyro5 import serializers as pyro_serializers
+from Pyro5.callcontext import current_context
 
-from .auth import address_of
+from ._wire import HEADER_SIZE, Limits, WireRefused, check, parse_header, read_exactly, read_header
+from .auth import ANONYMOUS, address_of
 from .errors import AuthenticationError
 from .logs import log_event
 
+__all__ = [
+    "Refusal", "GuardedDaemonMixin", "TrackedDaemonMixin", "AuthMixin", "TrackedDaemon", "ViewerDaemon",
+    "AuthDaemon", "AuthNameServerDaemon", "certificate_name",
+]
 
-class TrackedDaemonMixin:
-    """Remember each connection from its handshake until it disconnects.
+_log = logging.getLogger("remote_mvc.wire")
+_JSON_ID = pyro_serializers.serializers["json"].serializer_id
+_SERPENT_ID = pyro_serializers.serializers["serpent"].serializer_id
+WIRE_REFUSAL = "refused on the wire: "  # how a handshake refused for its shape (not its credentials) begins
+_CONNECT = frozenset({protocol.MSG_CONNECT})
+_CALLS = frozenset({protocol.MSG_INVOKE, protocol.MSG_PING})
 
-    A connection must complete its handshake within ``handshake_timeout``
-    seconds (one that opens and never speaks is closed); after it, a connection
-    idle for ``idle_timeout`` seconds is closed (None: never).
-    """
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """A connection or message refused by a daemon: what the audit log records of it."""
+
+    address: str
+    stage: str  # "tls", "handshake", "call", "connections"
+    reason: str
+    claimed: str | None = None  # the identity a refused handshake claimed, if any
+    throttled: bool = False
+
+
+class _SmallDaemonObject(Pyro5.server.DaemonObject):
+    """Pyro5's per-daemon object, answering only what proxies need: metadata at bind, and ping."""
+
+    def get_metadata(self, objectId: str) -> dict:  # noqa: N803 - Pyro5's signature
+        if not isinstance(objectId, str):
+            raise Pyro5.errors.DaemonError("unknown object")
+        return super().get_metadata(objectId)
+
+    def ping(self) -> None:
+        pass
+
+
+# Pyro5's DaemonObject is @expose'd as a class: shut every other member off
+for _name in ("registered", "info", "get_next_stream_item", "close_stream"):
+    setattr(_SmallDaemonObject, _name, None)
+
+
+class GuardedDaemonMixin:
+    """The wire checks, TLS-in-the-worker, connection bounds and tracking (see the module doc)."""
 
     handshake_timeout: float | None = 10.0
     idle_timeout: float | None = None
+    anonymous_idle_timeout: float | None = None  # None: idle_timeout
+    max_connections_per_address: int = 256
+    limits: Limits = Limits()
+    on_refused: Callable[[Refusal], None] | None = None
 
-    def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
-        conn.sock.settimeout(self.handshake_timeout)
-        ok = super()._handshake(conn, denied_reason)
-        if ok:
-            conn.sock.settimeout(self.idle_timeout)
-        return ok
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.objectsById[Pyro5.core.DAEMON_NAME] = _small = _SmallDaemonObject(self)
+        _small._pyroId = Pyro5.core.DAEMON_NAME
+        listener = getattr(self.transportServer, "sock", None)
+        if isinstance(listener, ssl.SSLSocket):
+            listener.do_handshake_on_connect = False  # accepted sockets shake hands in their worker
+        self._per_address: collections.Counter[str] = collections.Counter()
+        self._per_address_lock = threading.Lock()
+
+    # refusals --------------------------------------------------------------------
+    def refuse(self, refusal: Refusal) -> None:
+        """Report a refusal (the service counts, logs and audits it)."""
+        if self.on_refused is not None:
+            self.on_refused(refusal)
+        else:
+            log_event(_log, "refused", f"refused: {refusal.reason}", level=logging.WARNING,
+                      client=refusal.address, stage=refusal.stage, claimed=refusal.claimed)
+
+    # connections -----------------------------------------------------------------
+    def _admit(self, conn: Any) -> bool:
+        host = _host_of(conn)
+        with self._per_address_lock:
+            if self._per_address[host] >= self.max_connections_per_address:
+                return False
+            self._per_address[host] += 1
+        conn.mvc_admitted = host
+        return True
+
+    def _release(self, conn: Any) -> None:
+        host = getattr(conn, "mvc_admitted", None)
+        if host is None:
+            return
+        conn.mvc_admitted = None
+        with self._per_address_lock:
+            self._per_address[host] -= 1
+            if self._per_address[host] <= 0:
+                del self._per_address[host]
+
+    def connections_from(self, host: str) -> int:
+        """Connections currently held by one address (tests, metrics)."""
+        with self._per_address_lock:
+            return self._per_address.get(host, 0)
 
     def _tracked(self) -> weakref.WeakSet:
         conns = self.__dict__.get("_mvc_conns")
@@ -52,13 +156,9 @@ class TrackedDaemonMixin:
             conns = self.__dict__["_mvc_conns"] = weakref.WeakSet()
         return conns
 
-    def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 - Pyro5's name
-        result = super().validateHandshake(conn, data)
-        self._tracked().add(conn)
-        return result
-
-    def clientDisconnect(self, conn: Any) -> None:  # noqa: N802
+    def clientDisconnect(self, conn: Any) -> None:  # noqa: N802 - Pyro5's name
         self._tracked().discard(conn)
+        self._release(conn)
         super().clientDisconnect(conn)
 
     def close_connections(self) -> None:
@@ -68,29 +168,167 @@ class TrackedDaemonMixin:
             except (OSError, AttributeError):
                 pass
 
+    # the handshake ---------------------------------------------------------------
+    def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
+        """Pyro5's connect handshake, read and decoded here within the pre-authentication bounds."""
+        conn.sock.settimeout(self.handshake_timeout)
+        address = address_of(conn)
+        if denied_reason:  # Pyro5: no free worker
+            self.refuse(Refusal(address, "connections", denied_reason))
+            return False
+        if isinstance(conn.sock, ssl.SSLSocket):
+            try:
+                conn.sock.do_handshake()
+            except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, a reset
+                self.refuse(Refusal(address, "tls", f"TLS handshake failed: {exc}"))
+                return False
+        if not self._admit(conn):
+            self.refuse(Refusal(address, "connections", f"more than {self.max_connections_per_address} "
+                                                        "connections from one address"))
+            return False
+        ok = False
+        try:
+            ok = self._connect(conn, address)
+        finally:
+            if not ok:
+                self._release(conn)
+        if ok:
+            self._tracked().add(conn)
+            anonymous = getattr(conn, "mvc_identity", ANONYMOUS) == ANONYMOUS
+            idle = self.anonymous_idle_timeout if anonymous and self.anonymous_idle_timeout else self.idle_timeout
+            conn.sock.settimeout(idle)
+        return ok
 
-class AuthMixin(TrackedDaemonMixin):
+    def _connect(self, conn: Any, address: str) -> bool:
+        seq, serializer_id = 0, _JSON_ID
+        try:
+            try:
+                raw, header = read_header(conn)
+            except Pyro5.errors.TimeoutError:
+                raise WireRefused("handshake timeout: nothing received in time") from None
+            except Pyro5.errors.ProtocolError:
+                raise WireRefused("not a Pyro5 message") from None
+            seq = header.seq
+            check(header, types=_CONNECT, limit=self.limits.handshake, limits=self.limits)
+            serializer_id = header.serializer_id
+            msg = protocol.ReceivingMessage(raw)
+            msg.add_payload(read_exactly(conn, header.size))
+            serializer = pyro_serializers.serializers_by_id[serializer_id]
+            data = serializer.loads(msg.data)
+            if not isinstance(data, dict) or not isinstance(data.get("object"), str):
+                raise WireRefused("malformed handshake")
+            current_context.correlation_id = uuid.uuid4()
+            conn.mvc_target = data["object"]
+            response = {
+                "handshake": self.validateHandshake(conn, data.get("handshake")),
+                "meta": self.objectsById[Pyro5.core.DAEMON_NAME].get_metadata(data["object"]),
+            }
+            reply, msgtype = serializer.dumps(response), protocol.MSG_CONNECTOK
+        except (Pyro5.errors.ConnectionClosedError, Pyro5.errors.TimeoutError, OSError):
+            return False
+        except WireRefused as exc:
+            self.refuse(Refusal(address, "handshake", str(exc)))
+            if serializer_id not in (_SERPENT_ID, _JSON_ID):
+                serializer_id = _JSON_ID
+            reply = pyro_serializers.serializers_by_id[serializer_id].dumps(f"{WIRE_REFUSAL}{exc}")
+            msgtype = protocol.MSG_CONNECTFAIL
+        except Exception as exc:  # noqa: BLE001 - a refusal (credentials) or a malformed handshake
+            reply = pyro_serializers.serializers_by_id[serializer_id].dumps(str(exc))
+            msgtype = protocol.MSG_CONNECTFAIL
+        try:
+            conn.send(protocol.SendingMessage(msgtype, 0, seq, serializer_id, reply).data)
+        except (Pyro5.errors.ConnectionClosedError, OSError):
+            return False
+        return msgtype == protocol.MSG_CONNECTOK
+
+    # calls -------------------------------------------------------------------------
+    def call_limit(self, conn: Any) -> int:
+        """How large a call this connection may send."""
+        anonymous = getattr(conn, "mvc_identity", ANONYMOUS) == ANONYMOUS
+        return self.limits.anonymous if anonymous else self.limits.authenticated
+
+    def handleRequest(self, conn: Any) -> None:  # noqa: N802 - Pyro5's name
+        """Check the next message's header, then let Pyro5 handle it."""
+        raw, header = read_header(conn)
+        try:
+            check(header, types=_CALLS, limit=self.call_limit(conn), limits=self.limits)
+        except WireRefused as exc:
+            if not self._refuse_call(conn, header, exc):
+                raise
+            return  # the caller was told, the connection is in step: it may go on
+        super().handleRequest(_Replayed(conn, raw + read_exactly(conn, header.size)))
+
+    def _refuse_call(self, conn: Any, header: Any, exc: WireRefused, drain: bool = True) -> bool:
+        """Report a refused call and tell the caller why; True when the connection may go on.
+
+        Its payload is never decoded. An authenticated caller's call that is only too large is
+        read and dropped (at most Pyro5's own bound), answered, and the connection goes on; any
+        other refusal closes the connection (the caller is told why when it waits for an answer).
+        """
+        identity = getattr(conn, "mvc_identity", ANONYMOUS)
+        self.refuse(Refusal(address_of(conn), "call", str(exc), identity))
+        if header.serializer_id not in (_SERPENT_ID, _JSON_ID) or header.flags & protocol.FLAGS_ONEWAY:
+            return False
+        keep = (drain and identity != ANONYMOUS and header.size <= _DRAIN_MAX and header.type in _CALLS
+                and not header.flags & ~(protocol.FLAGS_CORR_ID))
+        try:
+            if keep:
+                for done in range(0, header.size, _READ_SIZE):
+                    read_exactly(conn, min(_READ_SIZE, header.size - done))
+            self._sendExceptionResponse(conn, header.seq, header.serializer_id,
+                                        Pyro5.errors.SecurityError(str(exc)), None)
+        except (Pyro5.errors.CommunicationError, OSError):
+            return False
+        return keep
+
+
+_DRAIN_MAX = 16 * 1024 * 1024  # Pyro5's own message bound (clients check it before sending)
+_READ_SIZE = 65536  # larger reads cost more than they save: recv allocates the whole size first
+
+# the name of the mixin before the wire checks were added
+TrackedDaemonMixin = GuardedDaemonMixin
+
+
+def _host_of(conn: Any) -> str:
+    return address_of(conn).rsplit(":", 1)[0]
+
+
+class AuthMixin(GuardedDaemonMixin):
     """Authenticate each connection in Pyro5's handshake (once ``authenticator`` is set)."""
 
     authenticator: Any = None
-    on_refused: Callable[[str, str, bool], None] | None = None
 
     def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 - Pyro5's name
         if self.authenticator is None:
             return super().validateHandshake(conn, data)
         try:
-            identity, role = self.authenticator.authenticate(data, certificate_name(conn))
+            identity, role = self.authenticator.authenticate(data, certificate_name(conn),
+                                                             target=getattr(conn, "mvc_target", None))
         except AuthenticationError as exc:
             address = address_of(conn)
             delay = self.authenticator.throttle.failed(address)
-            if self.on_refused is not None:
-                self.on_refused(address, str(exc), delay > 0)
+            self.refuse(Refusal(address, "handshake", str(exc), _claimed(data), delay > 0))
             if delay:
-                time.sleep(delay)  # tarpit: only this connection's worker waits
+                _tarpit(conn, delay)
             raise
         conn.mvc_identity, conn.mvc_role = identity, role
         super().validateHandshake(conn, data)
         return {"identity": identity, "role": role}
+
+
+def _claimed(token: Any) -> str | None:
+    """The identity a handshake token claims (bounded, for the audit log)."""
+    name = token.get("identity") if isinstance(token, dict) else None
+    return name[:64] if isinstance(name, str) else None
+
+
+def _tarpit(conn: Any, delay: float) -> None:
+    """Delay a refusal by up to ``delay`` seconds, but not past the moment the peer leaves or speaks
+    again: a peer that closed does not hold the worker."""
+    try:
+        select.select([conn.sock], [], [], delay)
+    except (OSError, ValueError):
+        pass
 
 
 def certificate_name(conn: Any) -> str | None:
@@ -106,14 +344,11 @@ def certificate_name(conn: Any) -> str | None:
     return None
 
 
-class TrackedDaemon(TrackedDaemonMixin, Pyro5.api.Daemon):
-    """A plain daemon whose connections close when it stops."""
+class TrackedDaemon(GuardedDaemonMixin, Pyro5.api.Daemon):
+    """A plain daemon with the guarded wire, whose connections close when it stops."""
 
 
-_JSON_ID = serializers["json"].serializer_id
-_HEADER_SIZE = protocol._header_size
-_READ_SIZE = 65536  # larger reads cost more than they save: recv allocates the whole size first
-_log = logging.getLogger("remote_mvc.viewer")
+_vlog = logging.getLogger("remote_mvc.viewer")
 
 
 class ViewerDaemon(TrackedDaemon):
@@ -125,14 +360,26 @@ class ViewerDaemon(TrackedDaemon):
     serialized). A call that is exactly what the model server's sender makes (an
     invoke in JSON, no annotations, ``notify(<one JSON object>)`` to an object
     that declares ``_mvc_notify``) is handed to the object directly. Anything
-    else is replayed to Pyro5's own ``handleRequest`` unchanged.
+    else is replayed to Pyro5's own ``handleRequest``, within the anonymous size
+    bound and never oneway.
 
     Such calls may be oneway: they run here, in order, on the connection's
     thread (Pyro5 would start a thread per oneway call, and so reorder them).
     A handler that raises in a oneway call is counted, and the next two-way
     call on the connection answers with that count (otherwise ``0``), which the
     server adds to its failure metric.
+
+    A connection is *proven* once a notify on it was accepted by its viewer (the
+    viewer checks the subscription's capability): until then its messages are
+    bounded by ``limits.authenticated`` and it may idle ``idle_timeout``; after,
+    messages may be as large as ``proven_limit`` and it may idle indefinitely
+    (the model server's connection is quiet while the model is).
     """
+
+    proven_limit = 16 * 1024 * 1024
+
+    def call_limit(self, conn: Any) -> int:
+        return self.proven_limit if getattr(conn, "mvc_proven", False) else self.limits.authenticated
 
     def handleRequest(self, conn: Any) -> None:  # noqa: N802 - Pyro5's name
         """Read what the connection has in one ``recv`` and handle every whole message in it
@@ -149,23 +396,26 @@ class ViewerDaemon(TrackedDaemon):
         if not chunk:
             raise Pyro5.errors.ConnectionClosedError("receiving: connection lost")
         buffer += chunk
-        while len(buffer) >= _HEADER_SIZE:
-            protocol.ReceivingMessage.validate(bytes(buffer[:6]))
-            msg = protocol.ReceivingMessage(bytes(buffer[:_HEADER_SIZE]))
-            size = _HEADER_SIZE + msg.annotations_size + msg.data_size
+        while len(buffer) >= HEADER_SIZE:
+            header = parse_header(bytes(buffer[:HEADER_SIZE]))
+            try:
+                check(header, types=_CALLS, limit=self.call_limit(conn), limits=self.limits, oneway=True)
+            except WireRefused as exc:
+                self._refuse_call(conn, header, exc, drain=False)
+                raise
+            size = HEADER_SIZE + header.size
             if len(buffer) < size:
                 return
             message = bytes(buffer[:size])
             del buffer[:size]
-            self._handle(conn, msg, message)
+            self._handle(conn, header, message)
 
-    def _handle(self, conn: Any, msg: protocol.ReceivingMessage, message: bytes) -> None:
+    def _handle(self, conn: Any, header: Any, message: bytes) -> None:
         """One whole message: a notify call of the model server's shape, or Pyro5's business."""
-        oneway = msg.flags == protocol.FLAGS_ONEWAY
-        if (msg.type == protocol.MSG_INVOKE and msg.serializer_id == _JSON_ID and (oneway or not msg.flags)
-                and not msg.annotations_size):
+        oneway = bool(header.flags & protocol.FLAGS_ONEWAY)
+        if header.type == protocol.MSG_INVOKE and header.serializer_id == _JSON_ID and not header.annotations_size:
             try:
-                call = json.loads(message[_HEADER_SIZE:])
+                call = json.loads(message[HEADER_SIZE:])
                 obj = self.objectsById.get(call["object"])
                 params = call["params"]
                 fast = (call["method"] == "notify" and getattr(obj, "_mvc_notify", False) and not call["kwargs"]
@@ -173,9 +423,13 @@ class ViewerDaemon(TrackedDaemon):
             except (ValueError, KeyError, TypeError, AttributeError):
                 fast = False
             if fast:
-                self._notify(conn, obj, params[0], msg.seq, oneway)
+                self._notify(conn, obj, params[0], header.seq, oneway)
                 return
-        super().handleRequest(_Replayed(conn, message))
+        if oneway or len(message) - HEADER_SIZE > self.limits.anonymous:
+            exc = WireRefused("only notify calls may be oneway or large here")
+            self._refuse_call(conn, header, exc)
+            raise exc
+        super(GuardedDaemonMixin, self).handleRequest(_Replayed(conn, message))
 
     def _notify(self, conn: Any, obj: Any, batch: dict, seq: int, oneway: bool) -> None:
         try:
@@ -183,11 +437,14 @@ class ViewerDaemon(TrackedDaemon):
         except Exception as exc:  # noqa: BLE001 - reported to the caller, as Pyro5 does
             if oneway:
                 conn.mvc_failed = getattr(conn, "mvc_failed", 0) + 1
-                log_event(_log, "notify_error", f"viewer handler raised: {exc!r}", level=logging.WARNING,
+                log_event(_vlog, "notify_error", f"viewer handler raised: {exc!r}", level=logging.WARNING,
                           viewer_id=getattr(obj, "viewer_id", None), revision=getattr(obj, "revision", None))
                 return
             self._sendExceptionResponse(conn, seq, _JSON_ID, exc, Pyro5.errors.format_traceback(detailed=False))
             return
+        if not getattr(conn, "mvc_proven", False):
+            conn.mvc_proven = True
+            conn.sock.settimeout(None)
         if not oneway:
             failed, conn.mvc_failed = getattr(conn, "mvc_failed", 0), 0
             answer = b"0" if not failed else str(failed).encode()

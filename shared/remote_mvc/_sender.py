@@ -45,6 +45,7 @@ MAX_IN_FLIGHT = 2  # one call being handled, one ready behind it: more only frag
 # change would carry N answers to send and read on top of its N deliveries (a latency spike).
 ONEWAY_WINDOW = 8
 ACK_INTERVAL = 0.1
+MAX_ANSWER = 64 * 1024  # a viewer's answer to notify: a failure count, or an exception with its traceback
 _jitter = random.Random()
 _JSON_ID = serializers["json"].serializer_id
 _HEADER = protocol._header_size
@@ -267,6 +268,8 @@ class Subscriber:
             tag, version, _, _, flags, _, data_size, annotations_size, _, _, magic = _HEADER_STRUCT.unpack_from(self._in)
             if tag != b"PYRO" or version != protocol.PROTOCOL_VERSION or magic != protocol._magic_number:
                 raise PyroError("invalid message from the viewer")
+            if annotations_size + data_size > MAX_ANSWER:  # an answer is a count or an error: never buffer more
+                raise PyroError(f"answer of {annotations_size + data_size} bytes from the viewer (at most {MAX_ANSWER})")
             size = _HEADER + annotations_size + data_size
             if len(self._in) < size:
                 break

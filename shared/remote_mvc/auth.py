@@ -5,17 +5,21 @@ Each role is a set of permissions, checked per remote method (:data:`ROLES`):
 drops viewers and manages names, ``service`` reads and registers its own names
 with a protected name server. A client proves an identity when its connection
 is made, in Pyro5's handshake: it sends ``{identity, ts, nonce, mac}`` where
-``mac`` is an HMAC-SHA256 of identity, timestamp and a fresh nonce under one of
-the identity's secrets. The server (:class:`AuthDaemon`) checks the MAC against
-every secret the identity has (two allow rotation without downtime), refuses
-stale timestamps and replayed nonces, and pins identity and role on the
-connection, where :func:`require` finds them through ``current_context``. A
+``mac`` is an HMAC-SHA256 of identity, timestamp, a fresh nonce and the target
+(the Pyro5 object id the connection is for, e.g. ``remote_mvc.model``) under one
+of the identity's secrets. The server (:class:`AuthDaemon`) checks the MAC
+against every secret the identity has (two allow rotation without downtime) and
+the object the connection names, refuses stale timestamps and replayed nonces,
+and pins identity and role on the connection, where :func:`require` finds them
+through ``current_context``. A token seen by one service is useless at another:
+it names its target. A
 connection that presents no credentials gets the read-only ``viewer`` role;
 one that presents wrong credentials is refused.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import hmac
@@ -121,36 +125,51 @@ def generate_credentials(path: str | Path) -> Credentials:
     return creds
 
 
-def _mac(secret: str, identity: str, ts: float, nonce: str) -> str:
-    msg = f"{identity}|{ts!r}|{nonce}".encode("utf-8", "surrogatepass")
+def _mac(secret: str, identity: str, ts: float, nonce: str, target: str) -> str:
+    msg = f"{identity}|{ts!r}|{nonce}|{target}".encode("utf-8", "surrogatepass")
     return hmac.new(secret.encode("utf-8", "surrogatepass"), msg, hashlib.sha256).hexdigest()
 
 
-def client_token(identity: str, secret: str, clock: Callable[[], float] = time.time) -> dict[str, Any]:
-    """A fresh handshake token proving ``identity`` (a new nonce every call)."""
+def client_token(identity: str, secret: str, target: str, clock: Callable[[], float] = time.time) -> dict[str, Any]:
+    """A fresh handshake token proving ``identity`` to the object ``target`` (a new nonce every call)."""
     ts = clock()
     nonce = secrets.token_hex(16)
-    return {"identity": identity, "ts": ts, "nonce": nonce, "mac": _mac(secret, identity, ts, nonce)}
+    return {"identity": identity, "ts": ts, "nonce": nonce, "mac": _mac(secret, identity, ts, nonce, target)}
 
 
 class Authenticator:
-    """Verify handshake tokens: known identity, valid MAC, fresh time, unseen nonce."""
+    """Verify handshake tokens: known identity, valid MAC for this target, fresh time, unseen nonce.
+
+    Nonces are remembered for twice the allowed skew, counted on the monotonic
+    clock (so a wall clock stepped backwards cannot keep them forever), in
+    arrival order, so forgetting is O(1) per handshake. At most ``max_nonces``
+    are kept; when one must be forgotten early, tokens no newer than it are
+    refused from then on (a forgotten nonce must never become replayable).
+    """
 
     def __init__(self, credentials: Credentials, clock: Callable[[], float] = time.time,
-                 max_skew: float = 60.0) -> None:
+                 max_skew: float = 60.0, monotonic: Callable[[], float] = time.monotonic,
+                 max_nonces: int = 100_000) -> None:
         self.credentials = credentials
         self.clock = clock
+        self.monotonic = monotonic
         self.max_skew = max_skew
-        self._seen: dict[str, float] = {}
+        self.max_nonces = max_nonces
+        self._seen: dict[str, float] = {}  # nonce -> its token's time
+        self._arrivals: collections.deque[tuple[float, str]] = collections.deque()  # (monotonic, nonce)
+        self._floor = -math.inf  # tokens at or before this time are refused (a nonce was forgotten early)
         self._lock = threading.Lock()
-        self.throttle = Throttle(clock=time.monotonic)
+        self.throttle = Throttle(clock=monotonic)
 
-    def authenticate(self, token: Any, certificate: str | None = None) -> tuple[str, str]:
+    def authenticate(self, token: Any, certificate: str | None = None,
+                     target: str | None = None) -> tuple[str, str]:
         """Return (identity, role); raise AuthenticationError when the token is bad.
 
         ``certificate`` is the common name of the peer's TLS certificate (already
         verified against the CA). A certificate naming a known identity proves
         that identity by itself; a token must then name the same identity.
+        ``target`` is the object id the connection is for; the token's MAC must
+        cover it.
         """
         cert_ident = self.credentials.get(certificate) if certificate else None
         if token is None or token == "hello" or token == {}:
@@ -160,13 +179,13 @@ class Authenticator:
         if not isinstance(token, dict) or not {"identity", "ts", "nonce", "mac"} <= token.keys():
             raise AuthenticationError("malformed credentials")
         name, ts, nonce, mac = token["identity"], token["ts"], token["nonce"], token["mac"]
-        if not all(isinstance(v, str) for v in (name, nonce, mac)) or not isinstance(ts, (int, float)) \
-                or isinstance(ts, bool) or not math.isfinite(ts):
+        if not all(isinstance(v, str) and len(v) <= 256 for v in (name, nonce, mac)) \
+                or not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts):
             raise AuthenticationError("malformed credentials")
         ident = self.credentials.get(name)
         given = mac.encode("utf-8", "surrogatepass")  # bytes: compare_digest refuses non-ASCII str
-        if ident is None or not any(hmac.compare_digest(_mac(s, name, ts, nonce).encode(), given)
-                                    for s in ident.secrets):
+        if ident is None or not isinstance(target, str) or not any(
+                hmac.compare_digest(_mac(s, name, ts, nonce, target).encode(), given) for s in ident.secrets):
             raise AuthenticationError("invalid credentials")
         now = self.clock()
         if abs(now - ts) > self.max_skew:
@@ -174,13 +193,26 @@ class Authenticator:
         if cert_ident is not None and cert_ident.name != ident.name:
             raise AuthenticationError(f"certificate is for {cert_ident.name!r}, not {ident.name!r}")
         with self._lock:
-            if nonce in self._seen:
+            self._forget(self.monotonic())
+            if nonce in self._seen or ts <= self._floor:
                 raise AuthenticationError("replayed credentials")
             self._seen[nonce] = ts
-            if len(self._seen) > 10000:
-                horizon = now - self.max_skew
-                self._seen = {n: t for n, t in self._seen.items() if t >= horizon}
+            self._arrivals.append((self.monotonic(), nonce))
         return ident.name, ident.role
+
+    def _forget(self, now: float) -> None:
+        """Drop nonces older than twice the skew window, and the oldest beyond ``max_nonces`` (lock held)."""
+        arrivals, horizon = self._arrivals, now - 2 * self.max_skew
+        while arrivals and (arrivals[0][0] < horizon or len(arrivals) >= self.max_nonces):
+            at, nonce = arrivals.popleft()
+            ts = self._seen.pop(nonce, -math.inf)
+            if at >= horizon:  # forgotten while still replayable: refuse its time and older from now on
+                self._floor = max(self._floor, ts)
+
+    @property
+    def remembered(self) -> int:
+        """How many nonces are remembered (tests, metrics)."""
+        return len(self._seen)
 
 
 class Throttle:
@@ -245,8 +277,9 @@ def _auth_errors(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, *args, **kwargs)
         except CommunicationError as exc:
-            if " rejected: " in str(exc):
-                raise AuthenticationError(str(exc).split(" rejected: ", 1)[1]) from None
+            reason = str(exc).split(" rejected: ", 1)[1] if " rejected: " in str(exc) else None
+            if reason is not None and not reason.startswith("refused on the wire: "):
+                raise AuthenticationError(reason) from None
             raise
     return wrapper
 
@@ -263,7 +296,7 @@ class AuthProxy(Pyro5.api.Proxy):
     @property
     def _pyroHandshake(self) -> Any:  # noqa: N802 - Pyro5's name
         identity, secret = self._mvc_credentials
-        return client_token(identity, secret) if identity and secret else "hello"
+        return client_token(identity, secret, self._pyroUri.object) if identity and secret else "hello"
 
     @_pyroHandshake.setter
     def _pyroHandshake(self, value: Any) -> None:  # noqa: N802

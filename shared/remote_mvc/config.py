@@ -42,6 +42,10 @@ class Settings:
     threadpool_size: int = 1200  # Pyro5 workers; idle ones exit, so a high cap costs nothing
     handshake_timeout: float = 10.0  # a connection that does not complete its handshake by then is closed
     idle_timeout: float = 300.0  # servers close client connections idle this long (clients reconnect)
+    anonymous_idle_timeout: float = 30.0  # ... and connections that proved no identity this long
+    max_connections_per_address: int = 256  # connections one address may hold on a daemon (each holds a worker)
+    max_request_bytes: int = 1024 * 1024  # the largest call an authenticated identity may send
+    max_anonymous_request_bytes: int = 64 * 1024  # the largest call an anonymous connection may send
     # durable state
     state_dir: str = "runtime"
     state_path: str = ""  # empty: <state_dir>/<service>.sqlite3
@@ -100,7 +104,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("lease_seconds", "call_timeout", "ticker_interval", "register_interval", "handshake_timeout",
-                     "idle_timeout"):
+                     "idle_timeout", "anonymous_idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive")
         tls = [self.tls_ca, self.tls_cert, self.tls_key]
@@ -112,7 +116,8 @@ class Settings:
             # Pyro5's multiplex server selects on the raw socket: a second message already decrypted
             # into the TLS layer's buffer would wait there unseen until more bytes arrive
             raise ConfigError(f"{PREFIX}VIEWER_SERVER=multiplex does not work with TLS; use thread")
-        for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size"):
+        for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size", "max_connections_per_address",
+                     "max_request_bytes", "max_anonymous_request_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
 

@@ -73,6 +73,9 @@ class Metrics:
         self.auth_throttled = Counter(
             "remote_mvc_auth_throttled", "Handshake refusals delayed for repeated failures from one address.",
             registry=r)
+        self.wire_refused = Counter(
+            "remote_mvc_wire_refused", "Connections and messages refused by a daemon, by stage (tls, handshake, "
+            "call, connections).", ["stage"], registry=r)
         self.registrations = Counter(
             "remote_mvc_ns_registrations", "Times a service (re-)registered with the name server.", ["name"],
             registry=r)

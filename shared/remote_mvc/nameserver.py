@@ -88,15 +88,8 @@ class NameServer(Service):
         self.storage = storage
         self.ns_uri: Pyro5.api.URI | None = None
         self.audit = AuditLog(settings.audit_file(), self.metrics)
-        self.on_refused = self._handshake_refused
+        self.refusal_audit = self.audit
         self.on_stop(self.audit.close)
-
-    def _handshake_refused(self, address: str, reason: str) -> None:
-        """Audit a connection refused in the handshake (the service counts and logs it)."""
-        try:
-            self.audit.record("connect", "unknown", address, "refused", error=reason)
-        except PersistenceError:
-            pass
 
     def make_daemon(self) -> Pyro5.api.Daemon:
         s = self.settings

@@ -362,13 +362,6 @@ class ModelServer:
         except PersistenceError:
             pass  # counted in the metric; the refusal stands either way
 
-    def _on_handshake_refused(self, address: str, reason: str) -> None:
-        """Audit a connection refused in the handshake (the service counts and logs it)."""
-        try:
-            self._audit.record("connect", "unknown", address, "refused", model=self._name, error=reason)
-        except PersistenceError:
-            pass
-
     # subscriptions ---------------------------------------------------------
     def subscribe(self, callback_uri: str, viewer_id: str, since_revision: int | None = None,
                   ordered_oneway: bool = False) -> dict[str, Any]:
@@ -451,7 +444,7 @@ class ModelService(Service):
             lease_seconds=settings.lease_seconds, call_timeout=settings.call_timeout,
             queue_limit=settings.queue_limit, batch_max=settings.batch_max,
             history_limit=settings.history_limit, clock=clock)
-        self.on_refused = self.model._on_handshake_refused
+        self.refusal_audit = self.audit
         self.serve(self.model, name)
         self.on_stop(self.model.close)
         self.on_stop(self.store.close)

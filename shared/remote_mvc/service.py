@@ -23,8 +23,10 @@ from Pyro5 import config as pyro_config
 from Pyro5 import socketutil
 from Pyro5.errors import CommunicationError, NamingError, PyroError
 
-from ._daemons import AuthDaemon
+from ._daemons import AuthDaemon, GuardedDaemonMixin, Refusal
 from ._hardening import harden_pyro
+from ._wire import Limits
+from .audit import AuditLog
 from .auth import Authenticator, AuthProxy, Credentials, client_credentials
 from .config import Settings
 from .errors import MVCError
@@ -100,7 +102,8 @@ class Service:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.credentials = credentials if credentials is not None else Credentials.from_settings(settings)
-        self.on_refused: Callable[[str, str], None] | None = None  # audit a refused handshake
+        self.on_refused: Callable[[Refusal], None] | None = None  # called for each refused connection or message
+        self.refusal_audit: AuditLog | None = None  # where refusals are recorded (a service's audit log)
         self.daemon: Pyro5.api.Daemon | None = None
         self._names: dict[str, Pyro5.api.URI] = {}
         self._registered: set[str] = set()
@@ -129,22 +132,39 @@ class Service:
 
     def authenticate(self, daemon: Any) -> Any:
         """Make ``daemon`` check credentials in the handshake (an :class:`AuthMixin` daemon),
-        and close connections that stay silent or idle too long."""
-        daemon.handshake_timeout = self.settings.handshake_timeout
-        daemon.idle_timeout = self.settings.idle_timeout
+        with the wire bounds of :meth:`guard`."""
         daemon.authenticator = Authenticator(self.credentials, max_skew=self.settings.max_clock_skew)
+        return self.guard(daemon)
+
+    def guard(self, daemon: GuardedDaemonMixin) -> Any:
+        """Apply the settings' wire bounds to ``daemon``: message sizes, handshake and idle timeouts,
+        connections per address; its refusals are counted, logged and passed to ``on_refused``."""
+        s = self.settings
+        daemon.handshake_timeout = s.handshake_timeout
+        daemon.idle_timeout = s.idle_timeout
+        daemon.anonymous_idle_timeout = s.anonymous_idle_timeout
+        daemon.max_connections_per_address = s.max_connections_per_address
+        daemon.limits = Limits(anonymous=s.max_anonymous_request_bytes, authenticated=s.max_request_bytes)
         daemon.on_refused = self._refused
         return daemon
 
-    def _refused(self, address: str, reason: str, throttled: bool) -> None:
-        """Count and log every refused handshake; ``on_refused`` adds it to the service's audit log."""
-        self.metrics.auth_failures.labels(reason.split(" ")[0]).inc()
-        if throttled:
+    def _refused(self, refusal: Refusal) -> None:
+        """Count and log every refused connection or message; ``on_refused`` audits it."""
+        if refusal.stage == "handshake":
+            self.metrics.auth_failures.labels(refusal.reason.split(" ")[0]).inc()
+        self.metrics.wire_refused.labels(refusal.stage).inc()
+        if refusal.throttled:
             self.metrics.auth_throttled.inc()
-        log_event(log, "handshake_refused", f"connection refused: {reason}", level=logging.WARNING,
-                  client=address, throttled=throttled)
+        log_event(log, "connection_refused", f"refused ({refusal.stage}): {refusal.reason}", level=logging.WARNING,
+                  client=refusal.address, stage=refusal.stage, claimed=refusal.claimed, throttled=refusal.throttled)
+        if self.refusal_audit is not None:
+            try:
+                self.refusal_audit.record("connect", refusal.claimed or "unknown", refusal.address, "refused",
+                                          stage=refusal.stage, error=refusal.reason[:500])
+            except MVCError:
+                pass  # counted by the audit log's failure metric; the refusal stands either way
         if self.on_refused is not None:
-            self.on_refused(address, reason)
+            self.on_refused(refusal)
 
     # lifecycle ---------------------------------------------------------------
     def start(self) -> Service:

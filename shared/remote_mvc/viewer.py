@@ -162,8 +162,7 @@ class ViewerHost(Service):
             daemon = ViewerDaemon(host=s.host, port=s.port, nathost=s.advertised_host(), natport=0)
         finally:
             pyro_config.SERVERTYPE = servertype
-        daemon.handshake_timeout = s.handshake_timeout  # the server's sender may idle for long: no idle timeout
-        return daemon
+        return self.guard(daemon)  # a connection idles without limit once its notify was accepted
 
     def add(self, viewer: Viewer) -> Viewer:
         """Host a viewer; it is subscribed by the keeper thread (at once when running)."""

@@ -90,7 +90,7 @@ def test_no_forged_handshake_authenticates(token):
     creds = Credentials.parse("controller:controller:s3cret,admin:admin:t0p")
     auth = Authenticator(creds, clock=lambda: 1000.0)
     try:
-        identity, role = auth.authenticate(token)
+        identity, role = auth.authenticate(token, target="remote_mvc.model")
     except AuthenticationError:
         return
     assert (identity, role) == ("anonymous", "viewer")
@@ -99,7 +99,7 @@ def test_no_forged_handshake_authenticates(token):
 def test_only_a_real_token_authenticates_and_only_once():
     creds = Credentials.parse("controller:controller:s3cret")
     auth = Authenticator(creds, clock=lambda: 1000.0)
-    token = client_token("controller", "s3cret", clock=lambda: 1000.0)
+    token = client_token("controller", "s3cret", "remote_mvc.model", clock=lambda: 1000.0)
     rnd = random.Random(7)
     for _ in range(200):  # any single-character change to the MAC or nonce is refused
         forged = dict(token)
@@ -108,10 +108,10 @@ def test_only_a_real_token_authenticates_and_only_once():
         forged[key] = forged[key][:i] + rnd.choice("0123456789abcdef".replace(forged[key][i], "")) + \
             forged[key][i + 1:]
         with pytest.raises(AuthenticationError):
-            auth.authenticate(forged)
-    assert auth.authenticate(token) == ("controller", "controller")
+            auth.authenticate(forged, target="remote_mvc.model")
+    assert auth.authenticate(token, target="remote_mvc.model") == ("controller", "controller")
     with pytest.raises(AuthenticationError, match="replayed"):
-        auth.authenticate(token)
+        auth.authenticate(token, target="remote_mvc.model")
 
 
 def test_wire_fuzz_keeps_the_server_up_and_consistent(fuzz_stack):

@@ -14,6 +14,8 @@ from remote_mvc.auth import (
     require,
 )
 
+T = "remote_mvc.model"  # the object a token is for
+
 
 class Clock:
     def __init__(self, now=1000.0):
@@ -32,14 +34,14 @@ def creds():
 def test_valid_token_gives_identity_and_role(creds):
     clock = Clock()
     a = Authenticator(creds, clock)
-    assert a.authenticate(client_token("ctl", "new-secret", clock)) == ("ctl", "controller")
-    assert a.authenticate(client_token("boss", "boss-secret", clock)) == ("boss", "admin")
+    assert a.authenticate(client_token("ctl", "new-secret", T, clock), target=T) == ("ctl", "controller")
+    assert a.authenticate(client_token("boss", "boss-secret", T, clock), target=T) == ("boss", "admin")
 
 
 def test_both_secrets_work_for_rotation(creds):
     clock = Clock()
     a = Authenticator(creds, clock)
-    assert a.authenticate(client_token("ctl", "old-secret", clock))[0] == "ctl"
+    assert a.authenticate(client_token("ctl", "old-secret", T, clock), target=T)[0] == "ctl"
 
 
 def test_no_credentials_is_read_only(creds):
@@ -61,25 +63,25 @@ def test_wrong_secret_and_unknown_identity_are_refused(creds):
     clock = Clock()
     a = Authenticator(creds, clock)
     with pytest.raises(AuthenticationError, match="invalid"):
-        a.authenticate(client_token("ctl", "guess", clock))
+        a.authenticate(client_token("ctl", "guess", T, clock), target=T)
     with pytest.raises(AuthenticationError, match="invalid"):
-        a.authenticate(client_token("nobody", "new-secret", clock))
-    token = client_token("ctl", "new-secret", clock)
+        a.authenticate(client_token("nobody", "new-secret", T, clock), target=T)
+    token = client_token("ctl", "new-secret", T, clock)
     token["identity"] = "boss"  # a MAC is bound to its identity
     with pytest.raises(AuthenticationError, match="invalid"):
-        a.authenticate(token)
+        a.authenticate(token, target=T)
 
 
 def test_stale_and_replayed_tokens_are_refused(creds):
     clock = Clock()
     a = Authenticator(creds, clock, max_skew=30)
-    old = client_token("ctl", "new-secret", Clock(clock.now - 31))
+    old = client_token("ctl", "new-secret", T, Clock(clock.now - 31))
     with pytest.raises(AuthenticationError, match="stale"):
-        a.authenticate(old)
-    token = client_token("ctl", "new-secret", clock)
-    a.authenticate(token)
+        a.authenticate(old, target=T)
+    token = client_token("ctl", "new-secret", T, clock)
+    a.authenticate(token, target=T)
     with pytest.raises(AuthenticationError, match="replayed"):
-        a.authenticate(token)
+        a.authenticate(token, target=T)
 
 
 def test_credentials_parse_and_file_roundtrip(tmp_path):
@@ -136,3 +138,51 @@ def test_throttle_slows_repeated_failures_from_one_address_only():
     assert t.failed("10.0.0.2:1") == 0.0  # another address is not slowed
     clock.now = 120.0
     assert t.failed("10.0.0.1:9") == 0.0  # the window has passed
+
+
+def test_a_token_is_bound_to_its_target(creds):
+    """A token observed at one service (object) is refused at another, even unused."""
+    clock = Clock()
+    a = Authenticator(creds, clock)
+    token = client_token("ctl", "new-secret", "remote_mvc.model", clock)
+    for other in ("Pyro.NameServer", "remote_mvc.ticker", None):
+        with pytest.raises(AuthenticationError, match="invalid"):
+            a.authenticate(dict(token), target=other)
+    assert a.authenticate(token, target="remote_mvc.model") == ("ctl", "controller")
+
+
+class Monotonic:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_nonce_memory_survives_a_wall_clock_step_backwards(creds):
+    """Nonces are forgotten by monotonic age, so a clock stepped back neither keeps them forever
+    (every handshake rescanning a huge cache) nor lets a remembered one be replayed."""
+    wall, mono = Clock(10_000.0), Monotonic()
+    a = Authenticator(creds, wall, max_skew=30, monotonic=mono)
+    tokens = [client_token("ctl", "new-secret", T, wall) for _ in range(50)]
+    for token in tokens:
+        a.authenticate(token, target=T)
+    wall.now -= 3600  # the wall clock steps back an hour: old tokens are stale, not replayable
+    with pytest.raises(AuthenticationError):
+        a.authenticate(tokens[0], target=T)
+    mono.now += 61  # twice the skew later, the 50 old nonces are gone
+    a.authenticate(client_token("ctl", "new-secret", T, wall), target=T)
+    assert a.remembered == 1
+
+
+def test_nonce_memory_is_bounded_and_never_reopens_a_replay(creds):
+    wall, mono = Clock(), Monotonic()
+    a = Authenticator(creds, wall, max_skew=30, monotonic=mono, max_nonces=10)
+    first = client_token("ctl", "new-secret", T, wall)
+    a.authenticate(first, target=T)
+    for _ in range(20):
+        wall.now += 0.01
+        a.authenticate(client_token("ctl", "new-secret", T, wall), target=T)
+    assert a.remembered <= 10
+    with pytest.raises(AuthenticationError, match="replayed"):  # forgotten early, still refused
+        a.authenticate(first, target=T)
