@@ -79,6 +79,8 @@ class Header:
 
 def parse_header(raw: bytes) -> Header:
     """Parse a 40-byte header; ProtocolError when it is not Pyro5's (no size check here)."""
+    if len(raw) != HEADER_SIZE:
+        raise pyro_errors.ProtocolError("incomplete message header")
     tag, version, mtype, ser, flags, seq, data_size, ann_size, _, _, magic = _HEADER.unpack(raw)
     if tag != b"PYRO" or version != protocol.PROTOCOL_VERSION or magic != protocol._magic_number:
         raise pyro_errors.ProtocolError("invalid message or protocol version")
