@@ -73,6 +73,15 @@ class Metrics:
         self.auth_throttled = Counter(
             "remote_mvc_auth_throttled", "Handshake refusals delayed for repeated failures from one address.",
             registry=r)
+        self.loop_errors = Counter(
+            "remote_mvc_loop_errors", "Unexpected errors a background loop survived (logged with a traceback).",
+            ["loop"], registry=r)
+        self.refusals = Counter(
+            "remote_mvc_refusals", "Remote calls refused (permission, validation, ownership, capability).",
+            ["method", "result"], registry=r)
+        self.audit_aggregated = Counter(
+            "remote_mvc_audit_refusals_aggregated",
+            "Refusal records folded into a per-address summary record (the audit log's throttle).", registry=r)
         self.registrations = Counter(
             "remote_mvc_ns_registrations", "Times a service (re-)registered with the name server.", ["name"],
             registry=r)

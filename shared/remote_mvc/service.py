@@ -28,7 +28,7 @@ from ._hardening import harden_pyro
 from .auth import Authenticator, AuthProxy, Credentials, client_credentials
 from .config import Settings
 from .errors import MVCError
-from .logs import log_event
+from .logs import log_event, log_exception
 from .metrics import Metrics, MetricsServer
 
 __all__ = ["Service", "configure_pyro", "configure_tls", "locate_ns"]
@@ -213,6 +213,15 @@ class Service:
                 elif self._registered:
                     log_event(log, "ns_unreachable", "name server unreachable; will register again",
                               level=logging.WARNING, error=str(exc))
+                self._registered.clear()
+                if ns is not None:
+                    ns._pyroRelease()
+                ns = None
+                wait = min(0.5, interval)
+            except Exception as exc:  # noqa: BLE001 - the registrar outlives anything one round hits
+                self.metrics.loop_errors.labels("registrar").inc()
+                log_exception(log, "loop_error", "unexpected error in the name registrar; it goes on", exc,
+                              loop="registrar")
                 self._registered.clear()
                 if ns is not None:
                     ns._pyroRelease()
