@@ -215,7 +215,10 @@ class Fanout:
 
     @staticmethod
     def _owners(sub: Subscriber) -> tuple[str, ...]:
-        return (sub.identity, f"@{sub.host}") if sub.host is not None else (sub.identity,)
+        """The counts a subscription is in: its identity's, and an anonymous caller's address's."""
+        if sub.identity == "anonymous" and sub.host is not None:
+            return sub.identity, f"@{sub.host}"
+        return (sub.identity,)
 
     def _disown(self, sub: Subscriber) -> None:
         """Take a subscription out of its owners' counts (lock held)."""
@@ -225,7 +228,7 @@ class Fanout:
                 del self._owned[key]
 
     def owned(self, identity: str, host: str | None = None) -> tuple[int, int]:
-        """How many subscriptions ``identity`` holds, and how many were made from ``host``."""
+        """How many subscriptions ``identity`` holds, and how many anonymous ones were made from ``host``."""
         with self._lock:
             return self._owned.get(identity, 0), self._owned.get(f"@{host}", 0) if host is not None else 0
 
