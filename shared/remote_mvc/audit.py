@@ -117,6 +117,11 @@ class AuditLog:
             self.record_many([("refusals_aggregated", "*", host, "refused", held.fields()) for host, held in due])
         return len(due)
 
+    def tracked_addresses(self) -> int:
+        """How many addresses the refusal throttle remembers (bounded: quiet ones are forgotten)."""
+        with self._throttle_lock:
+            return len(self._buckets)
+
     def _prune(self, now: float) -> None:
         """Forget addresses whose bucket is full again (throttle lock held)."""
         full = self.refusal_burst / self.refusals_per_second
