@@ -245,6 +245,8 @@ class Service:
             ns._pyroRelease()
         except (CommunicationError, PyroError, OSError, MVCError):
             pass  # the name server is gone too (or refuses us); nothing to undo
+        except Exception as exc:  # noqa: BLE001 - a broken name server must not keep us from stopping
+            log_exception(log, "unregister_failed", "could not unregister from the name server", exc)
 
     def stop(self) -> None:
         """Stop serving: unregister, shut the daemon down, run closers. Idempotent."""

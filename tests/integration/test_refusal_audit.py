@@ -126,3 +126,37 @@ def test_healthz_says_unhealthy_once_the_fanout_is_closed(mvc_stack):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(url, timeout=5)
     assert err.value.code == 503
+
+
+class BrokenNameServer:
+    """Answers lookups with an error no name server should raise."""
+
+    @auth.remote(auth.READ)
+    def lookup(self, name, return_metadata=False):
+        raise ZeroDivisionError("a name server out of its mind")
+
+
+def test_the_name_registrar_survives_a_broken_name_server(mvc_stack, tmp_path):
+    import threading
+
+    from remote_mvc._daemons import TrackedDaemon
+
+    daemon = TrackedDaemon(host="127.0.0.1", port=0)
+    daemon.register(BrokenNameServer(), objectId="Pyro.NameServer")
+    loop = threading.Thread(target=daemon.requestLoop, daemon=True)
+    loop.start()
+    port = int(daemon.locationStr.rsplit(":", 1)[1])
+    service = Service(mvc_stack.settings.replace(service="lonely", ns_port=port, state_dir=str(tmp_path)))
+    service.serve(HostileModel(), "lonely.model")
+    try:
+        service.start()
+
+        def errors():
+            return service.metrics.registry.get_sample_value("remote_mvc_loop_errors_total", {"loop": "registrar"})
+
+        wait_until(lambda: (errors() or 0) >= 3, 20, message="the registrar to meet the error three times")
+        assert not service.healthy()  # not registered: /healthz says so
+    finally:
+        service.stop()
+        daemon.shutdown()
+        daemon.close()
