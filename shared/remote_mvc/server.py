@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import hmac
 import logging
+import reprlib
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -75,20 +76,27 @@ log = logging.getLogger("remote_mvc.server")
 SUMMARY_LIMIT = 256  # characters of a refused call's arguments kept in its audit record
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 20
+_REPR.maxlevel = 4
+
+
 def _summary(value: Any, limit: int = SUMMARY_LIMIT) -> Any:
-    """A JSON-safe, bounded copy of untrusted input for the audit log (``repr`` of a huge value is
-    never made: containers are cut down first)."""
-    if isinstance(value, (dict, list, tuple)) and len(value) > limit:
-        value = dict(list(value.items())[:limit]) if isinstance(value, dict) else list(value[:limit])
-    elif isinstance(value, (str, bytes)) and len(value) > limit:
-        value = value[:limit]
+    """A JSON-safe, bounded copy of untrusted input for the audit log: a small dict as it is, anything
+    else as a bounded ``repr`` (reprlib: a huge value's full repr is never made)."""
     try:
-        text = repr(value)
+        text = _REPR.repr(value)
     except Exception:  # noqa: BLE001 - hostile input may not even have a repr
         return "<unprintable>"
-    if isinstance(value, dict) and len(text) <= limit:
+    if isinstance(value, dict) and len(text) <= limit and len(value) <= _REPR.maxdict \
+            and all(_small(k) and _small(v) for k, v in value.items()):
         return value
     return text if len(text) <= limit else text[:limit] + "...(truncated)"
+
+
+def _small(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 120)
 
 
 def _host(address: str | None) -> str | None:
