@@ -160,3 +160,28 @@ def test_the_name_registrar_survives_a_broken_name_server(mvc_stack, tmp_path):
         service.stop()
         daemon.shutdown()
         daemon.close()
+
+
+def test_a_running_stack_creates_its_state_private(tmp_path):
+    """State directory 0700; name server storage, model state (and its WAL), audit logs 0600."""
+    import os
+    import stat
+
+    from remote_mvc.testing import Stack
+
+    old = os.umask(0o022)  # the usual umask: it would give 0755 and 0644
+    try:
+        stack = Stack(tmp_path / "fresh")
+        try:
+            model = stack.model()
+            stack.client("controller").modify({"value": 1})
+            state = tmp_path / "fresh"
+            files = [state / "nameserver.sqlite3", model.settings.state_file(), model.settings.audit_file(),
+                     stack.nameserver.settings.audit_file(), state / "model.sqlite3-wal"]
+            assert stat.S_IMODE(state.stat().st_mode) == 0o700
+            for path in files:
+                assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        finally:
+            stack.close()
+    finally:
+        os.umask(old)
