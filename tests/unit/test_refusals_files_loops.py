@@ -257,3 +257,49 @@ def test_ticker_price_overflow_is_a_validation_error(price):
 
     with pytest.raises(ValidationError, match="too large"):
         TickerModel.validate(TickerModel.defaults(), {"price": price})
+
+
+# a viewer's capability, around its subscribe reply -----------------------------------------------------
+
+def event(revision, value):
+    return {"revision": revision, "values": {"value": value}, "time": 0.0}
+
+
+def test_a_notification_racing_its_subscribe_reply_waits_for_the_capability():
+    from remote_mvc import Viewer
+
+    view = Viewer("v", "m", log_values=False, record=True)
+    view.expect_capability()  # the host is subscribing: the server may send before its reply arrives
+    reply = threading.Timer(0.2, view.accept_capability, ["new"])  # the reply, a moment after the first call
+    reply.start()
+    forged = []
+
+    def forge():
+        try:
+            view.notify({"capability": "forged", "events": [event(2, 666)]})
+        except Exception as exc:  # noqa: BLE001 - the refusal is what is checked
+            forged.append(type(exc).__name__)
+
+    attacker = threading.Thread(target=forge)
+    attacker.start()
+    view.notify({"capability": "new", "events": [event(1, 1)]})  # waits for the reply instead of refusing
+    attacker.join(5)
+    reply.join(5)
+    assert view.received == [1] and forged == ["PermissionDenied"]
+    view.expect_capability()  # a re-subscription: the old capability stays good for calls in flight
+    view.accept_capability("newer")
+    view.notify({"capability": "new", "events": [event(2, 2)]})
+    view.notify({"capability": "newer", "events": [event(3, 3)]})
+    assert view.received == [1, 2, 3] and view.capability == "newer"
+
+
+def test_without_a_reply_the_wait_ends_and_the_notification_is_refused():
+    from remote_mvc import PermissionDenied, Viewer
+
+    view = Viewer("v", "m", log_values=False, admit_wait=0.2)
+    with pytest.raises(PermissionDenied):  # never subscribed: nothing is accepted
+        view.notify({"capability": "x", "events": [event(1, 1)]})
+    view.expect_capability()
+    with pytest.raises(PermissionDenied):  # the subscription never answered: refused after admit_wait
+        view.notify({"capability": "x", "events": [event(1, 1)]})
+    assert view.refused == 2 and not view.synced
