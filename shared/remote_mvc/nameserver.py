@@ -28,7 +28,7 @@ from ._files import create_private
 from .audit import AuditLog
 from .config import Settings
 from .errors import PersistenceError
-from .logs import log_event
+from .logs import log_event, log_exception
 from .metrics import Metrics
 from .service import Service
 
@@ -174,6 +174,24 @@ class NameServer(Service):
             self.audit.refusal("connect", "unknown", address, "refused", error=reason)
         except PersistenceError:
             pass
+
+    def start(self) -> NameServer:
+        super().start()
+        self._spawn(self._flush_audit_summaries, "audit-summaries")
+        return self
+
+    def _flush_audit_summaries(self) -> None:
+        """Write the audit log's due refusal summaries every second (see AuditLog.refusal), so an
+        aggregated burst is on record soon after it stops; survives any error."""
+        while not self._stopping.wait(1.0):
+            try:
+                self.audit.flush_summaries()
+            except PersistenceError:
+                pass  # counted in the audit failure metric; tried again next second
+            except Exception as exc:  # noqa: BLE001 - the loop outlives any one round
+                self.metrics.loop_errors.labels("audit-summaries").inc()
+                log_exception(log, "loop_error", "unexpected error writing audit summaries; it goes on", exc,
+                              loop="audit-summaries")
 
     def make_daemon(self) -> Pyro5.api.Daemon:
         s = self.settings

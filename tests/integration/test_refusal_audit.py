@@ -185,3 +185,24 @@ def test_a_running_stack_creates_its_state_private(tmp_path):
             stack.close()
     finally:
         os.umask(old)
+
+
+def test_name_server_refusal_floods_are_summarized_soon_after_they_stop(tmp_path):
+    from remote_mvc import NameServer, Settings
+    from remote_mvc.service import locate_ns
+
+    settings = Settings(service="nameserver", state_dir=str(tmp_path), ns_port=0, metrics_port=-1,
+                        credentials="service:service:s3cret", audit_refusal_burst=5)
+    ns_service = NameServer(settings).start()
+    try:
+        ns = locate_ns(settings.replace(ns_port=ns_service.port))
+        for i in range(40):
+            with pytest.raises(PermissionDenied):
+                ns.register(f"rogue.{i}", "PYRO:x@127.0.0.1:9")
+        ns._pyroRelease()
+        summaries = wait_until(lambda: records(ns_service, action="refusals_aggregated"), 10,
+                               message="the summary, with no further refusal to carry it")
+        own = records(ns_service, action="ns_register", result="forbidden")
+        assert len(own) + sum(s["count"] for s in summaries) == 40
+    finally:
+        ns_service.stop()
