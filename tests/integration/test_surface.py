@@ -214,3 +214,19 @@ def test_nothing_listens_for_the_viewer_but_notify(stack):
     rev = stack.client("controller").modify({"value": 3})
     assert view.wait_for(rev, 10)
     wait_until(lambda: host.healthy(), 5, message="host healthy")
+
+
+def test_the_readmes_remote_methods_table_matches_the_surface():
+    """README.md's "Remote methods" table lists each declared method once, with its permission."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("**Remote methods**", 1)[1].split("A change event:", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    documented = {}
+    for row in rows:
+        method = re.match(r"\| `(\w+)\(", row).group(1)
+        permission = row.split("|")[2].strip().split()[0]
+        documented[method] = permission
+    assert documented == dict(ModelServer.SURFACE)
