@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed ## create .venv with the project installed (editable) and its tools
 
 $(RUNTIME)/credentials.json: | $(VENV)/.installed
-	@mkdir -p $(RUNTIME)
+	@mkdir -p -m 700 $(RUNTIME)
 	$(PY) -c "from remote_mvc import generate_credentials; generate_credentials('$@')"
 	@echo "generated $@ (git-ignored): identities controller, admin, viewer"
 

@@ -105,7 +105,10 @@ class RemoteMVC(System):
         self.ns = NameServer(Settings(service="nameserver", **base)).start()
         self.settings = Settings(service="model", **{**base, "ns_port": self.ns.port})
         log = open(self.workdir / "model-server.log", "ab")  # noqa: SIM115 - the process keeps it
-        env = {**self.base_env(), **self.mvc_env(self.settings)}
+        model_settings = self.settings
+        if hasattr(model_settings, "max_subscriptions_per_address"):  # the N = 1000 anonymous viewers of
+            model_settings = model_settings.replace(max_subscriptions_per_address=100_000)  # one address
+        env = {**self.base_env(), **self.mvc_env(model_settings)}
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.mvc_server"], env=env, stdout=log,
                                      stderr=subprocess.STDOUT, cwd=self.workdir)
         deadline = time.monotonic() + 30

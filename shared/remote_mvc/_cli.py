@@ -158,7 +158,7 @@ def _watch(rm: ModelClient, args: argparse.Namespace, settings: Settings, name: 
 def _viewers(rm: ModelClient, args: argparse.Namespace, *_: Any) -> int:
     viewers = rm.viewers()
     lines = [f"{len(viewers)} viewer(s)"] + [
-        f"  {v['viewer_id']:<30} revision {v['delivered_revision']:<6} queued {v['queued']:<4} {v['uri']}"
+        f"  {v['viewer_id']:<30} revision {v['delivered_revision']:<6} queued {v['queued']:<4} {v.get('uri', '')}"
         for v in viewers]
     _print(viewers, args.json, "\n".join(lines))
     return 0

@@ -24,6 +24,14 @@ viewers cost one thread, not a thousand:
 * a turn sends to the viewers of one host one after another;
 * a call not answered within ``call_timeout`` (a stalled viewer), or a broken
   connection (a dead one), drops the viewer; so does a lease it failed to renew;
+* connecting to viewers is bounded per destination (``CONNECTS_PER_DESTINATION``
+  at a time to one daemon address) and per subscriber (``CONNECTS_PER_OWNER``
+  for one identity, or one address of anonymous callers), so subscriptions to a
+  silent peer hold a few of the connector pool's threads, never all of them, and
+  cannot delay a genuine viewer's first snapshot;
+* the loop survives anything a sender throws at it: an unexpected error is
+  logged with its traceback, counted (``remote_mvc_loop_errors_total``) and the
+  loop goes on; :meth:`Fanout.healthy` says whether it is turning;
 * each loop turn visits only the senders with something to do (all of them
   after a publish, otherwise those whose socket became ready), and checks for
   stalls a few times per ``call_timeout``.
@@ -55,12 +63,18 @@ from Pyro5.errors import CommunicationError, PyroError
 from Pyro5.errors import TimeoutError as PyroTimeout
 
 from ._sender import ACK_INTERVAL, MAX_IN_FLIGHT, ONEWAY_WINDOW, Subscriber, _Tally
-from .logs import log_event
+from .logs import log_event, log_exception
 from .metrics import Metrics
 
-__all__ = ["ACK_INTERVAL", "MAX_IN_FLIGHT", "ONEWAY_WINDOW", "Fanout", "Subscriber"]
+__all__ = ["ACK_INTERVAL", "MAX_IN_FLIGHT", "ONEWAY_WINDOW", "CONNECTS_PER_DESTINATION", "CONNECTS_PER_OWNER",
+           "Fanout", "Subscriber"]
 
 log = logging.getLogger("remote_mvc.fanout")
+
+CONNECTOR_THREADS = 16
+CONNECTS_PER_DESTINATION = 2  # connections being made to one viewer daemon (host:port) at a time
+CONNECTS_PER_OWNER = 8  # ... for the subscriptions of one identity (anonymous: of one address)
+STUCK_AFTER = 30.0  # seconds without a loop turn (it turns at least every 0.5 s) before it is unhealthy
 
 
 def _by_destination(sub: Subscriber) -> tuple[str, str]:
@@ -105,7 +119,14 @@ class Fanout:
         self._in_order: list[Subscriber] = []  # the loop's live senders, sorted by _by_destination
         self._stopped: collections.deque[Subscriber] = collections.deque()
         self._published = False  # set by publish(): every sender may have work
-        self._connector = ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"connect-{model}")
+        self._connector = ThreadPoolExecutor(max_workers=CONNECTOR_THREADS, thread_name_prefix=f"connect-{model}")
+        self._connect_lock = threading.Lock()
+        self._connect_waiting: collections.deque[Subscriber] = collections.deque()
+        self._connecting: collections.Counter[tuple[str, str]] = collections.Counter()
+        # subscriptions per owner: identity, and ("@", address) for anonymous callers (their caps)
+        self._owned: collections.Counter[str] = collections.Counter()
+        self._loop_errors = metrics.loop_errors.labels("fanout")
+        self._turned = clock()  # when the loop last began a turn (see healthy)
         self._selector = selectors.DefaultSelector()
         self._waker_r, self._waker_w = socket.socketpair()
         self._waker_r.setblocking(False)
@@ -156,14 +177,16 @@ class Fanout:
 
     # registry ----------------------------------------------------------------------
     def add(self, viewer_id: str, uri: str, backlog: list[dict] | None, start: bool = True,
-            oneway: bool = False) -> Subscriber:
+            oneway: bool = False, identity: str = "local", host: str | None = None) -> Subscriber:
         """Subscribe a viewer; ``backlog`` events go first, ``None`` means a snapshot first.
 
         Call with the publisher's lock held so that no event falls between the
         backlog and the live stream. A viewer id subscribing again replaces its
-        old subscription (a reconnect), so the count stays right.
+        old subscription (a reconnect), so the count stays right; whether the
+        caller may replace it is the model server's to decide (see
+        ``ModelServer.subscribe``). ``identity`` and ``host`` say who subscribes.
         """
-        sub = Subscriber(self, viewer_id, uri, self.clock() + self.lease_seconds, oneway)
+        sub = Subscriber(self, viewer_id, uri, self.clock() + self.lease_seconds, oneway, identity, host)
         if backlog is None:
             sub.offer_snapshot()
         else:
@@ -172,8 +195,11 @@ class Fanout:
             old = self._by_viewer.get(viewer_id)
             if old is not None:
                 self._subs.pop(old.id, None)
+                self._disown(old)
             self._subs[sub.id] = sub
             self._by_viewer[viewer_id] = sub
+            for key in self._owners(sub):
+                self._owned[key] += 1
             self._gauge.set(len(self._subs))
         if old is not None:
             old.stop()
@@ -181,11 +207,97 @@ class Fanout:
             if not self._loop_started:
                 self._loop_started = True
                 self._loop.start()
-            self._connector.submit(self._connect, sub)
+            self._schedule_connect(sub)
         log_event(log, "viewer_subscribed", "viewer subscribed", viewer_id=viewer_id, uri=uri,
                   subscription=sub.id, viewers=len(self._subs), model=self.model,
                   replaced=old is not None)
         return sub
+
+    @staticmethod
+    def _owners(sub: Subscriber) -> tuple[str, ...]:
+        """The counts a subscription is in: its identity's, and an anonymous caller's address's."""
+        if sub.identity == "anonymous" and sub.host is not None:
+            return sub.identity, f"@{sub.host}"
+        return (sub.identity,)
+
+    def _disown(self, sub: Subscriber) -> None:
+        """Take a subscription out of its owners' counts (lock held)."""
+        for key in self._owners(sub):
+            self._owned[key] -= 1
+            if self._owned[key] <= 0:
+                del self._owned[key]
+
+    def owned(self, identity: str, host: str | None = None) -> tuple[int, int]:
+        """How many subscriptions ``identity`` holds, and how many anonymous ones were made from ``host``."""
+        with self._lock:
+            return self._owned.get(identity, 0), self._owned.get(f"@{host}", 0) if host is not None else 0
+
+    def get(self, subscription_id: str) -> Subscriber | None:
+        return self._subs.get(subscription_id)
+
+    def of_viewer(self, viewer_id: str) -> Subscriber | None:
+        """The current subscription of a viewer id, if any."""
+        return self._by_viewer.get(viewer_id)
+
+    # connecting ----------------------------------------------------------------------
+    @staticmethod
+    def _connect_keys(sub: Subscriber) -> tuple[tuple[str, str], tuple[str, str]]:
+        owner = sub.identity if sub.host is None or sub.identity != "anonymous" else f"anonymous@{sub.host}"
+        return ("destination", sub.destination), ("owner", owner)
+
+    def _schedule_connect(self, sub: Subscriber | None = None) -> None:
+        """Hand subscriptions to the connector pool, in order, as far as their destination's and
+        their owner's limits allow; the others wait here (holding no thread) for a turn."""
+        limits = {"destination": CONNECTS_PER_DESTINATION, "owner": CONNECTS_PER_OWNER}
+        ready = []
+        with self._connect_lock:
+            if sub is not None:
+                self._connect_waiting.append(sub)
+            if self._closed:
+                return
+            waiting = self._connect_waiting
+            for _ in range(len(waiting)):
+                candidate = waiting.popleft()
+                if candidate._stopped:
+                    continue
+                keys = self._connect_keys(candidate)
+                if all(self._connecting[k] < limits[k[0]] for k in keys):
+                    for k in keys:
+                        self._connecting[k] += 1
+                    ready.append(candidate)
+                else:
+                    waiting.append(candidate)
+        for candidate in ready:
+            try:
+                self._connector.submit(self._connect_one, candidate)
+            except RuntimeError:  # the pool was shut down meanwhile: closing
+                return
+
+    def _connect_one(self, sub: Subscriber) -> None:
+        try:
+            self._connect(sub)
+        except Exception as exc:  # noqa: BLE001 - a connector thread must never lose its slot
+            self._loop_error("connector", exc)
+            self.drop(sub, "unreachable", f"{type(exc).__name__}: {exc}")
+        finally:
+            with self._connect_lock:
+                for k in self._connect_keys(sub):
+                    self._connecting[k] -= 1
+                    if self._connecting[k] <= 0:
+                        del self._connecting[k]
+            self._schedule_connect()
+
+    def _loop_error(self, loop: str, exc: BaseException) -> None:
+        self._loop_errors.inc()
+        log_exception(log, "loop_error", f"unexpected error in the fan-out's {loop}; it goes on", exc,
+                      model=self.model, loop=f"fanout-{loop}")
+
+    def healthy(self) -> bool:
+        """The loop is running and turning (it turns at least every half second): False once its
+        thread died or has been stuck in one turn for ``STUCK_AFTER`` seconds."""
+        if not self._loop_started or self._closed:
+            return True
+        return self._loop.is_alive() and self.clock() - self._turned < STUCK_AFTER
 
     def _connect(self, sub: Subscriber) -> None:
         """Connect and shake hands (blocking, in the connector pool), then hand over to the loop."""
@@ -252,6 +364,7 @@ class Fanout:
                 return False
             if self._by_viewer.get(sub.viewer_id) is sub:
                 del self._by_viewer[sub.viewer_id]
+            self._disown(sub)
             count = len(self._subs)
             self._gauge.set(count)
         sub.stop()
@@ -281,11 +394,17 @@ class Fanout:
             self.drop(sub, "lease_expired")
         return len(expired)
 
-    def describe(self) -> list[dict[str, Any]]:
+    def describe(self, full: Callable[[Subscriber], bool] = lambda _sub: True) -> list[dict[str, Any]]:
+        """One entry per subscription; its id and callback URI only where ``full(sub)`` says so."""
         now = self.clock()
-        return [{"viewer_id": s.viewer_id, "subscription": s.id, "uri": s.uri, "queued": s.queued,
-                 "delivered_revision": s.delivered_revision, "lease_left": round(s.lease_expiry - now, 3)}
-                for s in list(self._subs.values())]
+        out = []
+        for s in list(self._subs.values()):
+            entry = {"viewer_id": s.viewer_id, "queued": s.queued, "delivered_revision": s.delivered_revision,
+                     "lease_left": round(s.lease_expiry - now, 3)}
+            if full(s):
+                entry.update(subscription=s.id, uri=s.uri, identity=s.identity)
+            out.append(entry)
+        return out
 
     # the loop ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -297,65 +416,81 @@ class Fanout:
         """
         live: set[Subscriber] = set()
         pending: set[Subscriber] = set()
-        sel = self._selector
-        check_every = max(0.01, min(ACK_INTERVAL / 2, self.call_timeout / 10))
-        next_check = 0.0
+        state = [0.0]  # the next stall check
         while not self._closed:
-            while self._connected:
-                sub = self._connected.popleft()
-                sub.proxy._pyroClaimOwnership()  # handed over by the connector: this thread alone uses it now
-                if not sub._stopped:
-                    live.add(sub)
-                    bisect.insort(self._in_order, sub, key=_by_destination)
-                    pending.add(sub)
-                    sel.register(sub.sock, selectors.EVENT_READ, sub)
-                else:
-                    sub._close()
-            while self._stopped:
-                sub = self._stopped.popleft()
-                if sub in live:
-                    self._forget(sub, live)
-                pending.discard(sub)
-            if self._published:
-                self._published = False  # before looking at the queues: a later publish sets it again
-                turn = list(self._in_order)  # every sender, kept in host order (a copy: _service may drop one)
-            else:
-                turn = sorted(pending, key=_by_destination) if len(pending) > 1 else pending
-            now = time.monotonic()
-            for sub in turn:
-                self._service(sub, live, now)
-            pending.clear()
-            if now >= next_check:
-                next_check = now + check_every
-                for sub in [s for s in live if s._stalled(now)]:
-                    self._fail(sub, live, "timeout", "no answer within the call timeout")
-                for sub in live:
-                    if sub._sync(now):
-                        self._service(sub, live, now)
-            self._count()
-            timeout = max(0.0, next_check - now) if live else 0.5
-            for key, mask in sel.select(timeout=timeout):
-                sub = key.data
-                if sub is None:
-                    try:
-                        while self._waker_r.recv(4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                    continue
-                if sub not in live:
-                    continue
-                try:
-                    if mask & selectors.EVENT_READ:
-                        sub._read(time.monotonic())
-                    if mask & selectors.EVENT_WRITE:
-                        sub._flush()
-                except (OSError, PyroError, ValueError) as exc:
-                    self._fail(sub, live, "unreachable", f"{type(exc).__name__}: {exc}")
-                    continue
-                pending.add(sub)  # room in its pipeline, or its buffer drained: next turn sends
+            try:
+                self._turn(live, pending, state)
+            except Exception as exc:  # noqa: BLE001 - the loop outlives any one sender's trouble
+                self._loop_error("loop", exc)
+                pending.update(live)  # look at every sender again next turn
+                time.sleep(0.01)  # never a hot loop, should the error repeat
         for sub in live:
             sub._close()
+
+    def _turn(self, live: set[Subscriber], pending: set[Subscriber], state: list[float]) -> None:
+        """One turn of the loop (see _run)."""
+        sel = self._selector
+        check_every = max(0.01, min(ACK_INTERVAL / 2, self.call_timeout / 10))
+        next_check = state[0]
+        self._turned = self.clock()
+        while self._connected:
+            sub = self._connected.popleft()
+            sub.proxy._pyroClaimOwnership()  # handed over by the connector: this thread alone uses it now
+            if not sub._stopped:
+                live.add(sub)
+                bisect.insort(self._in_order, sub, key=_by_destination)
+                pending.add(sub)
+                sel.register(sub.sock, selectors.EVENT_READ, sub)
+            else:
+                sub._close()
+        while self._stopped:
+            sub = self._stopped.popleft()
+            if sub in live:
+                self._forget(sub, live)
+            pending.discard(sub)
+        if self._published:
+            self._published = False  # before looking at the queues: a later publish sets it again
+            turn = list(self._in_order)  # every sender, kept in host order (a copy: _service may drop one)
+        else:
+            turn = sorted(pending, key=_by_destination) if len(pending) > 1 else pending
+        now = time.monotonic()
+        for sub in turn:
+            self._service(sub, live, now)
+        pending.clear()
+        if now >= next_check:
+            next_check = now + check_every
+            for sub in [s for s in live if s._stalled(now)]:
+                self._fail(sub, live, "timeout", "no answer within the call timeout")
+            for sub in live:
+                if sub._sync(now):
+                    self._service(sub, live, now)
+        state[0] = next_check
+        self._count()
+        timeout = max(0.0, next_check - now) if live else 0.5
+        for key, mask in sel.select(timeout=timeout):
+            sub = key.data
+            if sub is None:
+                try:
+                    while self._waker_r.recv(4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                continue
+            if sub not in live:
+                continue
+            try:
+                if mask & selectors.EVENT_READ:
+                    sub._read(time.monotonic())
+                if mask & selectors.EVENT_WRITE:
+                    sub._flush()
+            except (OSError, PyroError, ValueError) as exc:
+                self._fail(sub, live, "unreachable", f"{type(exc).__name__}: {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - a bug or a hostile answer: this sender goes
+                self._loop_error("sender", exc)
+                self._fail(sub, live, "error", f"{type(exc).__name__}: {exc}")
+                continue
+            pending.add(sub)  # room in its pipeline, or its buffer drained: next turn sends
 
     def _service(self, sub: Subscriber, live: set[Subscriber], now: float) -> None:
         """Fill one sender's pipeline, send what it can, and watch its socket for what it needs."""
@@ -375,6 +510,9 @@ class Fanout:
                 sub._interest = interest
         except (OSError, PyroError, ValueError) as exc:
             self._fail(sub, live, "unreachable", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - e.g. its snapshot could not be made: it goes, and comes back
+            self._loop_error("sender", exc)  # with a fresh subscription and snapshot; the others go on
+            self._fail(sub, live, "error", f"{type(exc).__name__}: {exc}")
 
     def _count(self) -> None:
         tally = self.tally
@@ -408,8 +546,10 @@ class Fanout:
             self._gauge.set(0)
         for sub in subs:
             sub.stop()
+        with self._connect_lock:
+            self._closed = True
+            self._connect_waiting.clear()
         self._connector.shutdown(wait=False, cancel_futures=True)
-        self._closed = True
         self._wake()
         if self._loop_started:
             self._loop.join(timeout)

@@ -5,7 +5,12 @@ socket and calls its ``_fill``, ``_flush``, ``_read`` and ``_sync``; the sender
 reads events from the fanout's shared log, after its cursor (and first, its
 backlog from history, given when it subscribed under the publisher's lock).
 Calls are Pyro5 invoke messages of ``notify`` with the JSON serializer, built
-here without Pyro5's per-message machinery.
+here without Pyro5's per-message machinery. Every call's batch carries the
+subscription's secret ``capability`` (made at subscribe, given to the subscriber
+alone in the subscribe reply): a viewer applies only batches that carry it, so
+nobody else who can reach its daemon can feed it events. The capability is in
+the call's envelope, made once per subscriber, so the batch's text is still
+made once for every viewer.
 """
 
 from __future__ import annotations
@@ -82,13 +87,18 @@ class Subscriber:
     """One viewer's subscription: its queue, its sender state and its lease."""
 
     def __init__(self, fanout: Fanout, viewer_id: str, uri: str, lease_expiry: float,
-                 oneway: bool = False) -> None:
+                 oneway: bool = False, identity: str = "local", host: str | None = None) -> None:
         self.fanout = fanout
         self.oneway = oneway  # the viewer takes oneway notify calls, in order
         self.viewer_id = viewer_id
         self.uri = uri
         self.destination = uri.rpartition("@")[2]  # the viewer's daemon address (host:port)
         self.id = f"{viewer_id}/{secrets.token_hex(6)}"
+        # who made it: the proven identity, and the address it called from (anonymous callers are
+        # told apart by that alone); only they (or an admin) may renew, replace or end it
+        self.identity = identity
+        self.host = host
+        self.capability = secrets.token_urlsafe(24)  # carried by every call: see the module's docstring
         self.lease_expiry = lease_expiry
         self.delivered_revision = 0  # the last revision the viewer acknowledged
         self._queue: collections.deque[dict] = collections.deque()  # its backlog (history) events
@@ -189,17 +199,18 @@ class Subscriber:
             body = fanout.encoded_batch(events)
             revision, count = (events[-1]["revision"] if events else self.delivered_revision), len(events)
         head, tail = self._envelope
-        size = len(head) + len(body) + len(tail)
+        size = len(head) + len(body) - 1 + len(tail)  # the batch's "{" is the envelope's (capability first)
         self._seq = (self._seq + 1) & 0xFFFF
         flags = 0 if two_way else protocol.FLAGS_ONEWAY
         header = _HEADER_STRUCT.pack(b"PYRO", protocol.PROTOCOL_VERSION, protocol.MSG_INVOKE, _JSON_ID, flags,
                                      self._seq, size, 0, _NO_CORRELATION, 0, protocol._magic_number)
-        return b"".join((header, head, body, tail)), revision, count
+        return b"".join((header, head, memoryview(body)[1:], tail)), revision, count
 
     def set_object(self, object_id: str) -> None:
-        """The Pyro5 object id of the viewer, which every call names."""
-        self._envelope = (f'{{"object":{json.dumps(object_id)},"method":"notify","params":['.encode(),
-                          b'],"kwargs":{}}')
+        """The Pyro5 object id of the viewer, which every call names; the calls' envelope opens the
+        batch object with this subscription's capability, and the batch's own text follows on."""
+        self._envelope = (f'{{"object":{json.dumps(object_id)},"method":"notify","params":[{{"capability":'
+                          f'{json.dumps(self.capability)},'.encode(), b'],"kwargs":{}}')
 
     def _fill(self, now: float) -> None:
         """Queue calls while the window has room (calls and events both bounded)."""

@@ -5,6 +5,14 @@ credentials, wrong role, invalid change, revision conflict) is recorded too. If
 the record cannot be written, the change is refused: nothing unrecorded is ever
 applied.
 
+Refusals are what an outsider can make the service write at will, so their
+records are throttled per address (:meth:`AuditLog.refusal`): a token bucket of
+``refusals_per_second`` (and a burst) per address; beyond it, refusals are
+counted into one summary record per address and ``summary_interval`` (with
+their count, actions and claimed identities), written with the next record or
+by the owner's periodic :meth:`AuditLog.flush_summaries`: never silently
+dropped. The file is created mode 0600 (its directory 0700).
+
 The log is also the model's write-ahead log: an ``accepted`` record holds the
 revision and the validated changes, and its fsync is what makes the change
 durable (the state file's commit is not fsynced for audited changes). At start-up
@@ -14,14 +22,17 @@ the server rolls forward whatever the log holds past the state file
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ._files import open_private_append
 from .errors import PersistenceError
 from .metrics import Metrics
 
@@ -32,20 +43,26 @@ class AuditLog:
     """Append-only JSON-lines file of who tried to change what, and the result."""
 
     def __init__(self, path: str | Path, metrics: Metrics | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
-        import time
-
+                 clock: Callable[[], float] | None = None, *, refusals_per_second: float = 20.0,
+                 refusal_burst: int = 100, summary_interval: float = 1.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(path)
         self.metrics = metrics
         self.clock = clock or time.time
+        self.monotonic = monotonic
+        self.refusals_per_second = refusals_per_second
+        self.refusal_burst = refusal_burst
+        self.summary_interval = summary_interval
         self._lock = threading.Lock()
         self._file = None
         self.syncs = 0  # fsyncs made (one per record, or per group of records)
+        self._throttle_lock = threading.Lock()
+        self._buckets: dict[str, list[float]] = {}  # address -> [tokens, last refill]
+        self._held: dict[str, _Held] = {}  # address -> refusals counted, not yet in a summary
 
     def _open(self):
         if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open on purpose
+            self._file = open_private_append(self.path)
             if self._file.tell() and not self._ends_a_line():
                 self._file.write("\n")  # a record torn by a crash stays a line of its own
         return self._file
@@ -58,6 +75,57 @@ class AuditLog:
     def record(self, action: str, identity: str, client: str | None, result: str, **fields: Any) -> dict:
         """Append one record durably; raise PersistenceError if it cannot be written."""
         return self.record_many([(action, identity, client, result, fields)])[0]
+
+    def refusal(self, action: str, identity: str, client: str | None, result: str, **fields: Any) -> bool:
+        """Record a refusal, throttled per address: True when written as a record of its own, False
+        when counted into its address's next summary record (see the module's docstring)."""
+        host = "local" if client is None else client.rsplit(":", 1)[0]
+        now = self.monotonic()
+        with self._throttle_lock:
+            bucket = self._buckets.get(host)
+            if bucket is None:
+                if len(self._buckets) >= 10000:
+                    self._prune(now)
+                bucket = self._buckets[host] = [float(self.refusal_burst), now]
+            bucket[0] = min(float(self.refusal_burst), bucket[0] + (now - bucket[1]) * self.refusals_per_second)
+            bucket[1] = now
+            own = bucket[0] >= 1.0
+            if own:
+                bucket[0] -= 1.0
+            else:
+                held = self._held.get(host)
+                if held is None:
+                    held = self._held[host] = _Held(now, self.clock())
+                held.add(action, result, identity)
+        if own:
+            self.record_many([(action, identity, client, result, fields)])
+        elif self.metrics:
+            self.metrics.audit_aggregated.inc()
+        self.flush_summaries()
+        return own
+
+    def flush_summaries(self, force: bool = False) -> int:
+        """Write the summary record of every address whose interval is over (all, with ``force``);
+        return how many were written."""
+        now = self.monotonic()
+        with self._throttle_lock:
+            due = [(host, held) for host, held in self._held.items()
+                   if force or now - held.since >= self.summary_interval]
+            for host, _ in due:
+                del self._held[host]
+        if due:
+            self.record_many([("refusals_aggregated", "*", host, "refused", held.fields()) for host, held in due])
+        return len(due)
+
+    def tracked_addresses(self) -> int:
+        """How many addresses the refusal throttle remembers (bounded: quiet ones are forgotten)."""
+        with self._throttle_lock:
+            return len(self._buckets)
+
+    def _prune(self, now: float) -> None:
+        """Forget addresses whose bucket is full again (throttle lock held)."""
+        full = self.refusal_burst / self.refusals_per_second
+        self._buckets = {h: b for h, b in self._buckets.items() if now - b[1] < full or h in self._held}
 
     def record_many(self, records: list[tuple[str, str, str | None, str, dict[str, Any]]]) -> list[dict]:
         """Append ``(action, identity, client, result, fields)`` records with one write and one fsync
@@ -153,8 +221,37 @@ class AuditLog:
             self._file = None
 
     def close(self) -> None:
+        try:
+            self.flush_summaries(force=True)
+        except PersistenceError:
+            pass  # counted in the metric
         with self._lock:
             self._reset()
+
+
+class _Held:
+    """Refusals from one address folded into its next summary record."""
+
+    __slots__ = ("since", "started", "count", "actions", "identities")
+
+    def __init__(self, since: float, started: float) -> None:
+        self.since = since  # monotonic, for the interval
+        self.started = started  # wall clock, for the record
+        self.count = 0
+        self.actions: collections.Counter[str] = collections.Counter()
+        self.identities: set[str] = set()
+
+    def add(self, action: str, result: str, identity: str) -> None:
+        self.count += 1
+        key = f"{action}:{result}"
+        if key in self.actions or len(self.actions) < 20:
+            self.actions[key] += 1
+        if len(self.identities) < 10:
+            self.identities.add(str(identity)[:100])
+
+    def fields(self) -> dict[str, Any]:
+        return {"count": self.count, "actions": dict(self.actions), "identities": sorted(self.identities),
+                "since": datetime.fromtimestamp(self.started, timezone.utc).isoformat(timespec="microseconds")}
 
 
 def read_audit(path: str | Path) -> list[dict]:

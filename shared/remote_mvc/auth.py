@@ -1,9 +1,13 @@
 """Identities, roles and the connection handshake.
 
-Each role is a set of permissions, checked per remote method (:data:`ROLES`):
-``viewer`` reads and subscribes, ``controller`` also modifies, ``admin`` also
-drops viewers and manages names, ``service`` reads and registers its own names
-with a protected name server. A client proves an identity when its connection
+Each role is a set of permissions (:data:`ROLES`): ``viewer`` reads and
+subscribes, ``controller`` also modifies, ``admin`` also drops viewers and
+manages names, ``service`` reads and registers its own names with a protected
+name server, ``gateway`` reads and may act on behalf of the people it serves
+(``delegate``). A method is remote only when declared with :func:`remote`,
+which names its permission and checks it before the method's body runs; a class
+decorated with :func:`declared` gets the table of its remote methods as
+``SURFACE`` (and fails at import if anything else of it is exposed). A client proves an identity when its connection
 is made, in Pyro5's handshake: it sends ``{identity, ts, nonce, mac}`` where
 ``mac`` is an HMAC-SHA256 of identity, timestamp, a fresh nonce and the target
 (the Pyro5 object id the connection is for, e.g. ``remote_mvc.model``) under one
@@ -31,26 +35,44 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, TypeVar
 
 import Pyro5.api
 from Pyro5.api import current_context
 from Pyro5.errors import CommunicationError
 
-from .errors import AuthenticationError, ConfigError, PermissionDenied
+from ._files import write_private
+from .errors import (
+    AuthenticationError,
+    ConfigError,
+    ConflictError,
+    HistoryCompacted,
+    LimitExceeded,
+    MVCError,
+    PermissionDenied,
+    PersistenceError,
+    ServiceUnavailable,
+    ValidationError,
+)
 
 __all__ = [
     "ROLES", "READ", "MODIFY", "DROP", "REGISTER", "Identity", "Credentials", "Authenticator", "Throttle",
-    "AuthProxy", "client_credentials",
-    "client_token", "require", "caller", "generate_credentials",
+    "AuthProxy", "client_credentials", "DELEGATE", "CAPABILITY", "Refusal", "remote", "declared", "surface",
+    "mark_audited", "client_token", "require", "caller", "generate_credentials",
 ]
 
 READ, MODIFY, DROP, REGISTER = "read", "modify", "drop", "register"
+DELEGATE = "delegate"  # act on behalf of another identity (the web gateway's modify(on_behalf_of=...))
+# Not a role's permission: the method checks a secret capability it was given (a viewer's notify
+# carries its subscription's capability; see remote_mvc.viewer), so no role is checked.
+CAPABILITY = "capability"
 ROLES: dict[str, frozenset[str]] = {
     "viewer": frozenset({READ}),
     "controller": frozenset({READ, MODIFY}),
     "admin": frozenset({READ, MODIFY, DROP, REGISTER}),
     "service": frozenset({READ, REGISTER}),
+    "gateway": frozenset({READ, DELEGATE}),
 }
 ANONYMOUS = "anonymous"
 
@@ -111,10 +133,7 @@ class Credentials:
 
     def dump(self, path: str | Path) -> None:
         data = {"identities": {i.name: {"role": i.role, "secrets": list(i.secrets)} for i in self.by_name.values()}}
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        p.chmod(0o600)
+        write_private(Path(path), (json.dumps(data, indent=2) + "\n").encode())
 
 
 def generate_credentials(path: str | Path) -> Credentials:
@@ -261,13 +280,136 @@ def caller() -> tuple[str, str, str | None]:
     return getattr(conn, "mvc_identity", ANONYMOUS), getattr(conn, "mvc_role", "viewer"), address_of(conn)
 
 
+def _denied(identity: str, role: str, permission: str) -> PermissionDenied:
+    holders = ", ".join(r for r, perms in ROLES.items() if permission in perms)
+    return PermissionDenied(f"{identity} ({role}) may not {permission}: needs one of the roles {holders}")
+
+
 def require(permission: str) -> tuple[str, str, str | None]:
     """Raise PermissionDenied unless the caller's role holds ``permission``."""
     identity, role, address = caller()
     if permission not in ROLES.get(role, ()):
-        holders = ", ".join(r for r, perms in ROLES.items() if permission in perms)
-        raise PermissionDenied(f"{identity} ({role}) may not {permission}: needs one of the roles {holders}")
+        raise _denied(identity, role, permission)
     return identity, role, address
+
+
+# The declared remote surface ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Refusal:
+    """A remote call refused: who (as claimed and proven), from where, which method, why."""
+
+    method: str
+    identity: str
+    role: str
+    address: str | None
+    result: str  # forbidden, invalid, conflict, limit, refused
+    error: str
+    args: tuple = ()  # the call's arguments, untrusted (summarize before recording)
+    kwargs: dict = field(default_factory=dict)
+
+
+_audited = threading.local()
+
+
+def mark_audited(exc: BaseException) -> None:
+    """Tell :func:`remote` that the method recorded this refusal itself (with more detail)."""
+    _audited.exc = exc
+
+
+# answers and server-side failures (recorded where they happen), not refusals of the caller
+_NOT_REFUSALS = (HistoryCompacted, PersistenceError, ServiceUnavailable)
+
+
+def _result_of(exc: MVCError) -> str:
+    if isinstance(exc, PermissionDenied):
+        return "forbidden"
+    if isinstance(exc, ValidationError):
+        return "invalid"
+    if isinstance(exc, ConflictError):
+        return "conflict"
+    if isinstance(exc, LimitExceeded):
+        return "limit"
+    return "refused"
+
+
+def _report(obj: Any, refusal: Refusal) -> None:
+    hook = getattr(obj, "on_refusal", None)
+    if hook is not None:
+        hook(refusal)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def remote(permission: str) -> Callable[[F], F]:
+    """Declare a method remote, with the permission its caller's role needs.
+
+    The method is exposed to Pyro5 (and nothing else of its class is, see
+    :func:`declared`); the permission is checked before its body runs, so no
+    method can forget its check. Every refusal, the permission's or an
+    :class:`~remote_mvc.errors.MVCError` the body raises (other than
+    ``HistoryCompacted``, an answer, and ``PersistenceError``/``ServiceUnavailable``,
+    the server's own failures, recorded where they happen), goes to the
+    object's ``on_refusal(Refusal)`` hook, unless the body recorded it itself
+    (:func:`mark_audited`). ``CAPABILITY`` checks no role: the body checks the
+    capability it was handed.
+    """
+    if permission != CAPABILITY and not any(permission in perms for perms in ROLES.values()):
+        raise ConfigError(f"unknown permission {permission!r}")
+
+    def decorate(method: F) -> F:
+        name = method.__name__
+
+        @functools.wraps(method)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if permission != CAPABILITY:
+                identity, role, address = caller()
+                if permission not in ROLES.get(role, ()):
+                    exc = _denied(identity, role, permission)
+                    _report(self, Refusal(name, identity, role, address, "forbidden", str(exc), args, kwargs))
+                    raise exc
+            try:
+                return method(self, *args, **kwargs)
+            except MVCError as exc:
+                if not isinstance(exc, _NOT_REFUSALS) and getattr(_audited, "exc", None) is not exc:
+                    identity, role, address = caller()
+                    _report(self, Refusal(name, identity, role, address, _result_of(exc), str(exc), args, kwargs))
+                _audited.exc = None
+                raise
+
+        wrapper._pyroExposed = True  # type: ignore[attr-defined]  # Pyro5's mark of an exposed method
+        wrapper.mvc_permission = permission  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+    return decorate
+
+
+def surface(cls: type) -> dict[str, str]:
+    """The remote methods of ``cls`` with their permissions (from :func:`remote`)."""
+    table = {}
+    for name in dir(cls):
+        permission = getattr(getattr(cls, name, None), "mvc_permission", None)
+        if permission is not None and not name.startswith("_"):
+            table[name] = permission
+    return table
+
+
+C = TypeVar("C", bound=type)
+
+
+def declared(cls: C) -> C:
+    """Give ``cls`` its ``SURFACE`` table and check that it is all Pyro5 exposes of it: a
+    class-level ``@expose`` (its own or a base class's) would make lifecycle methods and
+    properties remote too; that fails here, at import, instead of on the network."""
+    from Pyro5.server import _get_exposed_members  # noqa: PLC0415 - Pyro5's own view of a class
+
+    table = surface(cls)
+    cls.SURFACE = MappingProxyType(table)  # type: ignore[attr-defined]
+    exposed = _get_exposed_members(cls)
+    if set(exposed["methods"]) != set(table) or exposed["attrs"]:
+        extra = sorted((set(exposed["methods"]) - set(table)) | set(exposed["attrs"]))
+        raise TypeError(f"{cls.__name__} exposes {extra} without declaring them with remote()")
+    return cls
 
 
 def _auth_errors(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -71,6 +71,17 @@ class Settings:
     # only its own viewer) or "multiplex" (one thread for all: less CPU per delivery when a process
     # hosts many viewers, but their handlers run one at a time)
     viewer_server: str = "thread"
+    # who may hold how many subscriptions: an identity at most this many (admins are not bounded)...
+    max_subscriptions_per_identity: int = 1000
+    # ... and anonymous callers at most this many from one address
+    max_subscriptions_per_address: int = 200
+    # hosts a callback URI may name besides the subscriber's own address (comma-separated; for viewers
+    # behind NAT, whose advertised address is not the one the server sees them call from); "*": any host
+    callback_hosts: str = ""
+    # audit records of refusals from one address: this many a second (and a burst of audit_refusal_burst),
+    # beyond that they are counted into one summary record per address and second, never dropped
+    audit_refusals_per_second: float = 20.0
+    audit_refusal_burst: int = 100
     register_interval: float = 2.0  # how often services check their name server registration
     # ticker
     ticker_interval: float = 1.0
@@ -116,7 +127,10 @@ class Settings:
             # Pyro5's multiplex server selects on the raw socket: a second message already decrypted
             # into the TLS layer's buffer would wait there unseen until more bytes arrive
             raise ConfigError(f"{PREFIX}VIEWER_SERVER=multiplex does not work with TLS; use thread")
-        for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size", "max_connections_per_address",
+        if self.audit_refusals_per_second <= 0:
+            raise ConfigError(f"{PREFIX}AUDIT_REFUSALS_PER_SECOND must be positive")
+        for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size", "max_subscriptions_per_identity",
+                     "max_subscriptions_per_address", "audit_refusal_burst", "max_connections_per_address",
                      "max_request_bytes", "max_anonymous_request_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")

@@ -16,6 +16,7 @@ serializer, so a client catches ``ValidationError`` rather than a generic error.
     │   └── PermissionDenied      authenticated, but the role may not call this
     ├── PersistenceError       the state or audit log could not be made durable
     ├── SubscriptionError      unknown or expired subscription (lease ran out)
+    ├── LimitExceeded          a per-identity or per-address limit was reached (subscriptions)
     ├── HistoryCompacted       the history no longer reaches back that far: take a snapshot
     └── ServiceUnavailable     a service could not be found or reached in time
 """
@@ -35,6 +36,7 @@ __all__ = [
     "PermissionDenied",
     "PersistenceError",
     "SubscriptionError",
+    "LimitExceeded",
     "HistoryCompacted",
     "ServiceUnavailable",
 ]
@@ -74,6 +76,10 @@ class PersistenceError(MVCError):
 
 class SubscriptionError(MVCError):
     """The subscription is unknown to the server (expired lease or server restart)."""
+
+
+class LimitExceeded(MVCError):
+    """A limit on what one identity or one address may hold was reached (e.g. subscriptions)."""
 
 
 class HistoryCompacted(MVCError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from typing import IO, Any
 
 import Pyro5.api  # noqa: F401  (imported first on purpose, see the module docstring)
@@ -19,7 +20,7 @@ try:  # python-json-logger >= 3
 except ImportError:  # pragma: no cover - older python-json-logger
     from pythonjsonlogger.jsonlogger import JsonFormatter
 
-__all__ = ["configure_logging", "log_event", "get_logger"]
+__all__ = ["configure_logging", "log_event", "log_exception", "get_logger"]
 
 _HANDLER_MARK = "_remote_mvc_handler"
 
@@ -62,3 +63,9 @@ def log_event(logger: logging.Logger, event: str, message: str, *, level: int = 
     if logger.isEnabledFor(level):
         extra = {(k + "_" if k in _RESERVED else k): v for k, v in fields.items()}
         logger.log(level, message, extra={"event": event, **extra})
+
+
+def log_exception(logger: logging.Logger, event: str, message: str, exc: BaseException, **fields: Any) -> None:
+    """Log an unexpected error at ERROR with its type, message and traceback as fields."""
+    log_event(logger, event, message, level=logging.ERROR, error=f"{type(exc).__name__}: {exc}",
+              traceback="".join(traceback.format_exception(exc)), **fields)

@@ -76,6 +76,15 @@ class Metrics:
         self.wire_refused = Counter(
             "remote_mvc_wire_refused", "Connections and messages refused by a daemon, by stage (tls, handshake, "
             "call, connections).", ["stage"], registry=r)
+        self.loop_errors = Counter(
+            "remote_mvc_loop_errors", "Unexpected errors a background loop survived (logged with a traceback).",
+            ["loop"], registry=r)
+        self.refusals = Counter(
+            "remote_mvc_refusals", "Remote calls refused (permission, validation, ownership, capability).",
+            ["method", "result"], registry=r)
+        self.audit_aggregated = Counter(
+            "remote_mvc_audit_refusals_aggregated",
+            "Refusal records folded into a per-address summary record (the audit log's throttle).", registry=r)
         self.registrations = Counter(
             "remote_mvc_ns_registrations", "Times a service (re-)registered with the name server.", ["name"],
             registry=r)

@@ -51,7 +51,10 @@ class Field:
         label = self.name or "field"
         t = self.type
         if t is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int past float's range (10**400): refused like any bad value
+                raise ValidationError(f"{label}: {str(value)[:40]}... is too large for a float") from None
         if not isinstance(value, t) or (t is int and isinstance(value, bool)):
             raise ValidationError(f"{label}: expected {t.__name__}, got {type(value).__name__} {value!r:.80}")
         if t is float and not math.isfinite(value):

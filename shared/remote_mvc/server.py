@@ -1,8 +1,10 @@
 """The model server: a typed, versioned, durable, observable model over Pyro5.
 
-:class:`ModelServer` is the one object a model service registers. Reads
-(``query``, ``snapshot``, ``history``) and subscriptions are open to every
-authenticated connection; ``modify`` needs the controller role and runs
+:class:`ModelServer` is the one object a model service registers. Its remote
+methods are declared one by one with their permission (``ModelServer.SURFACE``;
+nothing else of it, no lifecycle, no property, is remote). Reads (``query``,
+``snapshot``, ``history``) and subscriptions are open to every connection;
+``modify`` needs the controller role and runs
 validate → audit → commit → apply → notify, in that order, so revisions are
 gap-free and every acknowledged change is durable and recorded. A change is
 validated and given its revision under the model lock, against the values of
@@ -15,6 +17,15 @@ change: the commit after it is not synced, and at start-up the server rolls
 forward what the audit log holds past the state file (so a change recorded, then
 cut off by a crash, is applied).
 
+A subscription belongs to whoever made it: its identity, and for anonymous
+callers the address they called from. Only they (or an admin) renew, replace or
+end it; each identity, and each address of anonymous callers, holds a bounded
+number; the callback must be on the subscriber's own address (or a host named in
+``MVC_CALLBACK_HOSTS``); each gets a secret capability, which every notification
+to it carries (see :mod:`remote_mvc.viewer`). Every refusal is audited (per
+address throttled, see :meth:`AuditLog.refusal`) with the claimed identity, the
+address, the method and the reason.
+
 A change event, as viewers and ``history`` see it::
 
     {"model": "remote_mvc.model", "revision": 7, "time": 1764057600.12,
@@ -25,29 +36,34 @@ A change event, as viewers and ``history`` see it::
 from __future__ import annotations
 
 import collections
+import hmac
 import logging
+import reprlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from Pyro5.api import expose
+from Pyro5.core import URI
+from Pyro5.errors import PyroError
 
 from . import auth
 from ._fanout import Fanout
+from ._sender import Subscriber
 from ._store import Store
 from .audit import AuditLog
 from .config import Settings
 from .errors import (
     ConflictError,
     HistoryCompacted,
+    LimitExceeded,
     MVCError,
     PermissionDenied,
     PersistenceError,
     ValidationError,
 )
-from .logs import log_event
+from .logs import log_event, log_exception
 from .metrics import Metrics
 from .model import Model
 from .service import Service
@@ -57,12 +73,35 @@ __all__ = ["ModelServer", "ModelService"]
 log = logging.getLogger("remote_mvc.server")
 
 
-def _summary(value: Any, limit: int = 2000) -> Any:
-    """A JSON-safe, bounded copy of untrusted input for the audit log."""
-    if isinstance(value, dict) and len(repr(value)) <= limit:
+SUMMARY_LIMIT = 256  # characters of a refused call's arguments kept in its audit record
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 20
+_REPR.maxlevel = 4
+
+
+def _summary(value: Any, limit: int = SUMMARY_LIMIT) -> Any:
+    """A JSON-safe, bounded copy of untrusted input for the audit log: a small dict as it is, anything
+    else as a bounded ``repr`` (reprlib: a huge value's full repr is never made)."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - hostile input may not even have a repr
+        return "<unprintable>"
+    if isinstance(value, dict) and len(text) <= limit and len(value) <= _REPR.maxdict \
+            and all(_small(k) and _small(v) for k, v in value.items()):
         return value
-    text = repr(value)
     return text if len(text) <= limit else text[:limit] + "...(truncated)"
+
+
+def _small(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 120)
+
+
+def _host(address: str | None) -> str | None:
+    """The host part of a ``host:port`` client address (None for in-process callers)."""
+    return None if address is None else address.rsplit(":", 1)[0].strip("[]")
 
 
 class _Pending:
@@ -84,15 +123,20 @@ class _Pending:
         return self.event["revision"]
 
 
-@expose
+@auth.declared
 class ModelServer:
     """A model's values, revision, history and subscribers, served over Pyro5."""
 
     def __init__(self, name: str, schema: type[Model], store: Store, audit: AuditLog, metrics: Metrics, *,
                  lease_seconds: float = 10.0, call_timeout: float = 3.0, queue_limit: int = 1000,
                  batch_max: int = 500, history_limit: int = 10000,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 max_subscriptions_per_identity: int = 1000, max_subscriptions_per_address: int = 200,
+                 callback_hosts: Iterable[str] = ()) -> None:
         self._name = name
+        self._max_per_identity = max_subscriptions_per_identity
+        self._max_per_address = max_subscriptions_per_address
+        self._callback_hosts = frozenset(h.strip().strip("[]") for h in callback_hosts if h.strip())
         self._schema = schema
         self._store = store
         self._audit = audit
@@ -120,26 +164,31 @@ class ModelServer:
         self._commit_batch = metrics.commit_batch.labels(name)
         self._revision_gauge.set(self._revision)
         self._closed = threading.Event()
+        self._reaper_errors = metrics.loop_errors.labels("reaper")
         self._reaper = threading.Thread(target=self._reap, name=f"lease-reaper-{name}", daemon=True)
         self._reaper.start()
         log_event(log, "model_loaded", "model loaded", model=name, revision=self._revision, values=self._values)
 
     # reads -----------------------------------------------------------------
+    @auth.remote(auth.READ)
     def query(self) -> dict[str, Any]:
         """The current values."""
         with self._lock:
             return dict(self._values)
 
+    @auth.remote(auth.READ)
     def snapshot(self) -> dict[str, Any]:
         """Revision and values, read together."""
         with self._lock:
             return {"model": self._name, "revision": self._revision, "values": dict(self._values),
                     "time": self._clock()}
 
+    @auth.remote(auth.READ)
     def schema(self) -> dict[str, dict[str, Any]]:
         """The fields with their types and defaults."""
         return self._schema.describe()
 
+    @auth.remote(auth.READ)
     def history(self, since_revision: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         """Change events after ``since_revision``, oldest first (at most ``limit``).
 
@@ -157,11 +206,13 @@ class ModelServer:
             skip = since_revision + 1 - first
             return list(self._history)[skip:skip + limit]
 
+    @auth.remote(auth.READ)
     def whoami(self) -> dict[str, Any]:
         identity, role, address = auth.caller()
         return {"identity": identity, "role": role, "address": address}
 
     # changes ---------------------------------------------------------------
+    @auth.remote(auth.MODIFY)
     def modify(self, changes: dict[str, Any], expected_revision: int | None = None,
                request_id: str | None = None) -> int:
         """Validate, record, persist and apply a change; notify viewers; return the new revision.
@@ -170,11 +221,6 @@ class ModelServer:
         id seen before returns the revision it produced without applying again.
         """
         identity, role, address = auth.caller()
-        try:
-            auth.require(auth.MODIFY)
-        except PermissionDenied as exc:
-            self._refused(identity, address, changes, "forbidden", exc)
-            raise
         if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 128):
             raise ValidationError("request_id must be a string of at most 128 characters")
         with self._lock:
@@ -350,33 +396,78 @@ class ModelServer:
                     self._record_refusal(p.identity, p.address, p.changes, result, p.error)
 
     def _refused(self, identity: str, address: str | None, changes: Any, result: str, exc: MVCError) -> None:
+        """A modify refused by the model (invalid, conflict): counted, logged, audited with its changes."""
+        auth.mark_audited(exc)
         self._metrics.modifications.labels(self._name, result).inc()
+        self._metrics.refusals.labels("modify", result).inc()
         log_event(log, "modify_refused", f"modify refused: {exc}", level=logging.WARNING, model=self._name,
                   identity=identity, client=address, result=result)
-        self._record_refusal(identity, address, changes, result, str(exc))
+        self._record_refusal(identity, address, changes, result, str(exc), throttled=True)
 
-    def _record_refusal(self, identity: str, address: str | None, changes: Any, result: str, error: str) -> None:
+    def _record_refusal(self, identity: str, address: str | None, changes: Any, result: str, error: str,
+                        throttled: bool = False) -> None:
+        record = self._audit.refusal if throttled else self._audit.record
         try:
-            self._audit.record("modify", identity, address, result, model=self._name,
-                               changes=_summary(changes), error=error)
+            record("modify", identity, address, result, model=self._name, changes=_summary(changes),
+                   error=error[:1000])
         except PersistenceError:
             pass  # counted in the metric; the refusal stands either way
 
+    def on_refusal(self, refusal: auth.Refusal) -> None:
+        """Every refused remote call (see :func:`auth.remote`): counted, logged and audited (per
+        address throttled) with the claimed identity, the address, the method and the reason."""
+        r = refusal
+        self._metrics.refusals.labels(r.method, r.result).inc()
+        log_event(log, "call_refused", f"{r.method} refused: {r.error}", level=logging.WARNING, model=self._name,
+                  method=r.method, identity=r.identity, role=r.role, client=r.address, result=r.result)
+        if r.method == "modify":
+            self._metrics.modifications.labels(self._name, r.result).inc()
+            detail = {"changes": _summary(r.args[0] if r.args else r.kwargs.get("changes"))}
+        else:
+            detail = {"arguments": _summary([*r.args, r.kwargs] if r.kwargs else list(r.args))}
+        try:
+            self._audit.refusal(r.method, r.identity, r.address, r.result, model=self._name, role=r.role,
+                                error=r.error[:1000], **detail)
+        except PersistenceError:
+            pass  # counted in the audit failure metric; the refusal stands either way
+
     # subscriptions ---------------------------------------------------------
+    @auth.remote(auth.READ)
     def subscribe(self, callback_uri: str, viewer_id: str, since_revision: int | None = None,
-                  ordered_oneway: bool = False) -> dict[str, Any]:
+                  ordered_oneway: bool = False, capability: str | None = None) -> dict[str, Any]:
         """Subscribe a viewer's callback object; it first gets what it missed.
 
         With ``since_revision`` the viewer gets the events after it (or a snapshot
         when the history no longer reaches back); without, a snapshot.
         ``ordered_oneway``: the viewer's daemon runs oneway ``notify`` calls in
         order (remote-mvc's viewer hosts do), so most calls need no answer.
+        The reply holds the subscription id, the lease granted (renew well within
+        it), the revision and the subscription's secret ``capability``, which
+        every notification carries: the viewer applies only those.
+
+        The callback must be on the caller's own address (or a host allowed by
+        ``MVC_CALLBACK_HOSTS``). A viewer id already subscribed is replaced only
+        for its owner (same identity; for anonymous callers the same address),
+        an admin, or a caller that shows the old subscription's ``capability``
+        (a viewer host whose address changed).
         """
-        if not isinstance(callback_uri, str) or not isinstance(viewer_id, str) or not viewer_id:
-            raise ValidationError("subscribe needs a callback URI and a viewer id (strings)")
-        if since_revision is not None and not isinstance(since_revision, int):
+        identity, role, address = auth.caller()
+        host = _host(address)
+        if not isinstance(callback_uri, str) or not isinstance(viewer_id, str) or not viewer_id \
+                or len(callback_uri) > 1000 or len(viewer_id) > 200:
+            raise ValidationError("subscribe needs a callback URI and a viewer id (strings, at most 1000 and "
+                                  "200 characters)")
+        if since_revision is not None and (not isinstance(since_revision, int) or isinstance(since_revision, bool)):
             raise ValidationError("since_revision must be an integer or None")
+        if capability is not None and not isinstance(capability, str):
+            raise ValidationError("capability must be a string or None")
+        self._check_callback(callback_uri, host)
         with self._lock:
+            old = self._fanout.of_viewer(viewer_id)
+            if old is not None and not (self._owns(old, identity, role, host)
+                                        or self._shows(old, capability)):
+                raise PermissionDenied(f"viewer id {viewer_id!r} is subscribed by another client")
+            self._check_caps(identity, role, host, replacing=old)
             backlog = None
             if since_revision is not None and since_revision <= self._revision:
                 try:
@@ -385,35 +476,123 @@ class ModelServer:
                     backlog = None
                 if backlog is not None and len(backlog) != self._revision - since_revision:
                     backlog = None  # too far behind: a snapshot is cheaper
-            sub = self._fanout.add(viewer_id, callback_uri, backlog, oneway=ordered_oneway is True)
-            return {"subscription": sub.id, "lease": self._fanout.lease_seconds, "revision": self._revision}
+            sub = self._fanout.add(viewer_id, callback_uri, backlog, oneway=ordered_oneway is True,
+                                   identity=identity, host=host)
+            return {"subscription": sub.id, "lease": self._fanout.lease_seconds, "revision": self._revision,
+                    "capability": sub.capability}
 
+    def _check_callback(self, callback_uri: str, host: str | None) -> None:
+        """A callback must be a ``PYRO:object@host:port`` URI on the subscriber's own address, so the
+        server never connects anywhere else for anyone (no port probing, no pushing to a third party)."""
+        try:
+            uri = URI(callback_uri)
+        except (PyroError, ValueError, TypeError) as exc:
+            raise ValidationError(f"bad callback URI: {exc}") from None
+        if uri.protocol != "PYRO" or not uri.host or uri.sockname or not uri.port:
+            raise ValidationError("the callback must be a PYRO:object@host:port URI")
+        if host is None or "*" in self._callback_hosts:
+            return  # an in-process caller, or the operator turned the check off
+        target = uri.host.strip("[]")
+        if target != host and target not in self._callback_hosts:
+            raise PermissionDenied(f"callback host {target} is not the subscriber's own address {host} "
+                                   "(set MVC_CALLBACK_HOSTS for a viewer behind NAT)")
+
+    @staticmethod
+    def _owns(sub: Subscriber, identity: str, role: str, host: str | None) -> bool:
+        """Whether the caller may renew, replace or end ``sub``: its owner, or an admin."""
+        if auth.DROP in auth.ROLES.get(role, ()):
+            return True
+        if sub.identity != identity:
+            return False
+        return identity != auth.ANONYMOUS or sub.host == host
+
+    @staticmethod
+    def _shows(sub: Subscriber, capability: str | None) -> bool:
+        return capability is not None and hmac.compare_digest(sub.capability.encode(),
+                                                              capability.encode("utf-8", "surrogatepass"))
+
+    def _check_caps(self, identity: str, role: str, host: str | None, replacing: Subscriber | None) -> None:
+        """Bound the subscriptions one identity (anonymous: one address) holds; admins and in-process
+        callers are not bound; a replacement by the same owner adds none."""
+        if auth.DROP in auth.ROLES.get(role, ()):
+            return
+        per_identity, per_address = self._fanout.owned(identity, host)
+        if replacing is not None and replacing.identity == identity:
+            per_identity, per_address = per_identity - 1, per_address - (replacing.host == host)
+        if identity == auth.ANONYMOUS:
+            if per_address >= self._max_per_address:
+                raise LimitExceeded(f"{per_address} subscriptions from {host} already: the limit for anonymous "
+                                    f"callers from one address is {self._max_per_address}")
+        elif per_identity >= self._max_per_identity:
+            raise LimitExceeded(f"{identity} holds {per_identity} subscriptions already: the limit is "
+                                f"{self._max_per_identity}")
+
+    @auth.remote(auth.READ)
     def renew(self, subscription_ids: list[str]) -> list[str]:
-        """Renew leases; returns the ids this server does not know (re-subscribe those)."""
-        if not isinstance(subscription_ids, (list, tuple)):
-            raise ValidationError("renew takes a list of subscription ids")
-        return self._fanout.renew(list(subscription_ids))
+        """Renew leases; returns the ids this server does not know (re-subscribe those). Only the
+        owner's subscriptions are renewed: another's id is answered as unknown (and audited)."""
+        if not isinstance(subscription_ids, (list, tuple)) or len(subscription_ids) > 100_000 \
+                or not all(isinstance(sid, str) for sid in subscription_ids):
+            raise ValidationError("renew takes a list of subscription ids (strings)")
+        identity, role, address = auth.caller()
+        host = _host(address)
+        mine, foreign = [], []
+        for sid in subscription_ids:
+            sub = self._fanout.get(sid)
+            (foreign if sub is not None and not self._owns(sub, identity, role, host) else mine).append(sid)
+        unknown = self._fanout.renew(mine)
+        if foreign:
+            self.on_refusal(auth.Refusal("renew", identity, role, address, "forbidden",
+                                         f"{len(foreign)} of the subscriptions are another client's",
+                                         (foreign[:5],)))
+        return unknown + foreign
 
+    @auth.remote(auth.READ)
     def unsubscribe(self, subscription_id: str) -> bool:
+        """End a subscription (its owner's or an admin's call); False when it is unknown."""
+        if not isinstance(subscription_id, str):
+            raise ValidationError("unsubscribe takes a subscription id (a string)")
+        identity, role, address = auth.caller()
+        sub = self._fanout.get(subscription_id)
+        if sub is None:
+            return False
+        if not self._owns(sub, identity, role, _host(address)):
+            raise PermissionDenied(f"subscription {subscription_id!r} is another client's")
         return self._fanout.remove(subscription_id)
 
+    @auth.remote(auth.READ)
     def viewers(self) -> list[dict[str, Any]]:
-        """Who is subscribed, with queue depth and last delivered revision."""
-        return self._fanout.describe()
+        """Who is subscribed, with queue depth and last delivered revision; subscription ids and
+        callback URIs only of the caller's own subscriptions (an admin sees all of them)."""
+        identity, role, address = auth.caller()
+        host = _host(address)
+        return self._fanout.describe(lambda sub: self._owns(sub, identity, role, host))
 
+    @auth.remote(auth.DROP)
     def drop_viewer(self, viewer_id: str) -> bool:
         """Force a viewer off (admin role)."""
-        identity, _, address = auth.require(auth.DROP)
+        identity, _, address = auth.caller()
         dropped = self._fanout.drop_viewer(viewer_id, "admin")
         self._audit.record("drop_viewer", identity, address, "accepted" if dropped else "unknown",
-                           model=self._name, viewer_id=viewer_id)
+                           model=self._name, viewer_id=_summary(viewer_id))
         return dropped
 
     # lifecycle -------------------------------------------------------------
     def _reap(self) -> None:
+        """Expire leases, and write the audit log's due refusal summaries; survives any error."""
         interval = max(0.05, self._fanout.lease_seconds / 4)
         while not self._closed.wait(interval):
-            self._fanout.expire()
+            try:
+                self._fanout.expire()
+                self._audit.flush_summaries()
+            except Exception as exc:  # noqa: BLE001 - the reaper outlives whatever one round hits
+                self._reaper_errors.inc()
+                log_exception(log, "loop_error", "unexpected error in the lease reaper; it goes on", exc,
+                              model=self._name, loop="reaper")
+
+    def healthy(self) -> bool:
+        """The reaper and the fan-out loop are running (see Fanout.healthy)."""
+        return not self._closed.is_set() and self._reaper.is_alive() and self._fanout.healthy()
 
     def close(self) -> None:
         self._closed.set()
@@ -437,15 +616,23 @@ class ModelService(Service):
         from .model import ExampleModel
 
         name = name or settings.model_name
-        self.store = Store(settings.state_file(), settings.history_limit)
-        self.audit = AuditLog(settings.audit_file(), self.metrics, clock=clock)
+        self.store = Store(settings.state_file(), settings.history_limit, metrics=self.metrics)
+        self.audit = AuditLog(settings.audit_file(), self.metrics, clock=clock,
+                              refusals_per_second=settings.audit_refusals_per_second,
+                              refusal_burst=settings.audit_refusal_burst)
         self.model = ModelServer(
             name, schema or ExampleModel, self.store, self.audit, self.metrics,
             lease_seconds=settings.lease_seconds, call_timeout=settings.call_timeout,
             queue_limit=settings.queue_limit, batch_max=settings.batch_max,
-            history_limit=settings.history_limit, clock=clock)
+            history_limit=settings.history_limit, clock=clock,
+            max_subscriptions_per_identity=settings.max_subscriptions_per_identity,
+            max_subscriptions_per_address=settings.max_subscriptions_per_address,
+            callback_hosts=settings.callback_hosts.split(","))
         self.refusal_audit = self.audit
         self.serve(self.model, name)
         self.on_stop(self.model.close)
         self.on_stop(self.store.close)
         self.on_stop(self.audit.close)
+
+    def healthy(self) -> bool:
+        return super().healthy() and self.model.healthy()

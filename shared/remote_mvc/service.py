@@ -30,7 +30,7 @@ from .audit import AuditLog
 from .auth import Authenticator, AuthProxy, Credentials, client_credentials
 from .config import Settings
 from .errors import MVCError
-from .logs import log_event
+from .logs import log_event, log_exception
 from .metrics import Metrics, MetricsServer
 
 __all__ = ["Service", "configure_pyro", "configure_tls", "locate_ns"]
@@ -159,8 +159,8 @@ class Service:
                   client=refusal.address, stage=refusal.stage, claimed=refusal.claimed, throttled=refusal.throttled)
         if self.refusal_audit is not None:
             try:
-                self.refusal_audit.record("connect", refusal.claimed or "unknown", refusal.address, "refused",
-                                          stage=refusal.stage, error=refusal.reason[:500])
+                self.refusal_audit.refusal("connect", refusal.claimed or "unknown", refusal.address, "refused",
+                                           stage=refusal.stage, error=refusal.reason[:500])
             except MVCError:
                 pass  # counted by the audit log's failure metric; the refusal stands either way
         if self.on_refused is not None:
@@ -238,6 +238,15 @@ class Service:
                     ns._pyroRelease()
                 ns = None
                 wait = min(0.5, interval)
+            except Exception as exc:  # noqa: BLE001 - the registrar outlives anything one round hits
+                self.metrics.loop_errors.labels("registrar").inc()
+                log_exception(log, "loop_error", "unexpected error in the name registrar; it goes on", exc,
+                              loop="registrar")
+                self._registered.clear()
+                if ns is not None:
+                    ns._pyroRelease()
+                ns = None
+                wait = min(0.5, interval)
             self._stopping.wait(wait)
         if ns is not None:
             ns._pyroRelease()
@@ -256,6 +265,8 @@ class Service:
             ns._pyroRelease()
         except (CommunicationError, PyroError, OSError, MVCError):
             pass  # the name server is gone too (or refuses us); nothing to undo
+        except Exception as exc:  # noqa: BLE001 - a broken name server must not keep us from stopping
+            log_exception(log, "unregister_failed", "could not unregister from the name server", exc)
 
     def stop(self) -> None:
         """Stop serving: unregister, shut the daemon down, run closers. Idempotent."""

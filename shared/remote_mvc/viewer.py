@@ -8,10 +8,23 @@ viewers (a viewer process holds one; a benchmark holds hundreds). Its keeper
 thread subscribes them, renews all their leases in one call per model,
 re-subscribes from the last revision after a model server restart or a drop,
 and unsubscribes them when the host stops.
+
+A viewer applies only what its model server sends it: the subscribe reply gives
+the host a secret capability for the subscription, every notification carries
+it, and a notification without it is refused (counted in
+``remote_mvc_refusals_total{method="notify"}`` and logged), whoever can reach
+the daemon. ``notify`` is the viewer's only remote method (``Viewer.SURFACE``).
+An event is not applied blindly either: a revision past what the model server's
+own history or snapshot says is refused, and the viewer re-syncs from the server
+instead of jumping. The host renews at a fraction of the lease the server grants
+(not its own setting), and its keeper thread survives any error (logged, counted
+in ``remote_mvc_loop_errors_total{loop="viewer-keeper"}``); ``healthy()`` is
+False while a viewer is not subscribed or the keeper is not turning.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
@@ -23,11 +36,12 @@ from Pyro5 import config as pyro_config
 from Pyro5.errors import CommunicationError, PyroError
 from Pyro5.errors import TimeoutError as PyroTimeout
 
+from . import auth
 from ._daemons import ViewerDaemon
 from .config import Settings
 from .controller import ModelClient
-from .errors import HistoryCompacted, MVCError
-from .logs import log_event
+from .errors import HistoryCompacted, MVCError, PermissionDenied, SubscriptionError, ValidationError
+from .logs import log_event, log_exception
 from .metrics import Metrics
 from .service import Service
 
@@ -38,7 +52,7 @@ log = logging.getLogger("remote_mvc.viewer")
 ChangeHandler = Callable[["Viewer", dict[str, Any] | None], None]
 
 
-@Pyro5.api.expose
+@auth.declared
 class Viewer:
     """Mirror of one model, kept current by the server's notifications."""
 
@@ -46,7 +60,7 @@ class Viewer:
 
     def __init__(self, viewer_id: str, model: str, *, on_change: ChangeHandler | None = None,
                  metrics: Metrics | None = None, log_values: bool = True, record: bool = False,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, max_gap: int = 10000, admit_wait: float = 2.0) -> None:
         self.viewer_id = viewer_id
         self.model = model
         self.on_change = on_change
@@ -59,6 +73,11 @@ class Viewer:
         self.snapshots = 0
         self.fetch: Callable[[int], list[dict[str, Any]]] | None = None  # history(since) for gaps
         self.fetch_snapshot: Callable[[], dict[str, Any]] | None = None
+        self.max_gap = max_gap  # a gap wider than this is not walked through history: a snapshot instead
+        self.admit_wait = admit_wait  # how long a notification may wait for the capability being subscribed for
+        self.refused = 0  # notifications refused (no capability, malformed, implausible revision)
+        self._capabilities: tuple[str, ...] = ()  # the current subscription's, and the one before it
+        self._subscribing = False
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._waiting = 0  # threads in wait_for
@@ -66,13 +85,74 @@ class Viewer:
         self._latency = metrics.notification_latency.labels(model)
         self._revision_gauge = metrics.viewer_revision.labels(model)
         self._resyncs = metrics.resyncs
+        self._refusals = metrics.refusals
+        self._refusal_logged = 0.0
 
+    # the subscription's capability (set by the viewer host from the subscribe reply) ------------------
+    @property
+    def capability(self) -> str | None:
+        """The capability of the current subscription (shown when re-subscribing, see ModelServer)."""
+        return self._capabilities[0] if self._capabilities else None
+
+    def expect_capability(self) -> None:
+        """A subscription is being made: its first notifications may come before its reply, so they
+        wait (up to ``admit_wait``) for :meth:`accept_capability` rather than being refused."""
+        with self._lock:
+            self._subscribing = True
+
+    def accept_capability(self, capability: str | None) -> None:
+        """The subscribe reply's capability (None: the subscription failed; keep the current one)."""
+        with self._changed:
+            if capability is not None:
+                self._capabilities = (capability, *self._capabilities[:1])
+            self._subscribing = False
+            self._changed.notify_all()
+
+    def _admit(self, batch: Any) -> bool:
+        """Whether ``batch`` carries this viewer's capability (lock held); constant-time compare."""
+        given = batch.get("capability") if isinstance(batch, dict) else None
+        if not isinstance(given, str):
+            return False
+        given_bytes = given.encode("utf-8", "surrogatepass")
+
+        def known() -> bool:
+            return any(hmac.compare_digest(c.encode(), given_bytes) for c in self._capabilities)
+
+        if known():
+            return True
+        if self._subscribing and self._changed.wait_for(lambda: not self._subscribing, self.admit_wait):
+            return known()
+        return False
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        """Count and log (at most once a second, with the count) a refused notification (lock held)."""
+        self.refused += 1
+        self._refusals.labels("notify", reason).inc()
+        now = time.monotonic()
+        if now - self._refusal_logged >= 1.0:
+            self._refusal_logged = now
+            log_event(log, "notify_refused", f"notification refused: {detail}", level=logging.WARNING,
+                      viewer_id=self.viewer_id, model=self.model, reason=reason, refused=self.refused,
+                      revision=self.revision)
+
+    @auth.remote(auth.CAPABILITY)
     def notify(self, batch: dict[str, Any]) -> None:
-        """Called by the model server: ``{"events": [...]}`` or ``{"snapshot": {...}}``."""
+        """Called by the model server: ``{"capability": ..., "events": [...]}`` or ``{..., "snapshot": {...}}``.
+
+        Refused (PermissionDenied, counted, logged) without this viewer's
+        subscription capability; refused (ValidationError) when malformed.
+        """
         arrived = self.clock()
         with self._lock:
+            if not self._admit(batch):
+                self._refuse("capability", "without this viewer's subscription capability")
+                raise PermissionDenied("notification refused: it does not carry this viewer's capability")
+            problem = _malformed(batch)
+            if problem:
+                self._refuse("malformed", problem)
+                raise ValidationError(f"notification refused: {problem}")
             if "snapshot" in batch:
-                self._apply_snapshot(batch["snapshot"], batch.get("reason", "subscribe"))
+                self._apply_snapshot(batch["snapshot"], str(batch.get("reason", "subscribe"))[:40])
             for event in batch.get("events", ()):
                 self._latency.observe(max(0.0, arrived - event["time"]))
                 self._apply_event(event)
@@ -85,10 +165,30 @@ class Viewer:
         if self.synced and revision <= self.revision:
             return  # already applied (a re-subscription can resend it)
         if self.synced and revision > self.revision + 1:
-            self._catch_up(revision - 1)
+            if revision - self.revision > self.max_gap:  # not worth walking the history: a snapshot
+                self._resync("gap")
+            else:
+                self._catch_up(revision - 1)
             if revision <= self.revision:
                 return
+            if revision > self.revision + 1:  # the server's own history and snapshot do not reach it
+                self._refuse("implausible", f"revision {revision} is past what the model server has "
+                                            f"({self.revision})")
+                return
         self._set(event["values"], revision, event)
+
+    def _resync(self, reason: str) -> None:
+        """Take a snapshot from the model server (lock held); without a source, leave the gap."""
+        if self.fetch_snapshot is None:
+            return
+        try:
+            snap = self.fetch_snapshot()
+        except (MVCError, CommunicationError, PyroError) as exc:
+            log_event(log, "gap", "snapshot for a re-sync failed; gap left open", level=logging.WARNING,
+                      viewer_id=self.viewer_id, revision=self.revision, error=str(exc))
+            return
+        if snap["revision"] >= self.revision:
+            self._apply_snapshot(snap, reason)
 
     def _catch_up(self, upto: int) -> None:
         """Fill the gap before ``upto + 1`` from history, or a snapshot."""
@@ -111,7 +211,7 @@ class Viewer:
                 log_event(log, "gap", "gap in revisions left open", level=logging.WARNING,
                           viewer_id=self.viewer_id, revision=self.revision, error=str(exc))
                 return
-            self._apply_snapshot(self.fetch_snapshot(), "gap")
+            self._resync("gap")
 
     def _apply_snapshot(self, snap: dict[str, Any], reason: str) -> None:
         self.snapshots += 1
@@ -143,6 +243,27 @@ class Viewer:
                 self._waiting -= 1
 
 
+def _malformed(batch: dict[str, Any]) -> str:
+    """What is wrong with a notification's shape ("" when nothing is): what the server sends is
+    checked before any of it is applied."""
+    snap = batch.get("snapshot")
+    if snap is not None and not (isinstance(snap, dict) and _revision_ok(snap.get("revision"))
+                                 and isinstance(snap.get("values"), dict)):
+        return "a snapshot needs an integer revision and a dict of values"
+    events = batch.get("events", [])
+    if not isinstance(events, list):
+        return "events must be a list"
+    for event in events:
+        if not (isinstance(event, dict) and _revision_ok(event.get("revision"))
+                and isinstance(event.get("values"), dict) and isinstance(event.get("time"), (int, float))):
+            return "an event needs an integer revision, a dict of values and a time"
+    return ""
+
+
+def _revision_ok(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class ViewerHost(Service):
     """A Pyro5 daemon hosting viewers, keeping each of them subscribed."""
 
@@ -153,6 +274,10 @@ class ViewerHost(Service):
         self._clients: dict[str, ModelClient] = {}
         self._kick = threading.Event()
         self._sub_lock = threading.Lock()  # subscribing vs. unsubscribing at stop
+        self._granted: dict[str, float] = {}  # model -> the lease its server granted (renew well within it)
+        self.renewals = 0  # renew rounds made (tests, tools)
+        self._keeper_turned = time.monotonic()
+        self._keeper_errors = self.metrics.loop_errors.labels("viewer-keeper")
         self.on_stop(self._unsubscribe_all, early=True)
 
     def make_daemon(self) -> Pyro5.api.Daemon:
@@ -188,7 +313,15 @@ class ViewerHost(Service):
         return self
 
     def healthy(self) -> bool:
-        return super().healthy() and all(v in self._subs for v in self.viewers)
+        """Serving, every viewer subscribed, and the keeper turning (not dead, not stuck)."""
+        keeper = next((t for t in self._threads if t.name == "viewer-keeper"), None)
+        stuck_after = max(30.0, 10 * self.settings.call_timeout + self.lease())
+        keeping = keeper is None or (keeper.is_alive() and time.monotonic() - self._keeper_turned < stuck_after)
+        return super().healthy() and keeping and all(v in self._subs for v in self.viewers)
+
+    def lease(self) -> float:
+        """The shortest lease the model servers granted (our own setting until one did)."""
+        return min(self._granted.values(), default=self.settings.lease_seconds)
 
     def subscribed(self) -> int:
         return len(self._subs)
@@ -205,7 +338,7 @@ class ViewerHost(Service):
         """Subscribe, renew leases in one call per model, re-subscribe what was lost."""
         failing = False
         while not self._closing.is_set():
-            lease = self.settings.lease_seconds
+            self._keeper_turned = time.monotonic()
             try:
                 with self._sub_lock:
                     if self._closing.is_set():
@@ -218,16 +351,31 @@ class ViewerHost(Service):
                     log_event(log, "model_unreachable", "model server unreachable; will re-subscribe",
                               level=logging.WARNING, error=str(exc))
                 failing = True
-                for client in self._clients.values():
-                    client.close()
+                self._close_clients()
+            except Exception as exc:  # noqa: BLE001 - the keeper outlives anything one round hits
+                self._keeper_errors.inc()
+                log_exception(log, "loop_error", "unexpected error in the viewer keeper; it goes on", exc,
+                              loop="viewer-keeper")
+                failing = True
+                self._close_clients()
+            lease = self.lease()
             wait = min(0.5, lease / 10) if failing or len(self._subs) < len(self.viewers) else lease / 3
             self._kick.wait(wait)
             self._kick.clear()
+
+    def _close_clients(self) -> None:
+        for client in self._clients.values():
+            try:
+                client.close()
+            except Exception as exc:  # noqa: BLE001 - closing must not stop the keeper either
+                log.debug("closing a client failed: %s", exc)
 
     def _renew_all(self) -> None:
         by_model: dict[str, list[Viewer]] = {}
         for viewer, _sid in list(self._subs.items()):
             by_model.setdefault(viewer.model, []).append(viewer)
+        if by_model:
+            self.renewals += 1
         for model, viewers in by_model.items():
             unknown = set(self._client(model).renew([self._subs[v] for v in viewers]))
             for viewer in viewers:
@@ -255,10 +403,13 @@ class ViewerHost(Service):
             uri = self.daemon.uriFor(viewer)
             since = viewer.revision if viewer.synced else None
             client = self._client(viewer.model)
-            try:  # our daemon runs oneway notify calls in order
-                reply = client.subscribe(str(uri), viewer.viewer_id, since, True)
-            except TypeError:  # a model server from before ordered oneway calls
-                reply = client.subscribe(str(uri), viewer.viewer_id, since)
+            viewer.expect_capability()
+            reply = None
+            try:  # our daemon runs oneway notify calls in order; our old capability proves the viewer id ours
+                reply = _checked_reply(client.subscribe(str(uri), viewer.viewer_id, since, True, viewer.capability))
+            finally:
+                viewer.accept_capability(reply["capability"] if reply else None)
+            self._granted[viewer.model] = reply["lease"]
             self._subs[viewer] = reply["subscription"]
             log_event(log, "subscribed", f"subscribed to {viewer.model}", viewer_id=viewer.viewer_id,
                       revision=viewer.revision, server_revision=reply["revision"], since=since)
@@ -297,3 +448,13 @@ class ViewerHost(Service):
         self._subs.clear()
         for client in self._clients.values():
             client.close()
+
+
+def _checked_reply(reply: Any) -> dict[str, Any]:
+    """A subscribe reply, checked: what a server that is not ours (or too old) answers is refused."""
+    if not (isinstance(reply, dict) and isinstance(reply.get("subscription"), str)
+            and isinstance(reply.get("capability"), str) and isinstance(reply.get("lease"), (int, float))
+            and not isinstance(reply.get("lease"), bool) and reply["lease"] > 0):
+        raise SubscriptionError("the model server's subscribe reply lacks a subscription, capability or lease "
+                                "(a server from before subscription capabilities?)")
+    return {**reply, "lease": max(0.05, float(reply["lease"]))}

@@ -160,13 +160,14 @@ def test_resume_after_gap_uses_history_or_snapshot(mvc_stack):
     lost = Viewer("lossy", mvc_stack.settings.model_name, record=True, log_values=False)
     lost.fetch = lambda since: rm.history(since)
     lost.fetch_snapshot = rm.snapshot
-    lost.notify({"snapshot": {"revision": 1, "values": {"name": "xxx", "value": 1}}})
-    lost.notify({"events": rm.history(3)})  # revision 4 arrives, 2 and 3 were lost
+    lost.accept_capability("cap")  # what a subscribe reply gives; every notification carries it
+    lost.notify({"capability": "cap", "snapshot": {"revision": 1, "values": {"name": "xxx", "value": 1}}})
+    lost.notify({"capability": "cap", "events": rm.history(3)})  # revision 4 arrives, 2 and 3 were lost
     assert lost.received == [1, 2, 3, 4] and lost.values["value"] == 4
-    lost.notify({"events": rm.history(2)})  # 3 and 4 again: duplicates are skipped
+    lost.notify({"capability": "cap", "events": rm.history(2)})  # 3 and 4 again: duplicates are skipped
     assert lost.received == [1, 2, 3, 4]
     for i in range(5, 15):  # history keeps 5: revision 2 is long gone
         rm.modify({"value": i})
-    lost.notify({"events": rm.history(13)})  # a gap the history can't fill: a snapshot
+    lost.notify({"capability": "cap", "events": rm.history(13)})  # a gap the history can't fill: a snapshot
     assert lost.values["value"] == 14 and lost.revision == 14 and lost.snapshots == 2
     assert lost.received == sorted(set(lost.received))

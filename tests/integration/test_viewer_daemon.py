@@ -4,20 +4,24 @@ import json
 import threading
 
 import pytest
-from Pyro5.api import Proxy, expose
+from Pyro5.api import Proxy
 
-from remote_mvc import Viewer
+from remote_mvc import PermissionDenied, Viewer, auth
 from remote_mvc._daemons import ViewerDaemon
 
+CAPABILITY = "the-subscription-capability"
 
-@expose
+
+@auth.declared
 class Spy(Viewer):
     """A viewer that remembers what type each notify argument arrived as."""
 
     def __init__(self) -> None:
         super().__init__("v", "m", record=True, log_values=False)
         self.kinds = []
+        self.accept_capability(CAPABILITY)
 
+    @auth.remote(auth.CAPABILITY)
     def notify(self, batch):
         self.kinds.append(type(batch).__name__)
         return super().notify(batch)
@@ -42,7 +46,8 @@ def served(request):
 
 
 def batch(*revisions):
-    return {"model": "m", "events": [{"revision": r, "values": {"value": r}, "time": 0.0} for r in revisions]}
+    return {"capability": CAPABILITY, "model": "m",
+            "events": [{"revision": r, "values": {"value": r}, "time": 0.0} for r in revisions]}
 
 
 def test_the_servers_call_shape_takes_the_short_path(served):
@@ -57,12 +62,14 @@ def test_other_calls_are_replayed_to_pyro5(served):
     viewer, uri, calls = served
     with Proxy(uri) as p:  # serpent: Pyro5's own dispatch
         p.notify(batch(1))
-        assert p.wait_for(1, 1.0) is True  # another method
+        assert p._pyroMethods == {"notify"}  # the viewer's one remote method: wait_for is local only
+        with pytest.raises(AttributeError):
+            p.wait_for(1, 1.0)
         with pytest.raises(TypeError):
-            p.wait_for(5, "no timeout")  # raised remotely, answered by Pyro5
+            p.notify()  # raised remotely, answered by Pyro5
         p._pyroSerializer = "json"
         p.notify(batch(2))  # the same connection goes on in step, on the short path
-        with pytest.raises(AttributeError):  # not the server's shape (a string): Pyro5's dispatch; notify refuses it
+        with pytest.raises(PermissionDenied):  # not the server's shape (a string): Pyro5's dispatch; notify refuses it
             p.notify(json.dumps(batch(3)))
     assert viewer.received == [1, 2]
     assert calls == ["dict", "dict", "str"]
@@ -110,12 +117,12 @@ def test_messages_arriving_together_or_in_pieces_are_each_handled_in_order(serve
     viewer, uri, calls = served
     json_id = serializers["json"].serializer_id
 
-    def message(seq, method, params, flags=0):
-        body = json.dumps({"object": "viewer.v", "method": method, "params": params, "kwargs": {}}).encode()
+    def message(seq, method, params, flags=0, kwargs=None):
+        body = json.dumps({"object": "viewer.v", "method": method, "params": params, "kwargs": kwargs or {}}).encode()
         return protocol.SendingMessage(protocol.MSG_INVOKE, flags, seq, json_id, body).data
 
     data = (message(1, "notify", [batch(1)], protocol.FLAGS_ONEWAY) + message(2, "notify", [batch(2)], protocol.FLAGS_ONEWAY)
-            + message(3, "wait_for", [2, 5.0]) + message(4, "notify", [batch(3)]))
+            + message(3, "notify", [], kwargs={"batch": batch(3)}) + message(4, "notify", [batch(4)]))
     with Proxy(uri) as p:
         p._pyroBind()  # connected and past the handshake: from here on, raw messages on its socket
         conn = p._pyroConnection
@@ -124,5 +131,5 @@ def test_messages_arriving_together_or_in_pieces_are_each_handled_in_order(serve
         assert viewer.wait_for(2, 5.0)
         conn.sock.sendall(data[-10:])
         answers = [protocol.recv_stub(conn) for _ in range(2)]
-    assert [(a.seq, a.data) for a in answers] == [(3, b"true"), (4, b"0")]  # Pyro5's answer, then the short path's
-    assert viewer.received == [1, 2, 3] and calls == ["dict", "dict", "dict"]
+    assert [(a.seq, a.data) for a in answers] == [(3, b"null"), (4, b"0")]  # Pyro5's answer, then the short path's
+    assert viewer.received == [1, 2, 3, 4] and calls == ["dict", "dict", "dict", "dict"]

@@ -127,13 +127,16 @@ def test_calls_are_valid_pyro5_json_messages_with_each_event_encoded_once():
                                            data[protocol._header_size:]).data  # byte for byte what Pyro5 makes
     obj, method, vargs, kwargs = serializers["json"].loadsCall(data[protocol._header_size:])
     assert (obj, method, kwargs) == ("viewer.v", "notify", {})
-    assert vargs == [{"model": "m", "events": events}]
+    assert vargs == [{"capability": sub.capability, "model": "m", "events": events}]  # every call carries it
     assert set(f._encoded) == {1, 2, 3}  # encoded once, shared by every subscriber's calls
     state["revision"] = 3
     sub.offer_snapshot("behind")
     data, revision, count = sub._encode(sub._next_batch())
     _, _, vargs, _ = serializers["json"].loadsCall(data[protocol._header_size:])
     assert vargs[0]["snapshot"]["revision"] == 3 and vargs[0]["reason"] == "behind" and count == 1
+    assert vargs[0]["capability"] == sub.capability
+    other = f.add("w", "u", backlog=[], start=False)
+    assert other.capability != sub.capability and len(sub.capability) >= 32  # one secret per subscription
 
 
 def test_a_batch_is_encoded_once_for_every_viewer_in_step():
