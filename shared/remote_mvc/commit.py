@@ -46,7 +46,7 @@ class Pending:
     """A validated change on its way to durable storage, with what its thread learns of the outcome."""
 
     __slots__ = ("event", "changes", "identity", "address", "audited", "done", "error", "exception",
-                 "expected_revision")
+                 "expected_revision", "deadline")
 
     def __init__(self, event: dict[str, Any], changes: dict[str, Any], address: str | None, audited: bool,
                  expected_revision: int | None = None) -> None:
@@ -59,6 +59,7 @@ class Pending:
         self.done = False  # applied, or refused (then error says why)
         self.error: str | None = None
         self.exception: MVCError | None = None  # the error to raise, when not a PersistenceError
+        self.deadline: float | None = None  # (monotonic) the pipeline answers by then, when it sets one
 
     @property
     def revision(self) -> int:

@@ -37,6 +37,7 @@ from ._fanout import Fanout
 from .audit import AuditLog
 from .commit import GroupCommit, Pending, Pipeline
 from .config import Settings
+from .controller import group_tag
 from .errors import (
     ConflictError,
     HistoryCompacted,
@@ -50,7 +51,7 @@ from .logs import log_event
 from .metrics import Metrics
 from .model import Model
 from .service import Service
-from .store import ReadableStore, open_store
+from .store import ReadableStore, is_etcd, open_store
 
 __all__ = ["ModelServer", "ModelService"]
 
@@ -339,7 +340,11 @@ class ModelService(Service):
             queue_limit=settings.queue_limit, batch_max=settings.batch_max,
             history_limit=settings.history_limit, clock=clock)
         self.on_refused = self.model._on_handshake_refused
-        self.serve(self.model, name)
+        if is_etcd(settings.store):  # cluster mode: one name per replica, found through the group's metadata
+            self.replica = settings.replica_name()
+            self.serve(self.model, f"{name}.replica.{self.replica}", object_id=name, metadata={group_tag(name)})
+        else:
+            self.serve(self.model, name)
         self.on_stop(self.model.close)
         self.on_stop(self.store.close)
         self.on_stop(self.audit.close)

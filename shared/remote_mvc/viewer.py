@@ -55,6 +55,7 @@ class Viewer:
         self.values: dict[str, Any] = {}
         self.revision = 0
         self.synced = False  # True once a snapshot or the first events were applied
+        self.epoch: str | None = None  # cluster mode: the model incarnation our revisions belong to
         self.received: list[int] | None = [] if record else None  # revisions applied, in order
         self.snapshots = 0
         self.fetch: Callable[[int], list[dict[str, Any]]] | None = None  # history(since) for gaps
@@ -82,12 +83,19 @@ class Viewer:
 
     def _apply_event(self, event: dict[str, Any]) -> None:
         revision = event["revision"]
+        epoch = event.get("epoch")
+        if epoch is not None and self.synced and self.epoch is not None and epoch != self.epoch:
+            if self.fetch_snapshot is not None:  # another incarnation of the model: never mix histories
+                self._apply_snapshot(self.fetch_snapshot(), "epoch")
+            return
         if self.synced and revision <= self.revision:
             return  # already applied (a re-subscription can resend it)
         if self.synced and revision > self.revision + 1:
             self._catch_up(revision - 1)
             if revision <= self.revision:
                 return
+        if epoch is not None:
+            self.epoch = epoch
         self._set(event["values"], revision, event)
 
     def _catch_up(self, upto: int) -> None:
@@ -115,6 +123,7 @@ class Viewer:
 
     def _apply_snapshot(self, snap: dict[str, Any], reason: str) -> None:
         self.snapshots += 1
+        self.epoch = snap.get("epoch", self.epoch)
         self._resyncs.labels(self.model, "snapshot").inc()
         self._set(snap["values"], snap["revision"], None, reason=reason)
 
@@ -257,7 +266,10 @@ class ViewerHost(Service):
             since = viewer.revision if viewer.synced else None
             client = self._client(viewer.model)
             try:  # our daemon runs oneway notify calls in order
-                reply = client.subscribe(str(uri), viewer.viewer_id, since, True)
+                if viewer.epoch is not None:  # cluster mode: our revisions are of that incarnation
+                    reply = client.subscribe(str(uri), viewer.viewer_id, since, True, epoch=viewer.epoch)
+                else:
+                    reply = client.subscribe(str(uri), viewer.viewer_id, since, True)
             except TypeError:  # a model server from before ordered oneway calls
                 reply = client.subscribe(str(uri), viewer.viewer_id, since)
             self._subs[viewer] = reply["subscription"]
