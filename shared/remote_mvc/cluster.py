@@ -96,6 +96,8 @@ class EtcdPipeline(Pipeline):
         self._last_contact = monotonic()
         self._failing = False
         self._base: _Head | None = None  # what the committer compares against (None: read it)
+        # an extra compare for this process's own (unaudited) changes: the ticker's election fence
+        self.fence: Callable[[], dict[str, Any]] | None = None
         self._stop = threading.Event()
         self._resync = False
         self._compact_due = threading.Event()
@@ -407,6 +409,7 @@ class EtcdPipeline(Pipeline):
                    {"key": b64(self.k_epoch), "result": "EQUAL", "target": "VALUE", "value": b64(base.epoch)}]
         success = [{"request_put": {"key": b64(self.k_head), "value": b64(json.dumps(head))}}]
         failure = [{"request_range": {"key": b64(self.k_head)}}, {"request_range": {"key": b64(self.k_epoch)}}]
+        fence = self.fence() if self.fence is not None and any(not p.audited for p in todo) else None
         for p in todo:
             rkey = b64(self.k_requests + keys[id(p)])
             compare.append({"key": rkey, "result": "EQUAL", "target": "CREATE", "create_revision": 0})
@@ -420,6 +423,9 @@ class EtcdPipeline(Pipeline):
                                                 "value": b64(json.dumps(record, default=repr))}})
             success.append({"request_put": {"key": rkey, "value": b64(str(p.revision))}})
             failure.append({"request_range": {"key": rkey}})
+        if fence is not None:
+            compare.append(fence)
+            failure.append({"request_range": {"key": fence["key"]}})
         return compare, success, failure
 
     def _after_conflict(self, todo: list[Pending], base: _Head, keys: dict[int, str],
@@ -435,6 +441,14 @@ class EtcdPipeline(Pipeline):
             self._fail(todo, "unavailable", ServiceUnavailable(
                 "the model was re-created in etcd (a new epoch): change not applied; try again"))
             return []
+        fenced = self.fence is not None and any(not p.audited for p in todo)
+        if fenced:
+            fence, held = self.fence(), ranges.pop().get("kvs") or []
+            if not held or held[0].get("value") != fence["value"]:  # no longer the elected one
+                self._fail([p for p in todo if not p.audited], "unavailable",
+                           ServiceUnavailable("this process is not the elected one (any more): not applied"))
+                todo, ranges = ([p for p in todo if p.audited],
+                                ranges[:2] + [r for p, r in zip(todo, ranges[2:], strict=True) if p.audited])
         rest = []
         for p, found in zip(todo, ranges[2:], strict=True):
             kvs = found.get("kvs") or []

@@ -202,11 +202,15 @@ class ModelServer:
                                         expected_revision=expected_revision)
         return self._commit(pending)
 
-    def _modify_local(self, changes: dict[str, Any], identity: str) -> int:
-        """An in-process change (the ticker's clock): validated and durable, not audited."""
+    def _modify_local(self, changes: dict[str, Any], identity: str, expected_revision: int | None = None) -> int:
+        """An in-process change (the ticker's clock): validated and durable, not audited.
+        ``expected_revision``: refused with ConflictError unless the model is still there."""
         with self._lock:
-            pending = self._enqueue(self._schema.validate(self._head()[1], changes), identity, None, None,
-                                    audited=False)
+            revision, values = self._head()
+            if expected_revision is not None and expected_revision != revision:
+                raise ConflictError(f"expected revision {expected_revision}, model is at {revision}")
+            pending = self._enqueue(self._schema.validate(values, changes), identity, None, None,
+                                    audited=False, expected_revision=expected_revision)
         return self._commit(pending)
 
     def _head(self) -> tuple[int, dict[str, Any]]:
@@ -317,6 +321,11 @@ class ModelServer:
     @property
     def revision(self) -> int:
         return self._revision
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The commit pipeline behind this server (its backend's state and write path)."""
+        return self._pipeline
 
     @property
     def subscriber_count(self) -> int:
