@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from Pyro5.api import expose
@@ -342,18 +343,32 @@ class ModelService(Service):
 
         name = name or settings.model_name
         self.store = open_store(settings)
-        self.audit = AuditLog(settings.audit_file(), self.metrics, clock=clock)
+        audit_path = settings.audit_file()
+        self.replica = settings.replica_name()
+        if is_etcd(settings.store) and not settings.audit_path:  # replicas may share a state directory
+            audit_path = Path(settings.state_dir) / f"{settings.service}-{self.replica}-audit.jsonl"
+        self.audit = AuditLog(audit_path, self.metrics, clock=clock)
         self.model = ModelServer(
             name, schema or ExampleModel, self.store, self.audit, self.metrics,
             lease_seconds=settings.lease_seconds, call_timeout=settings.call_timeout,
             queue_limit=settings.queue_limit, batch_max=settings.batch_max,
             history_limit=settings.history_limit, clock=clock)
         self.on_refused = self.model._on_handshake_refused
+        self.membership = None
         if is_etcd(settings.store):  # cluster mode: one name per replica, found through the group's metadata
-            self.replica = settings.replica_name()
+            from .replicas import Membership
+
             self.serve(self.model, f"{name}.replica.{self.replica}", object_id=name, metadata={group_tag(name)})
+            self.membership = Membership(self.store, settings, name, self.replica)  # type: ignore[arg-type]
+            self.on_stop(self.membership.stop, early=True)
         else:
             self.serve(self.model, name)
         self.on_stop(self.model.close)
         self.on_stop(self.store.close)
         self.on_stop(self.audit.close)
+
+    def start(self) -> ModelService:
+        super().start()
+        if self.membership is not None:
+            self.membership.start()
+        return self
