@@ -10,28 +10,20 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from remote_mvc import ModelClient, MVCError, ServiceUnavailable, Settings
-from remote_mvc.testing import ServiceProcess, wait_until
-
-ETCD = shutil.which("etcd")
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+from remote_mvc.etcd_testing import ETCD, EtcdCluster, EtcdMember, free_port  # noqa: F401 - the kit's API
+from remote_mvc.testing import ServiceProcess
 
 
 def require_etcd() -> None:
@@ -43,106 +35,16 @@ def require_etcd() -> None:
         pytest.skip(message)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
-class EtcdMember:
-    def __init__(self, name: str, data_dir: Path) -> None:
-        self.name = name
-        self.data_dir = data_dir
-        self.client_port = free_port()
-        self.peer_port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.log_path = data_dir.parent / f"{name}.log"
-
-    @property
-    def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
-
-    @property
-    def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
-
-
-class EtcdCluster:
-    """``size`` etcd members on 127.0.0.1 (one process each), started together."""
-
-    def __init__(self, root: Path, size: int = 3) -> None:
-        require_etcd()
-        self.root = root
-        self.token = uuid.uuid4().hex[:12]
-        self.members = [EtcdMember(f"m{i}", root / f"m{i}.etcd") for i in range(size)]
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def endpoints(self) -> list[str]:
-        return [m.client_url for m in self.members]
-
-    @property
-    def store_setting(self) -> str:
-        return ",".join(self.endpoints)
-
-    def _argv(self, m: EtcdMember) -> list[str]:
-        initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
-        return [ETCD, "--name", m.name, "--data-dir", str(m.data_dir),
-                "--listen-client-urls", m.client_url, "--advertise-client-urls", m.client_url,
-                "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
-                "--initial-cluster", initial, "--initial-cluster-token", self.token,
-                "--initial-cluster-state", "new", "--heartbeat-interval", "50", "--election-timeout", "500",
-                "--log-level", "warn", "--logger", "zap"]
-
-    def start(self, index: int | None = None) -> None:
-        for m in self.members if index is None else [self.members[index]]:
-            log = open(m.log_path, "ab")  # noqa: SIM115 - the child keeps it
-            m.proc = subprocess.Popen(self._argv(m), stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL)
-            log.close()
-        self.wait_healthy(index)
-
-    def healthy(self, index: int) -> bool:
-        try:
-            with urllib.request.urlopen(self.members[index].client_url + "/health", timeout=1) as r:
-                return b'"true"' in r.read()
-        except OSError:
-            return False
-
-    def wait_healthy(self, index: int | None = None, timeout: float = 30.0) -> None:
-        indexes = range(len(self.members)) if index is None else [index]
-        for i in indexes:
-            wait_until(lambda i=i: self.healthy(i), timeout, interval=0.1, message=f"etcd member {i} healthy")
-
-    def kill(self, index: int) -> None:
-        m = self.members[index]
-        if m.proc is not None and m.proc.poll() is None:
-            m.proc.send_signal(signal.SIGKILL)
-            m.proc.wait(10)
-
-    def pause(self, index: int) -> None:
-        self.members[index].proc.send_signal(signal.SIGSTOP)
-
-    def resume(self, index: int) -> None:
-        self.members[index].proc.send_signal(signal.SIGCONT)
-
-    def wipe(self) -> None:
-        """Kill every member, delete the data and start a brand new cluster on the same addresses."""
-        for i in range(len(self.members)):
-            self.kill(i)
-        for m in self.members:
-            shutil.rmtree(m.data_dir, ignore_errors=True)
-        self.token = uuid.uuid4().hex[:12]
-        self.start()
-
-    def stop(self) -> None:
-        for i, m in enumerate(self.members):
-            if m.proc is not None and m.proc.poll() is None:
-                try:
-                    m.proc.send_signal(signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-                self.kill(i)
+def etcd_cluster(root: Path, size: int) -> EtcdCluster:
+    """A started cluster of ``size`` members (fails or skips without etcd, see require_etcd)."""
+    require_etcd()
+    cluster = EtcdCluster(root, size)
+    cluster.start()
+    return cluster
 
 
 class Replica:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from kit import CuttableProxy, EtcdCluster, all_history, retrying
+from kit import CuttableProxy, all_history, etcd_cluster, retrying
 from scenario import Scenario, viewer_replica_spread
 
 from remote_mvc import ServiceUnavailable
@@ -23,8 +23,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory):
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd3"), size=3)
-    cluster.start()
+    cluster = etcd_cluster(tmp_path_factory.mktemp("etcd3"), size=3)
     yield cluster
     cluster.stop()
 

@@ -9,7 +9,7 @@ import threading
 import uuid
 
 import pytest
-from kit import EtcdCluster
+from kit import etcd_cluster
 
 from remote_mvc import (
     AuditLog,
@@ -27,8 +27,7 @@ from remote_mvc.testing import wait_until
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory):
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd1"), size=1)
-    cluster.start()
+    cluster = etcd_cluster(tmp_path_factory.mktemp("etcd1"), size=1)
     yield cluster
     cluster.stop()
 

@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-from kit import EtcdCluster, all_history, retrying
+from kit import all_history, etcd_cluster, retrying
 
 from remote_mvc.testing import Stack, wait_until
 
@@ -16,8 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory):
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-ticker"), size=1)
-    cluster.start()
+    cluster = etcd_cluster(tmp_path_factory.mktemp("etcd-ticker"), size=1)
     yield cluster
     cluster.stop()
 
