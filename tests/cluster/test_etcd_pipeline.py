@@ -5,11 +5,13 @@ Each test uses its own etcd key prefix, so the module shares one etcd process.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import uuid
 
 import pytest
-from kit import etcd_cluster
+from kit import etcd_cluster, free_port
 
 from remote_mvc import (
     AuditLog,
@@ -22,7 +24,7 @@ from remote_mvc import (
 )
 from remote_mvc.cluster import EtcdPipeline
 from remote_mvc.etcd_store import EtcdStore
-from remote_mvc.testing import wait_until
+from remote_mvc.testing import ServiceProcess, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +189,16 @@ def test_a_replica_whose_history_was_pruned_under_it_reloads_and_resets_its_view
         assert behind.snapshot()["values"]["value"] == 109
     finally:
         behind.close(), a.close()
+
+
+def test_a_replica_that_cannot_reach_etcd_at_start_up_exits_for_its_supervisor(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MVC_")}
+    env.update({"MVC_STORE": dead, "MVC_CALL_TIMEOUT": "0.5", "MVC_STATE_DIR": str(tmp_path),
+                "MVC_METRICS_PORT": "-1", "MVC_NS_PORT": str(free_port())})
+    proc = ServiceProcess([sys.executable, "-m", "remote_mvc_services.model.main"], env)
+    try:
+        assert proc.proc.wait(30) == 3
+        proc.wait_for_log(lambda r: r.get("event") == "start_failed" and "etcd" in r.get("error", ""), 5)
+    finally:
+        proc.kill()
