@@ -120,7 +120,11 @@ class ModelClient:
         proxy = getattr(self._local, "proxy", None)
         if proxy is not None:
             if failed:  # try the other replicas first for a while
-                self._failed[str(proxy._pyroUri)] = time.monotonic()
+                now = time.monotonic()
+                for uri, when in list(self._failed.items()):  # forget old failures: the dict stays small
+                    if now - when >= AVOID_SECONDS:
+                        self._failed.pop(uri, None)
+                self._failed[str(proxy._pyroUri)] = now
             proxy._pyroRelease()
         self._local.proxy = None
 
