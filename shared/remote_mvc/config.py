@@ -53,6 +53,11 @@ class Settings:
     store: str = "sqlite"
     etcd_prefix: str = "/remote_mvc"  # the etcd key prefix every model of this deployment lives under
     replica: str = ""  # cluster mode: this replica's name (empty: <hostname>-<pid>); registered as <model>.<replica>
+    # cluster mode over https endpoints: the CA that signed etcd's certificate, and this process's client
+    # certificate and key when etcd requires one (--client-cert-auth)
+    etcd_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
     # credentials
     credentials: str = ""  # inline table: "identity:role:secret[:secret2],..."
     credentials_file: str = ""  # empty: <state_dir>/credentials.json when it exists
@@ -122,6 +127,8 @@ class Settings:
             bad = [e for e in self.etcd_endpoints() if not e.startswith(("http://", "https://")) or e.count(":") != 2]
             if bad:
                 raise ConfigError(f"{PREFIX}STORE must be sqlite or etcd endpoints like http://host:2379, not {bad}")
+        if bool(self.etcd_cert) != bool(self.etcd_key):
+            raise ConfigError(f"{PREFIX}ETCD_CERT and {PREFIX}ETCD_KEY go together")
         for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")

@@ -2,9 +2,9 @@
 
 The client is `etcd3gw <https://opendev.org/openstack/etcd3gw>`_ (OpenStack, maintained):
 a synchronous client of etcd's JSON gRPC gateway (``/v3/``, etcd 3.4 and later), on
-``requests``. It is used for the key-value calls (range, txn, delete, compaction,
-status, leases); the watch stream is read here, on the client's own HTTP session,
-because etcd3gw's watcher drops what this module needs: the response header's
+``requests``. Its client gives each endpoint an HTTP session and the gateway's paths; the
+calls are posted here, each with a deadline and its TLS settings, and the watch stream is
+read here, because etcd3gw's watcher drops what this module needs: the response header's
 revision, ``compact_revision`` and cancellation (see ``docs/cluster.md``).
 
 Keys of a model ``M`` under the deployment's prefix ``P`` (``MVC_ETCD_PREFIX``)::
@@ -81,13 +81,13 @@ class WatchStream:
     ``events``, ``compact_revision``, ``canceled``), ended by :meth:`close` or a read time-out."""
 
     def __init__(self, base_url: str, key: str, range_end: str, start_revision: int, read_timeout: float,
-                 connect_timeout: float) -> None:
+                 connect_timeout: float, verify: str | bool = True, cert: tuple[str, str] | None = None) -> None:
         self._session = requests.Session()
         body = {"create_request": {"key": b64(key), "range_end": b64(range_end),
                                    "start_revision": start_revision}}
         try:
             self._response = self._session.post(base_url + API_PATH + "watch", json=body, stream=True,
-                                                timeout=(connect_timeout, read_timeout))
+                                                timeout=(connect_timeout, read_timeout), verify=verify, cert=cert)
         except requests.RequestException as exc:
             self._session.close()
             raise ServiceUnavailable(f"etcd watch at {base_url} failed: {exc}") from exc
@@ -120,13 +120,17 @@ class EtcdStore:
     """The models of one deployment in an etcd cluster (implements ReadableStore)."""
 
     def __init__(self, endpoints: list[str], prefix: str = "/remote_mvc", history_limit: int = 10000,
-                 timeout: float = 1.0) -> None:
+                 timeout: float = 1.0, ca: str = "", cert: str = "", key: str = "") -> None:
         if not endpoints:
             raise ValueError("EtcdStore needs at least one endpoint")
         self.endpoints = list(endpoints)
         self.prefix = prefix.rstrip("/")
         self.history_limit = history_limit
         self.timeout = timeout  # per HTTP call: a member without quorum answers nothing for seconds
+        # https endpoints: etcd's certificate checked against ``ca`` (else the system's CAs), and
+        # ``cert``/``key`` presented when etcd asks for a client certificate
+        self._verify: str | bool = ca or True
+        self._cert = (cert, key) if cert else None
         self._clients = []
         for endpoint in self.endpoints:
             parts = urlsplit(endpoint)
@@ -138,7 +142,8 @@ class EtcdStore:
     @classmethod
     def from_settings(cls, settings: Settings) -> EtcdStore:
         return cls(settings.etcd_endpoints(), settings.etcd_prefix, settings.history_limit,
-                   timeout=max(0.2, settings.call_timeout / 3))
+                   timeout=max(0.2, settings.call_timeout / 3), ca=settings.etcd_ca, cert=settings.etcd_cert,
+                   key=settings.etcd_key)
 
     def pipeline(self, name: str, schema: type[Model], audit: AuditLog, metrics: Metrics, *,
                  history_limit: int = 10000, clock: Any = None, call_timeout: float = 3.0) -> EtcdPipeline:
@@ -164,18 +169,19 @@ class EtcdStore:
             index = (start + i) % len(self._clients)
             client = self._clients[index]
             try:
-                if deadline is None:
-                    answer = client.post(client.get_url(path), json=payload)
-                else:
+                timeout = self.timeout
+                if deadline is not None:
                     left = deadline - time.monotonic()
                     if left < 0.01:
                         errors.append("out of time")
                         break
-                    answer = client.session.post(client.get_url(path), json=payload,
-                                                 timeout=min(self.timeout, left))
-                    if answer.status_code != 200:
-                        raise Etcd3Exception(answer.text[:300], answer.reason)
-                    answer = answer.json()
+                    timeout = min(timeout, left)
+                # verify and cert per call: requests lets REQUESTS_CA_BUNDLE override a session's own
+                response = client.session.post(client.get_url(path), json=payload, timeout=timeout,
+                                               verify=self._verify, cert=self._cert)
+                if response.status_code != 200:
+                    raise Etcd3Exception(response.text[:300], response.reason)
+                answer = response.json()
             except (Etcd3Exception, requests.RequestException, ValueError) as exc:
                 errors.append(f"{self.endpoints[index]}: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
@@ -232,7 +238,7 @@ class EtcdStore:
             index = (first + i) % len(self.endpoints)
             try:
                 stream = WatchStream(self.endpoints[index], start, end, start_revision, read_timeout,
-                                     connect_timeout=self.timeout)
+                                     connect_timeout=self.timeout, verify=self._verify, cert=self._cert)
             except ServiceUnavailable as exc:
                 errors.append(str(exc))
                 continue

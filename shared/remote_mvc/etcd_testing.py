@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -28,8 +29,9 @@ def free_port() -> int:
 
 
 class EtcdMember:
-    def __init__(self, name: str, data_dir: Path) -> None:
+    def __init__(self, name: str, data_dir: Path, scheme: str = "http") -> None:
         self.name = name
+        self.scheme = scheme
         self.data_dir = data_dir
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -38,7 +40,7 @@ class EtcdMember:
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -46,14 +48,17 @@ class EtcdMember:
 
 
 class EtcdCluster:
-    """``size`` etcd members on 127.0.0.1 (one process each), started together."""
+    """``size`` etcd members on 127.0.0.1 (one process each), started together. With ``tls``
+    (``ca``, ``cert``, ``key`` paths) clients speak https and must present a certificate of that CA."""
 
-    def __init__(self, root: Path, size: int = 3) -> None:
+    def __init__(self, root: Path, size: int = 3, tls: tuple[str, str, str] | None = None) -> None:
         if ETCD is None:
             raise RuntimeError("etcd is not installed (apt-get install etcd-server etcd-client)")
         self.root = root
+        self.tls = tls
         self.token = uuid.uuid4().hex[:12]
-        self.members = [EtcdMember(f"m{i}", root / f"m{i}.etcd") for i in range(size)]
+        self.members = [EtcdMember(f"m{i}", root / f"m{i}.etcd", "https" if tls else "http")
+                        for i in range(size)]
         self.root.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -71,7 +76,9 @@ class EtcdCluster:
                 "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
                 "--initial-cluster", initial, "--initial-cluster-token", self.token,
                 "--initial-cluster-state", "new", "--heartbeat-interval", "50", "--election-timeout", "500",
-                "--log-level", "warn", "--logger", "zap"]
+                "--log-level", "warn", "--logger", "zap",
+                *(["--trusted-ca-file", self.tls[0], "--cert-file", self.tls[1], "--key-file", self.tls[2],
+                   "--client-cert-auth"] if self.tls else [])]
 
     def start(self, index: int | None = None) -> None:
         for m in self.members if index is None else [self.members[index]]:
@@ -82,8 +89,13 @@ class EtcdCluster:
         self.wait_healthy(index)
 
     def healthy(self, index: int) -> bool:
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=self.tls[0])
+            context.load_cert_chain(self.tls[1], self.tls[2])
         try:
-            with urllib.request.urlopen(self.members[index].client_url + "/health", timeout=1) as r:
+            with urllib.request.urlopen(self.members[index].client_url + "/health", timeout=1,
+                                        context=context) as r:
                 return b'"true"' in r.read()
         except OSError:
             return False
