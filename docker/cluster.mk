@@ -16,3 +16,7 @@ cluster-up: stack-env wheels ## the cluster stack: 3 etcd members, 3 model repli
 cluster-down: stack-env ## stop and remove the cluster stack (volumes kept); back to the single-server files
 	COMPOSE_FILE=docker-compose.yml:docker-compose.cluster.yml $(COMPOSE) --profile '*' down --remove-orphans
 	@sed -i '/^COMPOSE_FILE=/d' .env
+
+.PHONY: test-cluster
+test-cluster: venv ## cluster mode on real etcd members on loopback (tests/cluster; part of make test)
+	$(PY) -m pytest tests/cluster
