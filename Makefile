@@ -49,5 +49,6 @@ clean: ## remove the virtual environment, runtime state and caches
 	rm -rf $(VENV) $(RUNTIME) build .pytest_cache .ruff_cache
 
 -include docker/stack.mk
+-include docker/cluster.mk
 -include bench/bench.mk
 -include tests/chaos/chaos.mk

@@ -33,3 +33,7 @@ bench-profile: bench-deps ## py-spy profiles of the model server at N=200, paced
 
 bench-commit: bench-deps ## concurrent controllers: durable changes/s with 1, 4, 16 controllers (~1 min; BENCH_ARGS="--ref REF")
 	$(PY) -m bench.commit $(BENCH_ARGS)
+
+.PHONY: bench-cluster
+bench-cluster: bench-deps ## cluster mode vs SQLite: changes/s, modify p50/p99, fan-out p99 with 1 and 3 replicas (bench-results/cluster.md)
+	$(PY) -m bench.cluster $(BENCH_ARGS)

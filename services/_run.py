@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
-from remote_mvc import ConfigError, Service, Settings, configure_logging
+from remote_mvc import ConfigError, Service, ServiceUnavailable, Settings, configure_logging, log_event
 
 
 def run(default_service: str, build: Callable[[Settings], Service]) -> int:
@@ -17,5 +18,11 @@ def run(default_service: str, build: Callable[[Settings], Service]) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.service, settings.log_level)
-    build(settings).run()
+    try:
+        service = build(settings)
+    except ServiceUnavailable as exc:  # cluster mode: etcd unreachable at start-up; the supervisor retries
+        log_event(logging.getLogger("remote_mvc.service"), "start_failed", f"cannot start: {exc}",
+                  level=logging.ERROR, error=str(exc))
+        return 3
+    service.run()
     return 0

@@ -87,6 +87,8 @@ def _query(rm: ModelClient, args: argparse.Namespace, *_: Any) -> int:
     snap = rm.snapshot()
     lines = [f"{snap['model']} at revision {snap['revision']}"]
     lines += [f"  {k} = {v!r}" for k, v in snap["values"].items()]
+    if snap.get("stale"):
+        lines.append("  (may be stale: the replica that answered cannot reach etcd right now)")
     _print(snap, args.json, "\n".join(lines))
     return 0
 

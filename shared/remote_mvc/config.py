@@ -51,6 +51,17 @@ class Settings:
     state_path: str = ""  # empty: <state_dir>/<service>.sqlite3
     audit_path: str = ""  # empty: <state_dir>/<service>-audit.jsonl
     history_limit: int = 10000  # change events kept for catch-up
+    # where the model's state lives: "sqlite" (one embedded file per model service, the default) or
+    # etcd endpoints "http://host:2379,http://host2:2379" for cluster mode: any number of model-server
+    # replicas share the state (docs/cluster.md)
+    store: str = "sqlite"
+    etcd_prefix: str = "/remote_mvc"  # the etcd key prefix every model of this deployment lives under
+    replica: str = ""  # cluster mode: this replica's name (empty: <hostname>-<pid>); registered as <model>.<replica>
+    # cluster mode over https endpoints: the CA that signed etcd's certificate, and this process's client
+    # certificate and key when etcd requires one (--client-cert-auth)
+    etcd_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
     # credentials
     credentials: str = ""  # inline table: "identity:role:secret[:secret2],..."
     credentials_file: str = ""  # empty: <state_dir>/credentials.json when it exists
@@ -127,6 +138,12 @@ class Settings:
             # Pyro5's multiplex server selects on the raw socket: a second message already decrypted
             # into the TLS layer's buffer would wait there unseen until more bytes arrive
             raise ConfigError(f"{PREFIX}VIEWER_SERVER=multiplex does not work with TLS; use thread")
+        if self.store.strip() not in ("", "sqlite"):
+            bad = [e for e in self.etcd_endpoints() if not e.startswith(("http://", "https://")) or e.count(":") != 2]
+            if bad:
+                raise ConfigError(f"{PREFIX}STORE must be sqlite or etcd endpoints like http://host:2379, not {bad}")
+        if bool(self.etcd_cert) != bool(self.etcd_key):
+            raise ConfigError(f"{PREFIX}ETCD_CERT and {PREFIX}ETCD_KEY go together")
         if self.audit_refusals_per_second <= 0:
             raise ConfigError(f"{PREFIX}AUDIT_REFUSALS_PER_SECOND must be positive")
         for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size", "max_subscriptions_per_identity",
@@ -143,6 +160,15 @@ class Settings:
     @property
     def watched_name(self) -> str:
         return self.watch or self.model_name
+
+    def etcd_endpoints(self) -> list[str]:
+        """The etcd endpoints ``store`` names (empty for sqlite)."""
+        if self.store.strip() in ("", "sqlite"):
+            return []
+        return [e.strip().rstrip("/") for e in self.store.split(",") if e.strip()]
+
+    def replica_name(self) -> str:
+        return self.replica or f"{socket.gethostname()}-{os.getpid()}"
 
     def state_file(self) -> Path:
         return Path(self.state_path or Path(self.state_dir) / f"{self.service}.sqlite3")

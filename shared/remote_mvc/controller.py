@@ -11,6 +11,8 @@ deduplicates, so a retried change is never applied twice).
 from __future__ import annotations
 
 import functools
+import itertools
+import random
 import threading
 import time
 import uuid
@@ -24,15 +26,24 @@ from .config import Settings
 from .errors import ServiceUnavailable
 from .service import configure_pyro, locate_ns
 
-__all__ = ["AuthProxy", "connect", "resolve", "ModelClient", "client_credentials"]
+__all__ = ["AuthProxy", "connect", "resolve", "resolve_all", "group_tag", "ModelClient", "client_credentials"]
 
 
-def resolve(name: str, settings: Settings) -> Pyro5.api.URI:
-    """Look a name up in the name server; ServiceUnavailable when it can't be."""
+def group_tag(name: str) -> str:
+    """The name server metadata every replica of model ``name`` registers with (cluster mode: each
+    replica registers as ``<name>.replica.<replica>``)."""
+    return f"remote_mvc.group:{name}"
+
+
+def resolve_all(name: str, settings: Settings) -> list[Pyro5.api.URI]:
+    """Every URI serving ``name``: its replicas (cluster mode), or the one registered under the name."""
     try:
         ns = locate_ns(settings)
         try:
-            return ns.lookup(name)
+            replicas = ns.yplookup(meta_all=[group_tag(name)], return_metadata=False)
+            if replicas:
+                return [Pyro5.api.URI(str(uri)) for _, uri in sorted(replicas.items())]
+            return [ns.lookup(name)]
         finally:
             ns._pyroRelease()
     except NamingError as exc:
@@ -40,6 +51,18 @@ def resolve(name: str, settings: Settings) -> Pyro5.api.URI:
     except (CommunicationError, OSError) as exc:
         raise ServiceUnavailable(
             f"name server at {settings.ns_host}:{settings.ns_port} unreachable: {exc}") from None
+
+
+# spreads the connections of one process over the replicas in turn, from a random start per process
+_turn = itertools.count(random.randrange(1 << 16))
+
+
+def resolve(name: str, settings: Settings, avoid: set[str] | frozenset[str] = frozenset()) -> Pyro5.api.URI:
+    """Look a name up in the name server; ServiceUnavailable when it can't be. With several replicas,
+    the next one in turn (spreading a process's clients over them), preferring those not in ``avoid``."""
+    uris = resolve_all(name, settings)
+    good = [u for u in uris if str(u) not in avoid] or uris
+    return good[next(_turn) % len(good)]
 
 
 def connect(name: str | None = None, settings: Settings | None = None, *, identity: str | None = None,
@@ -52,6 +75,8 @@ def connect(name: str | None = None, settings: Settings | None = None, *, identi
     return AuthProxy(resolve(name or settings.model_name, settings), identity or "", secret or "",
                      timeout=settings.call_timeout)
 
+
+AVOID_SECONDS = 5.0  # how long a replica that failed a call is passed over when others are there
 
 # methods that are safe to call again after a lost connection
 _IDEMPOTENT = {"query", "snapshot", "history", "schema", "viewers", "whoami", "renew", "unsubscribe"}
@@ -76,6 +101,7 @@ class ModelClient:
         self._secret = secret or ""
         self.retry_seconds = retry_seconds
         self._local = threading.local()
+        self._failed: dict[str, float] = {}  # replica URI -> when it last failed us (avoided for a while)
 
     def __repr__(self) -> str:
         return f"<ModelClient {self.name} as {self.identity or 'anonymous'}>"
@@ -83,14 +109,22 @@ class ModelClient:
     def _proxy(self) -> AuthProxy:
         proxy = getattr(self._local, "proxy", None)
         if proxy is None:
-            uri = resolve(self.name, self.settings)
+            now = time.monotonic()
+            avoid = {uri for uri, when in list(self._failed.items()) if now - when < AVOID_SECONDS}
+            uri = resolve(self.name, self.settings, avoid)
             proxy = AuthProxy(uri, self.identity, self._secret, timeout=self.settings.call_timeout)
             self._local.proxy = proxy
         return proxy
 
-    def _reset(self) -> None:
+    def _reset(self, failed: bool = False) -> None:
         proxy = getattr(self._local, "proxy", None)
         if proxy is not None:
+            if failed:  # try the other replicas first for a while
+                now = time.monotonic()
+                for uri, when in list(self._failed.items()):  # forget old failures: the dict stays small
+                    if now - when >= AVOID_SECONDS:
+                        self._failed.pop(uri, None)
+                self._failed[str(proxy._pyroUri)] = now
             proxy._pyroRelease()
         self._local.proxy = None
 
@@ -101,7 +135,7 @@ class ModelClient:
             try:
                 return getattr(self._proxy(), method)(*args, **kwargs)
             except (CommunicationError, ServiceUnavailable):
-                self._reset()
+                self._reset(failed=True)
                 if time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)  # back off before reconnecting to a restarting server

@@ -88,6 +88,28 @@ class Metrics:
         self.registrations = Counter(
             "remote_mvc_ns_registrations", "Times a service (re-)registered with the name server.", ["name"],
             registry=r)
+        # cluster mode (etcd): per replica, i.e. per process
+        self.watch_lag = Gauge(
+            "remote_mvc_cluster_watch_lag", "Model revisions committed in etcd that this replica has not applied "
+            "yet (at its last look at etcd's head).", ["model"], registry=r)
+        self.etcd_revision = Gauge(
+            "remote_mvc_cluster_etcd_revision", "The etcd store revision this replica's watch has reached.",
+            ["model"], registry=r)
+        self.stale = Gauge(
+            "remote_mvc_cluster_stale", "1 while this replica cannot confirm its state with etcd (reads may be "
+            "stale, writes are refused).", ["model"], registry=r)
+        self.txn_conflicts = Counter(
+            "remote_mvc_cluster_txn_conflicts", "etcd transactions whose compare failed (another replica wrote "
+            "first, or a request id already existed).", ["model"], registry=r)
+        self.txn_retries = Counter(
+            "remote_mvc_cluster_txn_retries", "etcd transactions tried again after a conflict or an unanswered "
+            "call.", ["model"], registry=r)
+        self.cluster_resets = Counter(
+            "remote_mvc_cluster_resets", "Times a replica reloaded the model from etcd and made its viewers "
+            "resnapshot, by reason (epoch, gap).", ["model", "reason"], registry=r)
+        self.elected = Gauge(
+            "remote_mvc_cluster_elected", "1 while this process holds an election it takes part in (the active "
+            "ticker).", ["election"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -35,14 +35,13 @@ A change event, as viewers and ``history`` see it::
 
 from __future__ import annotations
 
-import collections
 import hmac
 import logging
 import reprlib
 import threading
 import time
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from Pyro5.core import URI
@@ -51,9 +50,10 @@ from Pyro5.errors import PyroError
 from . import auth
 from ._fanout import Fanout
 from ._sender import Subscriber
-from ._store import Store
 from .audit import AuditLog
+from .commit import GroupCommit, Pending, Pipeline
 from .config import Settings
+from .controller import group_tag
 from .errors import (
     ConflictError,
     HistoryCompacted,
@@ -61,12 +61,14 @@ from .errors import (
     MVCError,
     PermissionDenied,
     PersistenceError,
+    ServiceUnavailable,
     ValidationError,
 )
 from .logs import log_event, log_exception
 from .metrics import Metrics
 from .model import Model
 from .service import Service
+from .store import ReadableStore, is_etcd, open_store
 
 __all__ = ["ModelServer", "ModelService"]
 
@@ -127,7 +129,7 @@ class _Pending:
 class ModelServer:
     """A model's values, revision, history and subscribers, served over Pyro5."""
 
-    def __init__(self, name: str, schema: type[Model], store: Store, audit: AuditLog, metrics: Metrics, *,
+    def __init__(self, name: str, schema: type[Model], store: ReadableStore, audit: AuditLog, metrics: Metrics, *,
                  lease_seconds: float = 10.0, call_timeout: float = 3.0, queue_limit: int = 1000,
                  batch_max: int = 500, history_limit: int = 10000,
                  clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
@@ -142,46 +144,74 @@ class ModelServer:
         self._audit = audit
         self._metrics = metrics
         self._clock = clock
-        self._lock = threading.RLock()
-        self._commit_lock = threading.Lock()  # one batch on its way to disk at a time
-        self._queue: list[_Pending] = []  # validated changes waiting for the disk, in revision order
-        self._writing: list[_Pending] = []  # the batch on its way to disk (before the queue)
-        self._inflight: dict[str, _Pending] = {}  # their request ids
-        revision, values = store.load(name)
-        self._revision = revision
-        self._values = {**schema.defaults(), **(values or {})}
-        self._history: collections.deque[dict] = collections.deque(maxlen=history_limit)
-        first = max(0, revision - history_limit)
-        self._history.extend(store.events(name, first, history_limit))
-        self._roll_forward()
-        # request ids of recent changes, so a retried modify is applied at most once
-        self._requests: collections.OrderedDict[str, int] = collections.OrderedDict(
-            (e["request"], e["revision"]) for e in self._history if e.get("request"))
-        self._fanout = Fanout(name, self.snapshot, metrics, revision=self._revision, lease_seconds=lease_seconds,
-                              call_timeout=call_timeout, queue_limit=queue_limit, batch_max=batch_max,
-                              clock=monotonic)
-        self._revision_gauge = metrics.model_revision.labels(name)
-        self._commit_batch = metrics.commit_batch.labels(name)
-        self._revision_gauge.set(self._revision)
+        self._monotonic = monotonic
+        self._fanout_settings = {"lease_seconds": lease_seconds, "call_timeout": call_timeout,
+                                 "queue_limit": queue_limit, "batch_max": batch_max}
+        # the commit path: a store that brings its own (etcd) makes it, else SQLite's group commit
+        make = getattr(store, "pipeline", None)
+        self._pipeline: Pipeline = (
+            make(name, schema, audit, metrics, history_limit=history_limit, clock=clock,
+                 call_timeout=call_timeout)
+            if make is not None else
+            GroupCommit(name, schema, store, audit, metrics, history_limit=history_limit, clock=clock))  # type: ignore[arg-type]
+        self._lock = self._pipeline.lock
+        self._requests = self._pipeline.requests
+        self._inflight = self._pipeline.inflight
+        self._fanout = self._new_fanout()
+        self._pipeline.publish = self._publish
+        self._pipeline.refuse = self._record_refusal
+        self._pipeline.on_reset = self._reset_fanout
         self._closed = threading.Event()
         self._reaper_errors = metrics.loop_errors.labels("reaper")
+        self._pipeline.start()
         self._reaper = threading.Thread(target=self._reap, name=f"lease-reaper-{name}", daemon=True)
         self._reaper.start()
         log_event(log, "model_loaded", "model loaded", model=name, revision=self._revision, values=self._values)
 
+    def _new_fanout(self) -> Fanout:
+        return Fanout(self._name, self.snapshot, self._metrics, revision=self._revision,
+                      clock=self._monotonic, **self._fanout_settings)
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        """An applied event goes to this server's viewers (pipeline lock held)."""
+        self._fanout.publish(event)
+
+    def _reset_fanout(self, reason: str) -> None:
+        """The applied state jumped (a new epoch, or history that no longer continues ours): every
+        viewer is dropped from a fresh fan-out; their hosts subscribe again and get a snapshot
+        (pipeline lock held)."""
+        old, self._fanout = self._fanout, self._new_fanout()
+        log_event(log, "viewers_reset", f"every viewer resubscribes: {reason}", level=logging.WARNING,
+                  model=self._name, viewers=len(old), revision=self._revision, reason=reason)
+        threading.Thread(target=old.close, name=f"fanout-close-{self._name}", daemon=True).start()
+
+    # the pipeline's state, under the names the rest of this class uses
+    @property
+    def _revision(self) -> int:
+        return self._pipeline.revision
+
+    @property
+    def _values(self) -> dict[str, Any]:
+        return self._pipeline.values
+
+    @property
+    def _queue(self) -> list[Pending]:
+        return self._pipeline.queue
+
     # reads -----------------------------------------------------------------
     @auth.remote(auth.READ)
     def query(self) -> dict[str, Any]:
-        """The current values."""
+        """The current values (ServiceUnavailable when this replica cannot tell they are current)."""
         with self._lock:
+            if self._pipeline.stale:
+                raise ServiceUnavailable("this replica cannot reach etcd: its values may be stale; "
+                                         "use snapshot() (it says stale) or another replica")
             return dict(self._values)
 
     @auth.remote(auth.READ)
     def snapshot(self) -> dict[str, Any]:
-        """Revision and values, read together."""
-        with self._lock:
-            return {"model": self._name, "revision": self._revision, "values": dict(self._values),
-                    "time": self._clock()}
+        """Revision and values, read together (in cluster mode with ``epoch`` and ``stale``)."""
+        return self._pipeline.snapshot()
 
     @auth.remote(auth.READ)
     def schema(self) -> dict[str, dict[str, Any]]:
@@ -197,14 +227,7 @@ class ModelServer:
         """
         if not isinstance(since_revision, int) or not isinstance(limit, int) or limit < 1:
             raise ValidationError("since_revision and limit must be integers, limit at least 1")
-        with self._lock:
-            if since_revision >= self._revision:
-                return []
-            first = self._history[0]["revision"] if self._history else self._revision + 1
-            if since_revision + 1 < first:
-                raise HistoryCompacted(f"history starts at revision {first}; take a snapshot", first)
-            skip = since_revision + 1 - first
-            return list(self._history)[skip:skip + limit]
+        return self._pipeline.history_after(since_revision, limit)
 
     @auth.remote(auth.READ)
     def whoami(self) -> dict[str, Any]:
@@ -241,159 +264,33 @@ class ModelServer:
                 except ValidationError as exc:
                     self._refused(identity, address, changes, "invalid", exc)
                     raise
-                pending = self._enqueue(normalized, identity, address, request_id)
+                pending = self._enqueue(normalized, identity, address, request_id,
+                                        expected_revision=expected_revision)
         return self._commit(pending)
 
-    def _modify_local(self, changes: dict[str, Any], identity: str) -> int:
-        """An in-process change (the ticker's clock): validated and durable, not audited."""
+    def _modify_local(self, changes: dict[str, Any], identity: str, expected_revision: int | None = None) -> int:
+        """An in-process change (the ticker's clock): validated and durable, not audited.
+        ``expected_revision``: refused with ConflictError unless the model is still there."""
         with self._lock:
-            pending = self._enqueue(self._schema.validate(self._head()[1], changes), identity, None, None,
-                                    audited=False)
+            revision, values = self._head()
+            if expected_revision is not None and expected_revision != revision:
+                raise ConflictError(f"expected revision {expected_revision}, model is at {revision}")
+            pending = self._enqueue(self._schema.validate(values, changes), identity, None, None,
+                                    audited=False, expected_revision=expected_revision)
         return self._commit(pending)
 
     def _head(self) -> tuple[int, dict[str, Any]]:
-        """Revision and values after every change validated so far, durable or on its way (lock held):
-        what the next change is validated against."""
-        ahead = self._queue or self._writing
-        if ahead:
-            event = ahead[-1].event
-            return event["revision"], event["values"]
-        return self._revision, self._values
-
-    def _event(self, normalized: dict[str, Any], identity: str, request_id: str | None,
-               at: float | None = None) -> dict[str, Any]:
-        """The change event of an already validated change, at the next revision."""
-        revision, values = self._head()
-        event = {
-            "model": self._name, "revision": revision + 1, "time": self._clock() if at is None else at,
-            "identity": identity,
-            "changes": {k: {"old": values.get(k), "new": v} for k, v in normalized.items()},
-            "values": {**values, **normalized},
-        }
-        if request_id is not None:
-            event["request"] = request_id
-        return event
-
-    def _roll_forward(self) -> None:
-        """Apply the changes whose audit record outlived their commit (see AuditLog.unapplied)."""
-        for record in self._audit.unapplied(self._name, self._revision):
-            try:
-                normalized = self._schema.validate(self._values, record.get("changes") or {})
-                at = datetime.fromisoformat(record["time"]).timestamp()
-                event = self._event(normalized, record["identity"], record.get("request"), at)
-                self._store.commit(self._name, event)
-            except (MVCError, KeyError, TypeError, ValueError) as exc:
-                log_event(log, "roll_forward_failed", "an audited change could not be applied at start-up",
-                          level=logging.ERROR, model=self._name, revision=record["revision"], error=str(exc))
-                try:  # the log must not claim a change that was never applied
-                    self._audit.record("modify", record.get("identity", "unknown"), record.get("client"), "failed",
-                                       model=self._name, revision=record["revision"], request=record.get("request"),
-                                       error=f"not applied at start-up: {exc}")
-                except PersistenceError:
-                    pass
-                return
-            self._values, self._revision = event["values"], event["revision"]
-            self._history.append(event)
-            log_event(log, "modify_rolled_forward", "audited change applied at start-up", model=self._name,
-                      revision=self._revision, identity=event["identity"], request=event.get("request"))
+        """What the next change is validated against (lock held): see Pipeline.head."""
+        return self._pipeline.head()
 
     def _enqueue(self, normalized: dict[str, Any], identity: str, address: str | None, request_id: str | None,
-                 audited: bool = True) -> _Pending:
-        """Give a validated change the next revision and queue it for the disk (lock held)."""
-        pending = _Pending(self._event(normalized, identity, request_id), normalized, address, audited)
-        self._queue.append(pending)
-        if request_id is not None:
-            self._inflight[request_id] = pending
-        return pending
+                 audited: bool = True, expected_revision: int | None = None) -> Pending:
+        """Queue a validated change for the commit pipeline (lock held)."""
+        return self._pipeline.enqueue(normalized, identity, address, request_id, audited, expected_revision)
 
-    def _commit(self, pending: _Pending) -> int:
-        """Make ``pending`` durable together with every change queued with it (a group commit: one
-        audit fsync and one transaction for all of them), then apply and publish them in revision
-        order; return its revision or raise its error. Whoever gets the commit lock writes
-        everything queued by then; a change written meanwhile by another thread is done when its
-        own thread gets the lock."""
-        with self._commit_lock:
-            if not pending.done:
-                with self._lock:
-                    batch = self._writing = self._queue
-                    self._queue = []
-                try:
-                    self._write(batch)
-                except Exception as exc:  # a bug, not the disk (handled in _write): refuse, never hang
-                    self._fail(batch, "error", "modify_failed", "change refused", f"{type(exc).__name__}: {exc}")
-                    raise
-        if pending.error is not None:
-            raise PersistenceError(pending.error)
-        return pending.event["revision"]
-
-    def _write(self, batch: list[_Pending]) -> None:
-        """Record, commit, apply and publish one batch (commit lock held)."""
-        audited = [p for p in batch if p.audited]
-        try:
-            if audited:
-                self._audit.record_many([("modify", p.identity, p.address, "accepted",
-                                          {"model": self._name, "changes": p.changes, "revision": p.revision,
-                                           "request": p.event.get("request")}) for p in audited])
-        except PersistenceError as exc:
-            self._fail(batch, "audit_failed", "modify_refused", "audit log not writable: change refused", str(exc))
-            return
-        try:  # an audited change is durable already: its commit is synced only with unaudited ones
-            self._store.commit_many(self._name, [p.event for p in batch], fsync=len(audited) < len(batch))
-        except PersistenceError as exc:
-            error = str(exc)
-            try:  # the accepted records above must not stand alone
-                if audited:
-                    self._audit.record_many([("modify", p.identity, p.address, "failed",
-                                              {"model": self._name, "revision": p.revision, "error": error})
-                                             for p in audited])
-            except PersistenceError:
-                # they stand alone: a restart would roll the changes forward, so their outcome
-                # is not "refused" but unknown until then (a retry with its request id tells)
-                error = (f"{exc}; its failure could not be recorded either, so it may still be applied when "
-                         "the server restarts: retry with the same request id")
-            self._fail(batch, "persist_failed", "modify_failed", "state not durable: change refused", error)
-            return
-        with self._lock:
-            for p in batch:
-                self._applied(p)
-            self._writing = []
-            self._revision_gauge.set(self._revision)
-        self._commit_batch.observe(len(batch))
-
-    def _applied(self, pending: _Pending) -> None:
-        """A durable change becomes the model's state, and its viewers' news (lock held)."""
-        event = pending.event
-        self._values, self._revision = event["values"], event["revision"]
-        self._history.append(event)
-        request_id = event.get("request")
-        if request_id is not None:
-            self._inflight.pop(request_id, None)
-            self._requests[request_id] = self._revision
-            while len(self._requests) > (self._history.maxlen or 10000):
-                self._requests.popitem(last=False)
-        self._metrics.modifications.labels(self._name, "accepted").inc()
-        self._fanout.publish(event)
-        pending.done = True
-        log_event(log, "modified", "model modified", model=self._name, revision=self._revision,
-                  identity=pending.identity, client=pending.address, changes=pending.changes)
-
-    def _fail(self, batch: list[_Pending], result: str, event: str, message: str, error: str) -> None:
-        """Refuse a batch that could not be made durable, and every change queued behind it (each was
-        validated on top of it): nothing of them is applied (commit lock held)."""
-        with self._lock:
-            behind, self._queue, self._writing = self._queue, [], []
-            for p in [q for q in batch if not q.done] + behind:
-                p.error = error if p in batch else f"not applied: a change before it could not be made durable: {error}"
-                p.done = True
-                request_id = p.event.get("request")
-                if request_id is not None:
-                    self._inflight.pop(request_id, None)
-                self._metrics.modifications.labels(self._name, result).inc()
-                log_event(log, event, message, level=logging.ERROR, identity=p.identity, model=self._name,
-                          revision=p.revision, error=p.error)
-            for p in behind:
-                if p.audited:  # its attempt is on record, as every attempt is
-                    self._record_refusal(p.identity, p.address, p.changes, result, p.error)
+    def _commit(self, pending: Pending) -> int:
+        """Make ``pending`` durable, applied and published; its revision, or its error raised."""
+        return self._pipeline.commit(pending)
 
     def _refused(self, identity: str, address: str | None, changes: Any, result: str, exc: MVCError) -> None:
         """A modify refused by the model (invalid, conflict): counted, logged, audited with its changes."""
@@ -434,13 +331,16 @@ class ModelServer:
     # subscriptions ---------------------------------------------------------
     @auth.remote(auth.READ)
     def subscribe(self, callback_uri: str, viewer_id: str, since_revision: int | None = None,
-                  ordered_oneway: bool = False, capability: str | None = None) -> dict[str, Any]:
+                  ordered_oneway: bool = False, capability: str | None = None,
+                  epoch: str | None = None) -> dict[str, Any]:
         """Subscribe a viewer's callback object; it first gets what it missed.
 
         With ``since_revision`` the viewer gets the events after it (or a snapshot
         when the history no longer reaches back); without, a snapshot.
         ``ordered_oneway``: the viewer's daemon runs oneway ``notify`` calls in
         order (remote-mvc's viewer hosts do), so most calls need no answer.
+        ``epoch`` (cluster mode): the model incarnation ``since_revision`` belongs
+        to; another one than the model's gets a snapshot, never another history.
         The reply holds the subscription id, the lease granted (renew well within
         it), the revision and the subscription's secret ``capability``, which
         every notification carries: the viewer applies only those.
@@ -461,7 +361,14 @@ class ModelServer:
             raise ValidationError("since_revision must be an integer or None")
         if capability is not None and not isinstance(capability, str):
             raise ValidationError("capability must be a string or None")
+        if epoch is not None and (not isinstance(epoch, str) or len(epoch) > 64):
+            raise ValidationError("epoch must be a string of at most 64 characters or None")
         self._check_callback(callback_uri, host)
+        if (since_revision is not None and self._pipeline.epoch is not None and epoch == self._pipeline.epoch
+                and not self._pipeline.wait_applied(since_revision, self._fanout.call_timeout)):
+            # a viewer coming from a replica further ahead: never send it backwards
+            raise ServiceUnavailable(f"this replica has not reached revision {since_revision} yet; "
+                                     "subscribe to another one or try again")
         with self._lock:
             old = self._fanout.of_viewer(viewer_id)
             if old is not None and not (self._owns(old, identity, role, host)
@@ -469,6 +376,8 @@ class ModelServer:
                 raise PermissionDenied(f"viewer id {viewer_id!r} is subscribed by another client")
             self._check_caps(identity, role, host, replacing=old)
             backlog = None
+            if epoch is not None and epoch != self._pipeline.epoch:
+                since_revision = None  # revisions of another incarnation of the model
             if since_revision is not None and since_revision <= self._revision:
                 try:
                     backlog = self.history(since_revision, limit=self._fanout.queue_limit + 1)
@@ -478,8 +387,11 @@ class ModelServer:
                     backlog = None  # too far behind: a snapshot is cheaper
             sub = self._fanout.add(viewer_id, callback_uri, backlog, oneway=ordered_oneway is True,
                                    identity=identity, host=host)
-            return {"subscription": sub.id, "lease": self._fanout.lease_seconds, "revision": self._revision,
-                    "capability": sub.capability}
+            reply = {"subscription": sub.id, "lease": self._fanout.lease_seconds, "revision": self._revision,
+                     "capability": sub.capability}
+            if self._pipeline.epoch is not None:
+                reply["epoch"] = self._pipeline.epoch
+            return reply
 
     def _check_callback(self, callback_uri: str, host: str | None) -> None:
         """A callback must be a ``PYRO:object@host:port`` URI on the subscriber's own address, so the
@@ -596,11 +508,17 @@ class ModelServer:
 
     def close(self) -> None:
         self._closed.set()
+        self._pipeline.close()
         self._fanout.close()
 
     @property
     def revision(self) -> int:
         return self._revision
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The commit pipeline behind this server (its backend's state and write path)."""
+        return self._pipeline
 
     @property
     def subscriber_count(self) -> int:
@@ -616,8 +534,12 @@ class ModelService(Service):
         from .model import ExampleModel
 
         name = name or settings.model_name
-        self.store = Store(settings.state_file(), settings.history_limit, metrics=self.metrics)
-        self.audit = AuditLog(settings.audit_file(), self.metrics, clock=clock,
+        self.store = open_store(settings, self.metrics)
+        audit_path = settings.audit_file()
+        self.replica = settings.replica_name()
+        if is_etcd(settings.store) and not settings.audit_path:  # replicas may share a state directory
+            audit_path = Path(settings.state_dir) / f"{settings.service}-{self.replica}-audit.jsonl"
+        self.audit = AuditLog(audit_path, self.metrics, clock=clock,
                               refusals_per_second=settings.audit_refusals_per_second,
                               refusal_burst=settings.audit_refusal_burst)
         self.model = ModelServer(
@@ -629,10 +551,24 @@ class ModelService(Service):
             max_subscriptions_per_address=settings.max_subscriptions_per_address,
             callback_hosts=settings.callback_hosts.split(","))
         self.refusal_audit = self.audit
-        self.serve(self.model, name)
+        self.membership = None
+        if is_etcd(settings.store):  # cluster mode: one name per replica, found through the group's metadata
+            from .replicas import Membership
+
+            self.serve(self.model, f"{name}.replica.{self.replica}", object_id=name, metadata={group_tag(name)})
+            self.membership = Membership(self.store, settings, name, self.replica)  # type: ignore[arg-type]
+            self.on_stop(self.membership.stop, early=True)
+        else:
+            self.serve(self.model, name)
         self.on_stop(self.model.close)
         self.on_stop(self.store.close)
         self.on_stop(self.audit.close)
+
+    def start(self) -> ModelService:
+        super().start()
+        if self.membership is not None:
+            self.membership.start()
+        return self
 
     def healthy(self) -> bool:
         return super().healthy() and self.model.healthy()

@@ -108,6 +108,7 @@ class Service:
         self._names: dict[str, Pyro5.api.URI] = {}
         self._registered: set[str] = set()
         self._objects: list[tuple[Any, str | None, str | None]] = []
+        self._metadata: dict[str, set[str]] = {}  # name server metadata of a name (cluster groups)
         self._closing = threading.Event()  # stop() began
         self._stopping = threading.Event()  # the daemon is going down
         self._stopped = threading.Event()
@@ -117,9 +118,13 @@ class Service:
         self._early_closers: list[Callable[[], None]] = []
 
     # wiring ------------------------------------------------------------------
-    def serve(self, obj: Any, name: str | None = None, object_id: str | None = None) -> None:
-        """Serve ``obj``; with ``name`` it is registered with the name server too."""
+    def serve(self, obj: Any, name: str | None = None, object_id: str | None = None,
+              metadata: set[str] | None = None) -> None:
+        """Serve ``obj``; with ``name`` it is registered with the name server too (with ``metadata``:
+        Pyro5 name server metadata, e.g. the replica group of a model, see ``resolve_all``)."""
         self._objects.append((obj, name, object_id))
+        if name and metadata:
+            self._metadata[name] = set(metadata)
 
     def on_stop(self, closer: Callable[[], None], early: bool = False) -> None:
         """Run ``closer`` when the service stops: after the daemon is down, or
@@ -220,7 +225,7 @@ class Service:
                     except NamingError:
                         current = None
                     if current is None or str(current) != str(uri):
-                        ns.register(name, uri, safe=False)
+                        ns.register(name, uri, safe=False, metadata=self._metadata.get(name))
                         self.metrics.registrations.labels(name).inc()
                         log_event(log, "registered", f"registered {name} with the name server", registered=name,
                                   uri=str(uri), replaced=str(current) if current else None)

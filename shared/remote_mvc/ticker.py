@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .config import Settings
 from .errors import MVCError
@@ -21,6 +22,10 @@ from .logs import log_event
 from .metrics import Metrics
 from .model import Field, Model, between
 from .server import ModelServer, ModelService
+from .store import is_etcd
+
+if TYPE_CHECKING:
+    from .election import Election
 
 __all__ = ["TickerModel", "Ticker", "TickerService", "next_due"]
 
@@ -52,6 +57,7 @@ class Ticker:
         self.monotonic = monotonic
         self.wall = wall
         self.rng = random.Random(seed)
+        self.active: Callable[[], bool] = lambda: True  # cluster mode: only the elected replica ticks
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ticker-clock", daemon=True)
 
@@ -65,15 +71,21 @@ class Ticker:
 
     def step(self) -> int | None:
         """Make one tick now (unless paused); return the new revision."""
-        values = self.server.query()
+        if not self.active():
+            return None
+        snap = self.server.snapshot()
+        values = snap["values"]
         if values["paused"]:
             return None
         price = max(0.01, round(values["price"] * (1 + self.rng.gauss(0, 0.002)), 4))
+        # based on the revision it read: a tick computed from a state that is not the latest (a replica
+        # just elected, not caught up yet) is refused, never a tick number twice
         return self.server._modify_local(
-            {"tick": values["tick"] + 1, "price": price, "time": self.wall()}, "ticker")
+            {"tick": values["tick"] + 1, "price": price, "time": self.wall()}, "ticker",
+            expected_revision=snap["revision"])
 
     def _run(self) -> None:
-        interval = self.server.query()["interval"]
+        interval = self.server.snapshot()["values"]["interval"]
         anchor = self.monotonic()
         while True:
             due = next_due(anchor, interval, self.monotonic())
@@ -83,7 +95,7 @@ class Ticker:
                 self.step()
             except MVCError as exc:
                 log_event(log, "tick_failed", f"tick failed: {exc}", level=logging.ERROR)
-            current = self.server.query()["interval"]
+            current = self.server.snapshot()["values"]["interval"]
             if current != interval:  # re-anchor so the new interval counts from this tick
                 interval, anchor = current, due
 
@@ -94,11 +106,31 @@ class TickerService(ModelService):
     def __init__(self, settings: Settings, metrics: Metrics | None = None, seed: int | None = None) -> None:
         super().__init__(settings, TickerModel, settings.ticker_name, metrics)
         self.ticker = Ticker(self.model, seed=seed)
+        self.election: Election | None = None
+        if is_etcd(settings.store):  # cluster mode: every replica serves the model, one ticks
+            from .election import Election
+
+            self.election = Election(self.store, self.store.key(settings.ticker_name, "leader"),  # type: ignore[attr-defined]
+                                     settings.replica_name(), self.metrics, on_change=self._elected)
+            self.ticker.active = lambda: self.election is not None and self.election.leading
+            self.model.pipeline.fence = self.election.fence  # type: ignore[attr-defined]
+            self.on_stop(self.election.stop, early=True)
         self.on_stop(self.ticker.stop, early=True)
+
+    def _elected(self, leading: bool) -> None:
+        """The first leader of a new ticker model sets its interval from the settings."""
+        snap = self.model.snapshot()
+        if leading and snap["revision"] == 0 and snap["values"]["interval"] != self.settings.ticker_interval:
+            try:
+                self.model._modify_local({"interval": self.settings.ticker_interval}, "ticker", expected_revision=0)
+            except MVCError as exc:
+                log_event(log, "tick_failed", f"could not set the interval: {exc}", level=logging.WARNING)
 
     def start(self) -> TickerService:
         super().start()
-        if self.model.revision == 0 and self.model.query()["interval"] != self.settings.ticker_interval:
+        if self.election is not None:
+            self.election.start()
+        elif self.model.revision == 0 and self.model.query()["interval"] != self.settings.ticker_interval:
             self.model._modify_local({"interval": self.settings.ticker_interval}, "ticker")
         self.ticker.start()
         return self

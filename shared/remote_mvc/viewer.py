@@ -69,6 +69,7 @@ class Viewer:
         self.values: dict[str, Any] = {}
         self.revision = 0
         self.synced = False  # True once a snapshot or the first events were applied
+        self.epoch: str | None = None  # cluster mode: the model incarnation our revisions belong to
         self.received: list[int] | None = [] if record else None  # revisions applied, in order
         self.snapshots = 0
         self.fetch: Callable[[int], list[dict[str, Any]]] | None = None  # history(since) for gaps
@@ -162,6 +163,11 @@ class Viewer:
 
     def _apply_event(self, event: dict[str, Any]) -> None:
         revision = event["revision"]
+        epoch = event.get("epoch")
+        if epoch is not None and self.synced and self.epoch is not None and epoch != self.epoch:
+            if self.fetch_snapshot is not None:  # another incarnation of the model: never mix histories
+                self._apply_snapshot(self.fetch_snapshot(), "epoch")
+            return
         if self.synced and revision <= self.revision:
             return  # already applied (a re-subscription can resend it)
         if self.synced and revision > self.revision + 1:
@@ -175,6 +181,8 @@ class Viewer:
                 self._refuse("implausible", f"revision {revision} is past what the model server has "
                                             f"({self.revision})")
                 return
+        if epoch is not None:
+            self.epoch = epoch
         self._set(event["values"], revision, event)
 
     def _resync(self, reason: str) -> None:
@@ -215,6 +223,7 @@ class Viewer:
 
     def _apply_snapshot(self, snap: dict[str, Any], reason: str) -> None:
         self.snapshots += 1
+        self.epoch = snap.get("epoch", self.epoch)
         self._resyncs.labels(self.model, "snapshot").inc()
         self._set(snap["values"], snap["revision"], None, reason=reason)
 
@@ -405,8 +414,10 @@ class ViewerHost(Service):
             client = self._client(viewer.model)
             viewer.expect_capability()
             reply = None
+            extra = {"epoch": viewer.epoch} if viewer.epoch is not None else {}  # cluster mode: our revisions
             try:  # our daemon runs oneway notify calls in order; our old capability proves the viewer id ours
-                reply = _checked_reply(client.subscribe(str(uri), viewer.viewer_id, since, True, viewer.capability))
+                reply = _checked_reply(client.subscribe(str(uri), viewer.viewer_id, since, True, viewer.capability,
+                                                        **extra))
             finally:
                 viewer.accept_capability(reply["capability"] if reply else None)
             self._granted[viewer.model] = reply["lease"]

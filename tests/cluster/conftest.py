@@ -1,0 +1,6 @@
+"""Cluster-mode tests: the kit is importable as ``kit``."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
