@@ -36,17 +36,19 @@ from Pyro5.errors import CommunicationError
 from .errors import AuthenticationError, ConfigError, PermissionDenied
 
 __all__ = [
-    "ROLES", "READ", "MODIFY", "DROP", "REGISTER", "Identity", "Credentials", "Authenticator", "Throttle",
+    "ROLES", "READ", "MODIFY", "DROP", "REGISTER", "DELEGATE", "Identity", "Credentials", "Authenticator", "Throttle",
     "AuthProxy", "client_credentials",
     "client_token", "require", "caller", "generate_credentials",
 ]
 
 READ, MODIFY, DROP, REGISTER = "read", "modify", "drop", "register"
+DELEGATE = "delegate"
 ROLES: dict[str, frozenset[str]] = {
     "viewer": frozenset({READ}),
     "controller": frozenset({READ, MODIFY}),
     "admin": frozenset({READ, MODIFY, DROP, REGISTER}),
     "service": frozenset({READ, REGISTER}),
+    "gateway": frozenset({READ, DELEGATE}),
 }
 ANONYMOUS = "anonymous"
 
@@ -114,9 +116,9 @@ class Credentials:
 
 
 def generate_credentials(path: str | Path) -> Credentials:
-    """Create a credentials file: controller, admin, service and viewer identities."""
+    """Create a credentials file: controller, admin, service, viewer and gateway identities."""
     creds = Credentials(Identity(name, name, (secrets.token_hex(32),))
-                        for name in ("controller", "admin", "service", "viewer"))
+                        for name in ("controller", "admin", "service", "viewer", "gateway"))
     creds.dump(path)
     return creds
 

@@ -91,8 +91,10 @@ class ModelServer:
     def __init__(self, name: str, schema: type[Model], store: Store, audit: AuditLog, metrics: Metrics, *,
                  lease_seconds: float = 10.0, call_timeout: float = 3.0, queue_limit: int = 1000,
                  batch_max: int = 500, history_limit: int = 10000,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 role_of: Callable[[str], str | None] | None = None) -> None:
         self._name = name
+        self._role_of = role_of  # identity -> role from this server's own table; None: no delegation
         self._schema = schema
         self._store = store
         self._audit = audit
@@ -163,17 +165,33 @@ class ModelServer:
 
     # changes ---------------------------------------------------------------
     def modify(self, changes: dict[str, Any], expected_revision: int | None = None,
-               request_id: str | None = None) -> int:
+               request_id: str | None = None, on_behalf_of: str | None = None) -> int:
         """Validate, record, persist and apply a change; notify viewers; return the new revision.
 
         ``request_id`` (optional, unique per change) makes retries safe: a request
         id seen before returns the revision it produced without applying again.
+        ``on_behalf_of``: a caller holding DELEGATE (the web gateway) acts for an identity it
+        authenticated; this server looks that identity's role up in its own table, checks
+        MODIFY against it, and audits and publishes the change as that identity ``via`` the caller.
         """
         identity, role, address = auth.caller()
+        via = None
         try:
-            auth.require(auth.MODIFY)
+            if on_behalf_of is not None:
+                via = identity
+                auth.require(auth.DELEGATE)
+                if not isinstance(on_behalf_of, str) or not 0 < len(on_behalf_of) <= 128:
+                    raise PermissionDenied("on_behalf_of must name an identity (at most 128 characters)")
+                identity = on_behalf_of
+                role = self._role_of(on_behalf_of) if self._role_of is not None else None
+                if role is None:
+                    raise PermissionDenied(f"{identity} via {via}: unknown identity or delegation not enabled")
+                if auth.MODIFY not in auth.ROLES.get(role, ()):
+                    raise PermissionDenied(f"{identity} ({role}) via {via} may not modify")
+            else:
+                auth.require(auth.MODIFY)
         except PermissionDenied as exc:
-            self._refused(identity, address, changes, "forbidden", exc)
+            self._refused(identity, address, changes, "forbidden", exc, via=via)
             raise
         if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 128):
             raise ValidationError("request_id must be a string of at most 128 characters")
@@ -190,12 +208,12 @@ class ModelServer:
                     if expected_revision is not None and expected_revision != revision:
                         raise ConflictError(f"expected revision {expected_revision}, model is at {revision}")
                 except ConflictError as exc:
-                    self._refused(identity, address, changes, "conflict", exc)
+                    self._refused(identity, address, changes, "conflict", exc, via=via)
                     raise
                 except ValidationError as exc:
-                    self._refused(identity, address, changes, "invalid", exc)
+                    self._refused(identity, address, changes, "invalid", exc, via=via)
                     raise
-                pending = self._enqueue(normalized, identity, address, request_id)
+                pending = self._enqueue(normalized, identity, address, request_id, via=via)
         return self._commit(pending)
 
     def _modify_local(self, changes: dict[str, Any], identity: str) -> int:
@@ -215,7 +233,7 @@ class ModelServer:
         return self._revision, self._values
 
     def _event(self, normalized: dict[str, Any], identity: str, request_id: str | None,
-               at: float | None = None) -> dict[str, Any]:
+               at: float | None = None, via: str | None = None) -> dict[str, Any]:
         """The change event of an already validated change, at the next revision."""
         revision, values = self._head()
         event = {
@@ -226,6 +244,8 @@ class ModelServer:
         }
         if request_id is not None:
             event["request"] = request_id
+        if via is not None:  # made through a delegate (the web gateway) for ``identity``
+            event["via"] = via
         return event
 
     def _roll_forward(self) -> None:
@@ -234,7 +254,7 @@ class ModelServer:
             try:
                 normalized = self._schema.validate(self._values, record.get("changes") or {})
                 at = datetime.fromisoformat(record["time"]).timestamp()
-                event = self._event(normalized, record["identity"], record.get("request"), at)
+                event = self._event(normalized, record["identity"], record.get("request"), at, record.get("via"))
                 self._store.commit(self._name, event)
             except (MVCError, KeyError, TypeError, ValueError) as exc:
                 log_event(log, "roll_forward_failed", "an audited change could not be applied at start-up",
@@ -252,9 +272,9 @@ class ModelServer:
                       revision=self._revision, identity=event["identity"], request=event.get("request"))
 
     def _enqueue(self, normalized: dict[str, Any], identity: str, address: str | None, request_id: str | None,
-                 audited: bool = True) -> _Pending:
+                 audited: bool = True, via: str | None = None) -> _Pending:
         """Give a validated change the next revision and queue it for the disk (lock held)."""
-        pending = _Pending(self._event(normalized, identity, request_id), normalized, address, audited)
+        pending = _Pending(self._event(normalized, identity, request_id, via=via), normalized, address, audited)
         self._queue.append(pending)
         if request_id is not None:
             self._inflight[request_id] = pending
@@ -287,7 +307,9 @@ class ModelServer:
             if audited:
                 self._audit.record_many([("modify", p.identity, p.address, "accepted",
                                           {"model": self._name, "changes": p.changes, "revision": p.revision,
-                                           "request": p.event.get("request")}) for p in audited])
+                                           "request": p.event.get("request"),
+                                           **({"via": p.event["via"]} if "via" in p.event else {})})
+                                         for p in audited])
         except PersistenceError as exc:
             self._fail(batch, "audit_failed", "modify_refused", "audit log not writable: change refused", str(exc))
             return
@@ -349,16 +371,18 @@ class ModelServer:
                 if p.audited:  # its attempt is on record, as every attempt is
                     self._record_refusal(p.identity, p.address, p.changes, result, p.error)
 
-    def _refused(self, identity: str, address: str | None, changes: Any, result: str, exc: MVCError) -> None:
+    def _refused(self, identity: str, address: str | None, changes: Any, result: str, exc: MVCError,
+                 via: str | None = None) -> None:
         self._metrics.modifications.labels(self._name, result).inc()
         log_event(log, "modify_refused", f"modify refused: {exc}", level=logging.WARNING, model=self._name,
-                  identity=identity, client=address, result=result)
-        self._record_refusal(identity, address, changes, result, str(exc))
+                  identity=identity, client=address, result=result, via=via)
+        self._record_refusal(identity, address, changes, result, str(exc), via=via)
 
-    def _record_refusal(self, identity: str, address: str | None, changes: Any, result: str, error: str) -> None:
+    def _record_refusal(self, identity: str, address: str | None, changes: Any, result: str, error: str,
+                        via: str | None = None) -> None:
         try:
             self._audit.record("modify", identity, address, result, model=self._name,
-                               changes=_summary(changes), error=error)
+                               changes=_summary(changes), error=error, **({"via": via} if via else {}))
         except PersistenceError:
             pass  # counted in the metric; the refusal stands either way
 
@@ -450,9 +474,14 @@ class ModelService(Service):
             name, schema or ExampleModel, self.store, self.audit, self.metrics,
             lease_seconds=settings.lease_seconds, call_timeout=settings.call_timeout,
             queue_limit=settings.queue_limit, batch_max=settings.batch_max,
-            history_limit=settings.history_limit, clock=clock)
+            history_limit=settings.history_limit, clock=clock, role_of=self._role_of)
         self.on_refused = self.model._on_handshake_refused
         self.serve(self.model, name)
         self.on_stop(self.model.close)
         self.on_stop(self.store.close)
         self.on_stop(self.audit.close)
+
+    def _role_of(self, identity: str) -> str | None:
+        """The role of ``identity`` in this service's credentials table (for delegated modifies)."""
+        ident = self.credentials.get(identity)
+        return ident.role if ident is not None else None
