@@ -65,7 +65,7 @@
     renderValues(fields);
     const who = data.via ? `${data.identity} via ${data.via}` : data.identity;
     const what = fields.map((f) => `${f}: ${fmt(data.changes[f].old)} → ${fmt(data.changes[f].new)}`).join(", ");
-    addHistory(`${data.revision}  ${new Date(data.time * 1000).toLocaleTimeString()}  ${who}  ${what}`);
+    addHistory(`#${data.revision}  ${new Date(data.time * 1000).toLocaleTimeString()}  ${who}  ${what}`);
     if (document.body.dataset.state !== "live") setState("live");
   }
 
@@ -149,9 +149,9 @@
     try {
       const reply = await fetch("/whoami", { headers: { Authorization: header, "X-Requested-With": "remote-mvc" } });
       const body = await reply.json();
+      $("secret").value = "";
       if (!reply.ok) { result(`sign-in refused: ${body.message}`, true); return; }
       auth = { header, identity: body.identity, role: body.role };
-      $("secret").value = "";
       $("who").textContent = body.identity;
       $("role").textContent = body.role;
       $("signin").hidden = true;
