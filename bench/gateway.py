@@ -52,6 +52,8 @@ def _sse_clients(args: argparse.Namespace, recs: list[Rec], ready: threading.Eve
     """``len(recs)`` SSE streams on one asyncio loop: raw HTTP/1.1, chunked decoding by hand."""
     host, port = args.url.split("//", 1)[1].split(":")
 
+    connected = [0]
+
     async def one(rec: Rec) -> None:
         reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 22)
         writer.write(f"GET /models/{MODEL}/events HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n"
@@ -80,16 +82,17 @@ def _sse_clients(args: argparse.Namespace, recs: list[Rec], ready: threading.Eve
                 event = loads(data)
                 if kind == b"snapshot":
                     rec.snapshots += 1
+                    if rec.snapshots == 1:
+                        connected[0] += 1
+                        if connected[0] == len(recs):
+                            ready.set()  # every stream is open and has its first snapshot
                     continue
                 rec.revs.append(event["revision"])
                 rec.lat.append(now - event["time"])
                 rec.at.append(now)
 
     async def main() -> None:
-        tasks = [asyncio.ensure_future(one(rec)) for rec in recs]
-        await asyncio.sleep(0)
-        ready.set()
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*(one(rec) for rec in recs))
 
     asyncio.run(main())
 
@@ -131,7 +134,8 @@ def client_main(args: argparse.Namespace) -> None:
         threading.Thread(target=_sse_clients, args=(args, recs, ready), daemon=True).start()
     else:
         host = _pyro_viewers(args, recs, ready)
-    ready.wait(180)
+    if not ready.wait(180):
+        raise SystemExit(f"{args.client} clients not all connected within 180 s")
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -278,35 +282,38 @@ def run_phase(kind: str, n: int, args: argparse.Namespace, stack: Any, gw_url: s
 
 
 def orchestrate(args: argparse.Namespace) -> None:
-    from remote_mvc.testing import Stack, wait_until
-
     out = REPO / "bench-results"
     out.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="bench-gw-") as tmp:
-        workdir = Path(tmp)
-        stack = Stack(workdir / "state", lease_seconds=10.0, call_timeout=5.0, register_interval=2.0,
-                      queue_limit=10000)
-        try:
-            model = stack.process("model", identity="service")
-            model.wait_for_log(lambda line: line.get("event") == "registered", 60)
-            port = _free_port()
-            gateway = stack.process("gateway", identity="gateway", gateway_port=port, gateway_heartbeat=15.0,
-                                    gateway_max_clients=20000, gateway_client_buffer=1024)
-            gateway.wait_for_log(lambda line: line.get("event") == "gateway_started", 60)
-            url = f"http://127.0.0.1:{port}"
-            wait_until(lambda: b'"synced":true' in _get(f"{url}/models/{MODEL}"), 60, message="gateway synced")
-            procs = {"model": model.pid, "gateway": gateway.pid}
-            results = []
-            for n in args.n:
-                for kind in ("sse", "pyro"):
-                    results.append(run_phase(kind, n, args, stack, url, procs, workdir))
-        finally:
-            stack.close()
+    results = []
+    for n in args.n:
+        for kind in ("sse", "pyro"):  # in turns, each phase with fresh servers
+            results.append(phase_with_fresh_servers(kind, n, args))
     report = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
               "rate": args.rate, "seconds": args.seconds, "procs": args.procs, "results": results}
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
+
+
+def phase_with_fresh_servers(kind: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """A name server (here), a model server and a gateway (processes), one phase, all stopped."""
+    from remote_mvc.testing import Stack, wait_until
+
+    with tempfile.TemporaryDirectory(prefix="bench-gw-") as tmp:
+        workdir = Path(tmp)
+        stack = Stack(workdir / "state", lease_seconds=10.0, call_timeout=5.0, register_interval=2.0)
+        try:
+            model = stack.process("model", identity="service")
+            model.wait_for_log(lambda line: line.get("event") == "registered", 60)
+            port = _free_port()
+            gateway = stack.process("gateway", identity="gateway", gateway_port=port, gateway_models=MODEL,
+                                    gateway_max_clients=20000)
+            gateway.wait_for_log(lambda line: line.get("event") == "gateway_started", 60)
+            url = f"http://127.0.0.1:{port}"
+            wait_until(lambda: b'"synced":true' in _get(f"{url}/models/{MODEL}"), 60, message="gateway synced")
+            return run_phase(kind, n, args, stack, url, {"model": model.pid, "gateway": gateway.pid}, workdir)
+        finally:
+            stack.close()
 
 
 def _get(url: str) -> bytes:

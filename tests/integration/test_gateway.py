@@ -356,6 +356,24 @@ def test_model_server_restart_under_a_stream(mvc_stack, tmp_path):
         assert (kind, data["revision"], data["values"]["value"]) == ("change", 2, 2)
 
 
+def test_idle_streams_get_heartbeats(mvc_stack):
+    mvc_stack.model()
+    gw = mvc_stack.gateway(gateway_models=MODEL, gateway_heartbeat=0.2)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.http_port, timeout=10)
+    try:
+        conn.request("GET", f"/models/{MODEL}/events")
+        reply = conn.getresponse()
+        assert reply.status == 200 and reply.getheader("content-type").startswith("text/event-stream")
+        lines = []
+        while not any(line.startswith(b":") for line in lines):  # a comment line: the keep-alive
+            line = reply.readline()
+            assert line, f"the stream ended; got {lines}"
+            lines.append(line)
+        assert b"event: snapshot\n" in lines  # the snapshot came first, then the idle heartbeat
+    finally:
+        conn.close()
+
+
 def test_too_many_stream_clients_503(mvc_stack):
     mvc_stack.model()
     gw = mvc_stack.gateway(gateway_models=MODEL, gateway_max_clients=2)

@@ -132,14 +132,6 @@ class Gateway(ViewerHost):
     def healthy(self) -> bool:
         return super().healthy() and self._server is not None and self._server.started and not self.closing
 
-    def wait_http(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self._server is None or not self._server.started:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
-
     def _stop_http(self) -> None:
         """End every stream (each writes its last bytes and closes), then the HTTP server."""
         self.closing = True
