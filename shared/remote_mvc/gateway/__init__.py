@@ -27,7 +27,7 @@ from ..logs import log_event
 from ..metrics import Metrics
 from ..viewer import Viewer, ViewerHost
 from ._http import build_app
-from ._relay import Feed
+from ._relay import Feed, tend
 
 __all__ = ["Gateway"]
 
@@ -116,8 +116,12 @@ class Gateway(ViewerHost):
             assert self._loop is not None and self._server is not None
             asyncio.set_event_loop(self._loop)
             self._loop.call_soon(started.set)
+            tender = self._loop.create_task(tend(list(self.feeds.values()), self.settings.gateway_heartbeat,
+                                                 self.settings.gateway_send_timeout))
             try:
                 self._loop.run_until_complete(self._server.serve(sockets=[sock]))
+                tender.cancel()
+                self._loop.run_until_complete(asyncio.gather(tender, return_exceptions=True))
             finally:
                 self._loop.close()
 

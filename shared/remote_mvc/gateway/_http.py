@@ -182,8 +182,8 @@ class _Api:
         body = await self._body(request, identity)
         try:
             doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            await self._malformed(request, identity, f"malformed JSON: {exc}")
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
+            await self._malformed(request, identity, f"malformed JSON: {type(exc).__name__}: {str(exc)[:200]}")
         if not isinstance(doc, dict) or not isinstance(doc.get("changes"), dict) or not doc["changes"]:
             await self._malformed(request, identity, 'want {"changes": {field: value, ...}, "expected_revision": '
                                                      'REV (optional), "request_id": ID (optional)}')
@@ -276,8 +276,8 @@ class _Api:
 
 
 class _EventStream:
-    """The ASGI response of one stream: writes the client's frames, a heartbeat when idle,
-    and drops the client when one write takes longer than the send timeout."""
+    """The ASGI response of one stream: writes the client's frames, and a heartbeat when the
+    tender says it has been idle; dropped by the tender when one write takes too long."""
 
     def __init__(self, gateway: Gateway, feed: Feed, client: StreamClient) -> None:
         self.gw, self.feed, self.client = gateway, feed, client
@@ -305,6 +305,8 @@ class _EventStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client, feed = self.client, self.feed
+        loop = asyncio.get_running_loop()
+        client.task = asyncio.current_task()  # the tender cancels it when one write takes too long
         watcher = asyncio.ensure_future(self._watch(receive))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": [
@@ -313,35 +315,36 @@ class _EventStream:
             self.gw.metrics.gateway_requests.labels("events", "200").inc()
             chunk, count = b"retry: 1000\n\n", 0
             while True:
-                if chunk and not await self._write(send, chunk):
-                    return
-                feed.sent(count)
+                if chunk:
+                    # no per-write timer (a task per write costs more than the write): the tender
+                    # (Feed.tend) drops a client whose write has been in progress for too long
+                    client.writing_since = loop.time()
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    client.writing_since, client.beat = None, False
+                    client.last_write = loop.time()
+                    feed.sent(count)
                 if client.closed or self.gw.closing:
                     break
                 client.wake.clear()
                 chunk, count = self._drain()
                 if chunk or client.wake.is_set():
                     continue
-                try:
-                    await asyncio.wait_for(client.wake.wait(), self.settings.gateway_heartbeat)
-                except asyncio.TimeoutError:
+                if client.beat:  # idle for a heartbeat interval (the tender said so)
+                    client.beat = False
                     chunk = b": keep-alive\n\n"
+                    continue
+                await client.wake.wait()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            watcher.cancel()
-            feed.detach(client)
-
-    async def _write(self, send: Send, chunk: bytes) -> bool:
-        try:
-            await asyncio.wait_for(send({"type": "http.response.body", "body": chunk, "more_body": True}),
-                                   self.settings.gateway_send_timeout)
-            return True
-        except asyncio.TimeoutError:
+        except asyncio.CancelledError:
+            if not client.stuck:
+                raise
             self.gw.metrics.gateway_slow_dropped.labels(self.feed.name).inc()
             log_event(log, "stream_client_dropped", "stream client dropped: it did not read in time",
                       level=logging.WARNING, model=self.feed.name, revision=self.client.sent)
-            self.client.close()
-            return False
+        finally:
+            client.task = None
+            watcher.cancel()
+            feed.detach(client)
 
     async def _watch(self, receive: Receive) -> None:
         while True:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..metrics import Metrics
 
-__all__ = ["Feed", "StreamClient", "sse_frame"]
+__all__ = ["Feed", "StreamClient", "sse_frame", "tend"]
 
 
 def sse_frame(kind: str, revision: int, data: dict[str, Any]) -> bytes:
@@ -31,7 +31,8 @@ def sse_frame(kind: str, revision: int, data: dict[str, Any]) -> bytes:
 class StreamClient:
     """One HTTP stream's queue: frames to write, or a snapshot owed (``resync`` says why)."""
 
-    __slots__ = ("feed", "limit", "buffer", "wake", "resync", "sent", "closed")
+    __slots__ = ("feed", "limit", "buffer", "wake", "resync", "sent", "closed", "beat", "last_write",
+                 "writing_since", "stuck", "task")
 
     def __init__(self, feed: Feed, limit: int) -> None:
         self.feed = feed
@@ -41,6 +42,11 @@ class StreamClient:
         self.resync: str | None = None  # a snapshot is owed, for this reason
         self.sent = -1  # the revision the client has (last frame written); -1: nothing yet
         self.closed = False
+        self.beat = False  # idle for a heartbeat interval: write a keep-alive
+        self.last_write = 0.0  # loop time of the last completed write
+        self.writing_since: float | None = None  # loop time a write in progress began
+        self.stuck = False  # dropped for a write that took too long
+        self.task: asyncio.Task[Any] | None = None  # the stream's task, while it runs
 
     def push(self, revision: int, frame: bytes) -> None:
         if self.resync is not None:
@@ -187,3 +193,24 @@ class Feed:
     def close(self) -> None:
         for client in list(self.clients):
             client.close()
+
+
+async def tend(feeds: list[Feed], heartbeat: float, send_timeout: float) -> None:
+    """One task for all streams, instead of two timers per write: every so often, mark streams
+    idle for ``heartbeat`` for a keep-alive, and cancel streams whose write has been in
+    progress for longer than ``send_timeout`` (a client that does not read)."""
+    loop = asyncio.get_running_loop()
+    interval = max(0.05, min(heartbeat, send_timeout) / 4)
+    while True:
+        await asyncio.sleep(interval)  # a periodic sweep, not a wait for a condition
+        now = loop.time()
+        for feed in feeds:
+            for client in list(feed.clients):
+                if client.writing_since is not None:
+                    if now - client.writing_since > send_timeout and client.task is not None and not client.stuck:
+                        client.stuck = True
+                        client.closed = True
+                        client.task.cancel()
+                elif now - client.last_write >= heartbeat and not client.beat:
+                    client.beat = True
+                    client.wake.set()
