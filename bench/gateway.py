@@ -236,7 +236,8 @@ def run_phase(kind: str, n: int, args: argparse.Namespace, stack: Any, gw_url: s
     started = time.monotonic()
     clients = Clients(kind, n, args.procs, gw_url, env)
     setup = time.monotonic() - started
-    result: dict[str, Any] = {"kind": kind, "n": n, "setup_s": round(setup, 1)}
+    result: dict[str, Any] = {"kind": kind, "n": n, "setup_s": round(setup, 1),
+                              "loadavg_1m_before": round(os.getloadavg()[0], 1)}
     try:
         # paced: 50 changes/s, open loop (each change due at its time, whatever the previous did)
         first = client.snapshot()["revision"] + 1
@@ -277,6 +278,7 @@ def run_phase(kind: str, n: int, args: argparse.Namespace, stack: Any, gw_url: s
         }
     finally:
         clients.close()
+    result["loadavg_1m_after"] = round(os.getloadavg()[0], 1)  # the machine is shared: how busy it was
     print(json.dumps(result), flush=True)
     return result
 
@@ -289,7 +291,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         for kind in ("sse", "pyro"):  # in turns, each phase with fresh servers
             results.append(phase_with_fresh_servers(kind, n, args))
     report = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
-              "rate": args.rate, "seconds": args.seconds, "procs": args.procs, "results": results}
+              "rate": args.rate, "seconds": args.seconds, "procs": args.procs, "client_buffer": args.client_buffer,
+              "unpaced": args.unpaced, "results": results}
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
@@ -307,7 +310,7 @@ def phase_with_fresh_servers(kind: str, n: int, args: argparse.Namespace) -> dic
             model.wait_for_log(lambda line: line.get("event") == "registered", 60)
             port = _free_port()
             gateway = stack.process("gateway", identity="gateway", gateway_port=port, gateway_models=MODEL,
-                                    gateway_max_clients=20000)
+                                    gateway_max_clients=20000, gateway_client_buffer=args.client_buffer)
             gateway.wait_for_log(lambda line: line.get("event") == "gateway_started", 60)
             url = f"http://127.0.0.1:{port}"
             wait_until(lambda: b'"synced":true' in _get(f"{url}/models/{MODEL}"), 60, message="gateway synced")
@@ -328,10 +331,12 @@ def _get(url: str) -> bytes:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"Gateway benchmark: {report['machine']['cores']} cores, paced {report['rate']}/s for "
-             f"{report['seconds']} s, clients in {report['procs']} processes.", "",
+             f"{report['seconds']} s, unpaced {report['unpaced']} changes, clients in {report['procs']} processes, "
+             f"gateway client buffer {report['client_buffer']}.", "",
              "| N | clients | paced p50 / p99 / max ms | delivered (paced) | CPU µs/delivery gateway / model "
-             "| unpaced changes/s written / delivered to all | clients missing a change | snapshots after the first |",
-             "| ---: | --- | --- | --- | --- | --- | ---: | ---: |"]
+             "| unpaced changes/s written / delivered to all | clients missing a change | snapshots after the first "
+             "| load avg before / after |",
+             "| ---: | --- | --- | --- | --- | --- | ---: | ---: | --- |"]
     for r in report["results"]:
         p, u = r["paced"], r["unpaced"]
         kind = "SSE via gateway" if r["kind"] == "sse" else "direct Pyro5 viewers"
@@ -340,7 +345,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['n']} | {kind} | {p['p50_ms']} / {p['p99_ms']} / {p['max_ms']} | "
                      f"{p['delivered']} of {p['expected']} | {gw_cpu} / {cpu['model']} | "
                      f"{u['write_changes_per_s']} / {u['delivered_changes_per_s']} | "
-                     f"{p['clients_incomplete'] + u['clients_incomplete']} | {p['snapshots'] + u['snapshots']} |")
+                     f"{p['clients_incomplete'] + u['clients_incomplete']} | {p['snapshots'] + u['snapshots']} | "
+                     f"{r['loadavg_1m_before']} / {r['loadavg_1m_after']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -351,6 +357,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="length of the paced phase")
     p.add_argument("--rate", type=float, default=50.0, help="paced changes per second")
     p.add_argument("--unpaced", type=int, default=500, help="changes in the unpaced phase")
+    p.add_argument("--client-buffer", type=int, default=1024,
+                   help="MVC_GATEWAY_CLIENT_BUFFER (default 1024: holds the unpaced burst of 500; with the "
+                        "service default of 256 a client that falls further behind gets a snapshot instead)")
     p.add_argument("--name", default="gateway", help="bench-results/<name>.{json,md}")
     p.add_argument("--client", choices=["sse", "pyro"], help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, help=argparse.SUPPRESS)
