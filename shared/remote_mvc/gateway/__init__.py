@@ -13,7 +13,6 @@ import asyncio
 import logging
 import socket
 import threading
-import time
 from typing import Any
 
 import uvicorn
@@ -70,7 +69,7 @@ class Gateway(ViewerHost):
             return
         try:
             if event is None:
-                loop.call_soon_threadsafe(feed.on_snapshot, viewer.revision, dict(viewer.values), time.time())
+                loop.call_soon_threadsafe(feed.on_snapshot, viewer.revision, dict(viewer.values), viewer.clock())
             else:
                 loop.call_soon_threadsafe(feed.on_event, event)
         except RuntimeError:  # the loop closed meanwhile: we are stopping
