@@ -22,12 +22,15 @@ venv: $(VENV)/.installed ## create .venv with the project installed (editable) a
 $(RUNTIME)/credentials.json: | $(VENV)/.installed
 	@mkdir -p -m 700 $(RUNTIME)
 	$(PY) -c "from remote_mvc import generate_credentials; generate_credentials('$@')"
-	@echo "generated $@ (git-ignored): identities controller, admin, viewer"
+	@echo "generated $@ (git-ignored): identities controller, admin, service, viewer, gateway"
 
 credentials: $(RUNTIME)/credentials.json ## generate local secrets into runtime/ (once)
 
-run: venv credentials ## run the local stack in the foreground (name server, model, ticker, 3 viewers); Ctrl-C stops it
+run: venv credentials ## run the local stack in the foreground (name server, model, ticker, gateway, 3 viewers); Ctrl-C stops it
+	@# a credentials file from before the web gateway lacks its identity: make a new one
+	@grep -qs '"gateway"' $(RUNTIME)/credentials.json || { rm -f $(RUNTIME)/credentials.json; $(MAKE) --no-print-directory credentials; }
 	@echo "local stack: try  .venv/bin/remote-mvc-ctl query  and  .venv/bin/remote-mvc-ctl set name=newname value=99"
+	@echo "live page: http://127.0.0.1:8080/"
 	$(VENV)/bin/supervisord -c services/supervisord.conf
 
 test: venv ## the whole suite: unit, integration and end-to-end container tests

@@ -5,13 +5,14 @@
 #   make bench BENCH_ARGS=--proto     also the prototyped library changes (bench/proto), same run
 #   make bench-profile                py-spy profiles of the model server at N = 200
 #   make bench-commit                 concurrent controllers (group commit): changes/s with 1, 4, 16
+#   make bench-gateway                SSE clients of the web gateway beside direct viewers, N = 1, 100, 1000
 # Results: bench-results/latest.{json,md}, bench-results/fanout_p99.png (see docs/performance.md).
 
 BENCH_ARGS ?=
 BENCH_PY_DEPS := redis psutil numpy matplotlib py-spy
 APT_GET := env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q -y
 
-.PHONY: bench bench-quick bench-profile bench-deps bench-commit
+.PHONY: bench bench-quick bench-profile bench-deps bench-commit bench-gateway
 
 bench-deps: venv
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -37,3 +38,7 @@ bench-commit: bench-deps ## concurrent controllers: durable changes/s with 1, 4,
 .PHONY: bench-cluster
 bench-cluster: bench-deps ## cluster mode vs SQLite: changes/s, modify p50/p99, fan-out p99 with 1 and 3 replicas (bench-results/cluster.md)
 	$(PY) -m bench.cluster $(BENCH_ARGS)
+
+.PHONY: bench-gateway
+bench-gateway: bench-deps ## web gateway: N = 1, 100, 1000 SSE clients beside direct viewers (~10 min; bench-results/gateway.md)
+	$(PY) -m bench.gateway $(BENCH_ARGS)

@@ -45,15 +45,18 @@ images: wheels stack-env ## build the service and Prometheus images
 	  BASE_IMAGE="$$base" $(COMPOSE) build
 
 # Secrets: generated once into the git-ignored .env (compose reads it for ${MVC_CREDENTIALS}):
-# controller, admin and the service identity that model and ticker use to register names.
+# controller, admin, the service identity that model and ticker use to register names, and the
+# gateway identity (read + delegate) the web gateway proves to the model servers.
 stack-env:
-	@if ! grep -qs '^MVC_CREDENTIALS=.*service:service:' .env; then \
-	  echo "generating controller/admin/service secrets into .env (git-ignored)"; \
+	@if ! grep -qs '^MVC_CREDENTIALS=.*gateway:gateway:' .env; then \
+	  echo "generating controller/admin/service/gateway secrets into .env (git-ignored)"; \
 	  touch .env; sed -i '/^MVC_CREDENTIALS=/d' .env; \
-	  umask 077; $(STACK_PY) -c 'import secrets; t = secrets.token_hex; print(f"MVC_CREDENTIALS=controller:controller:{t(32)},admin:admin:{t(32)},service:service:{t(32)}")' >> .env; \
+	  umask 077; $(STACK_PY) -c 'import secrets; t = secrets.token_hex; print(f"MVC_CREDENTIALS=controller:controller:{t(32)},admin:admin:{t(32)},service:service:{t(32)},gateway:gateway:{t(32)}")' >> .env; \
 	fi
+	@# the web gateway (a compose profile) is part of the stack `make` runs
+	@grep -qs '^COMPOSE_PROFILES=' .env || echo 'COMPOSE_PROFILES=gateway' >> .env
 
-up: images ## build and start the Compose stack (3 viewers, Prometheus); plaintext
+up: images ## build and start the Compose stack (3 viewers, the web gateway, Prometheus); plaintext
 	@sed -i '/^COMPOSE_FILE=/d' .env
 	@$(MAKE) --no-print-directory up-services
 
@@ -63,6 +66,8 @@ up-services:
 	@port="$$($(COMPOSE) port prometheus 9090 2>/dev/null)"; \
 	echo; echo "remote-mvc is up ($(VIEWERS) viewers)."; \
 	echo "  Prometheus:   http://$${port:-127.0.0.1:9099}   (make metrics)"; \
+	gw="$$($(COMPOSE) port gateway 8080 2>/dev/null)"; \
+	echo "  Live page:    http://$${gw:-127.0.0.1:8080}/   (remote-mvc-ctl --gateway http://$${gw:-127.0.0.1:8080} watch)"; \
 	echo "  Controller:   make ctl   then e.g.  remote-mvc-ctl set name=demo value=1 / remote-mvc-ctl shell"; \
 	echo "  Viewer logs:  make logs SERVICE=viewer      All logs: make logs"; \
 	echo "  Scale:        make scale VIEWERS=5          Stop: make down"

@@ -29,7 +29,7 @@ tar -C "$root" --exclude='__pycache__' --exclude='*.pyc' -cf - \
     pyproject.toml shared services $(cd "$root" && ls -d README* LICENSE* setup.cfg setup.py MANIFEST.in 2>/dev/null) \
     | tar -C "$src" -xf -
 log "building the project wheel and collecting its dependencies into $out (pip: $PYTHON)"
-"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$out" --find-links "$out" "$src"
+"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$out" --find-links "$out" "$src[gateway]"
 # Wheels only: an sdist in here would need a build backend inside the image.
 if ls "$out" | grep -v -E '\.whl$' >/dev/null; then
     log "non-wheel files in $out:"; ls "$out" | grep -v -E '\.whl$' >&2; exit 1

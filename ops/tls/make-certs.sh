@@ -4,7 +4,7 @@
 #   ops/tls/make-certs.sh [OUTDIR] [EXTRA_SAN ...]        (OUTDIR defaults to certs/, git-ignored)
 #
 # OUTDIR/ca.crt, ca.key          the private CA (keep ca.key off the servers)
-# OUTDIR/<name>.crt, <name>.key  one per service (nameserver, model, ticker, viewer) with the
+# OUTDIR/<name>.crt, <name>.key  one per service (nameserver, model, ticker, viewer, gateway) with the
 #                                service name, localhost and 127.0.0.1 as subject alternative names,
 #                                and one per identity (controller, admin): the common name is the
 #                                identity a server grants to a client presenting the certificate.
@@ -43,7 +43,7 @@ issue() {
     echo "created $out/$name.crt"
 }
 
-for name in nameserver model ticker viewer controller admin; do
+for name in nameserver model ticker viewer gateway controller admin; do
     issue "$name"
 done
 chmod 644 "$out"/*.crt

@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="", help="name to use: 'model', 'ticker' or a full registered name")
     p.add_argument("--identity", default=None, help="identity to authenticate as (default: MVC_IDENTITY, "
                                                      "else 'controller' when its secret is available)")
+    p.add_argument("--gateway", default="", metavar="URL", help="go through a web gateway (http://host:port): "
+                   "query, set, history, watch, viewers, whoami, with no callback into this shell")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("query", help="print the values")
     s = sub.add_parser("set", help="change fields: set name=new value=99")
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.identity is not None:
             settings = settings.replace(identity=args.identity)
         name = _name(args.model, settings)
+        if args.gateway:
+            from ._cli_gateway import run_via_gateway  # HTTP only; no Pyro5 connection
+            return run_via_gateway(args, settings, name)
         rm = ModelClient(name, settings, default_identity="controller", retry_seconds=3.0)
         return COMMANDS[args.command](rm, args, settings, name)
     except (MVCError, CommunicationError, PyroError) as exc:

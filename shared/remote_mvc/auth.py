@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 READ, MODIFY, DROP, REGISTER = "read", "modify", "drop", "register"
-DELEGATE = "delegate"  # act on behalf of another identity (the web gateway's modify(on_behalf_of=...))
+DELEGATE = "delegate"  # act on behalf of another identity (the web gateway's modify_for(identity, ...))
 # Not a role's permission: the method checks a secret capability it was given (a viewer's notify
 # carries its subscription's capability; see remote_mvc.viewer), so no role is checked.
 CAPABILITY = "capability"
@@ -137,9 +137,9 @@ class Credentials:
 
 
 def generate_credentials(path: str | Path) -> Credentials:
-    """Create a credentials file: controller, admin, service and viewer identities."""
+    """Create a credentials file: controller, admin, service, viewer and gateway identities."""
     creds = Credentials(Identity(name, name, (secrets.token_hex(32),))
-                        for name in ("controller", "admin", "service", "viewer"))
+                        for name in ("controller", "admin", "service", "viewer", "gateway"))
     creds.dump(path)
     return creds
 

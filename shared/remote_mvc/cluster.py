@@ -327,8 +327,8 @@ class EtcdPipeline(Pipeline):
         return pending.outcome()
 
     def enqueue(self, normalized: dict[str, Any], identity: str, address: str | None, request_id: str | None,
-                audited: bool = True, expected_revision: int | None = None) -> Pending:
-        pending = super().enqueue(normalized, identity, address, request_id, audited, expected_revision)
+                audited: bool = True, expected_revision: int | None = None, via: str | None = None) -> Pending:
+        pending = super().enqueue(normalized, identity, address, request_id, audited, expected_revision, via)
         # answered within the caller's call timeout, however long the queue ahead of it
         pending.deadline = self.monotonic() + 0.7 * self.call_timeout
         return pending
@@ -393,7 +393,8 @@ class EtcdPipeline(Pipeline):
                 result = "conflict" if isinstance(exc, ConflictError) else "invalid"
                 self._fail([p], result, exc, record=p.audited)
                 continue
-            event = self.event(normalized, p.identity, p.event.get("request"), base=(revision, values))
+            event = self.event(normalized, p.identity, p.event.get("request"), base=(revision, values),
+                               via=p.event.get("via"))
             event["epoch"] = base.epoch
             if "request" not in event:
                 event["txn"] = keys[id(p)]
@@ -418,7 +419,7 @@ class EtcdPipeline(Pipeline):
             if p.audited:
                 record = {"time": p.event["time"], "action": "modify", "identity": p.identity, "client": p.address,
                           "result": "accepted", "model": self.name, "changes": p.changes, "revision": p.revision,
-                          "request": p.event.get("request")}
+                          "request": p.event.get("request"), **({"via": p.event["via"]} if "via" in p.event else {})}
                 success.append({"request_put": {"key": b64(self.k_audit + rev_key(p.revision)),
                                                 "value": b64(json.dumps(record, default=repr))}})
             success.append({"request_put": {"key": rkey, "value": b64(str(p.revision))}})
@@ -486,7 +487,8 @@ class EtcdPipeline(Pipeline):
             try:
                 self.audit.record_many([("modify", p.identity, p.address, "accepted",
                                          {"model": self.name, "changes": p.changes, "revision": p.revision,
-                                          "request": p.event.get("request"), "epoch": base.epoch})
+                                          "request": p.event.get("request"), "epoch": base.epoch,
+                                          **({"via": p.event["via"]} if "via" in p.event else {})})
                                         for p in audited])
             except MVCError as exc:
                 log_event(log, "audit_mirror_failed", "the local copy of accepted audit records failed "

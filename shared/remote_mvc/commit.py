@@ -145,7 +145,8 @@ class Pipeline:
         return self.revision, self.values
 
     def event(self, normalized: dict[str, Any], identity: str, request_id: str | None,
-              at: float | None = None, base: tuple[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+              at: float | None = None, base: tuple[int, dict[str, Any]] | None = None,
+              via: str | None = None) -> dict[str, Any]:
         """The change event of an already validated change, at the revision after ``base`` (default
         :meth:`head`)."""
         revision, values = base or self.head()
@@ -157,14 +158,16 @@ class Pipeline:
         }
         if request_id is not None:
             event["request"] = request_id
+        if via is not None:  # made through a delegate (the web gateway) for ``identity``
+            event["via"] = via
         if self.epoch is not None:
             event["epoch"] = self.epoch
         return event
 
     def enqueue(self, normalized: dict[str, Any], identity: str, address: str | None, request_id: str | None,
-                audited: bool = True, expected_revision: int | None = None) -> Pending:
+                audited: bool = True, expected_revision: int | None = None, via: str | None = None) -> Pending:
         """Give a validated change the next revision and queue it for storage (lock held)."""
-        pending = Pending(self.event(normalized, identity, request_id), normalized, address, audited,
+        pending = Pending(self.event(normalized, identity, request_id, via=via), normalized, address, audited,
                           expected_revision)
         self.queue.append(pending)
         if request_id is not None:
@@ -221,7 +224,7 @@ class GroupCommit(Pipeline):
             try:
                 normalized = self.schema.validate(self.values, record.get("changes") or {})
                 at = datetime.fromisoformat(record["time"]).timestamp()
-                event = self.event(normalized, record["identity"], record.get("request"), at)
+                event = self.event(normalized, record["identity"], record.get("request"), at, via=record.get("via"))
                 self.store.commit(self.name, event)
             except (MVCError, KeyError, TypeError, ValueError) as exc:
                 log_event(log, "roll_forward_failed", "an audited change could not be applied at start-up",
@@ -263,7 +266,9 @@ class GroupCommit(Pipeline):
             if audited:
                 self.audit.record_many([("modify", p.identity, p.address, "accepted",
                                          {"model": self.name, "changes": p.changes, "revision": p.revision,
-                                          "request": p.event.get("request")}) for p in audited])
+                                          "request": p.event.get("request"),
+                                          **({"via": p.event["via"]} if "via" in p.event else {})})
+                                        for p in audited])
         except PersistenceError as exc:
             self._fail(batch, "audit_failed", "modify_refused", "audit log not writable: change refused", str(exc))
             return

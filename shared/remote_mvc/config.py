@@ -96,6 +96,15 @@ class Settings:
     register_interval: float = 2.0  # how often services check their name server registration
     # ticker
     ticker_interval: float = 1.0
+    # web gateway (remote-mvc-gateway): HTTP API, event streams and the live page
+    gateway_port: int = 8080  # where its HTTP server listens (on MVC_HOST); 0: an ephemeral port
+    gateway_models: str = ""  # comma-separated model names it serves; empty: the model and the ticker
+    gateway_ring: int = 1000  # recent change events kept per model so a stream resumes exactly
+    gateway_client_buffer: int = 256  # events queued for one stream client; beyond, it gets a snapshot
+    gateway_send_timeout: float = 10.0  # a stream client that takes longer to accept a write is dropped
+    gateway_heartbeat: float = 15.0  # seconds between keep-alive comments on an idle stream
+    gateway_max_clients: int = 10000  # stream clients at once (all models); beyond, 503
+    gateway_max_body: int = 65536  # bytes of a modify request body; beyond, 413
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -126,7 +135,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("lease_seconds", "call_timeout", "ticker_interval", "register_interval", "handshake_timeout",
-                     "idle_timeout", "anonymous_idle_timeout"):
+                     "idle_timeout", "anonymous_idle_timeout", "gateway_send_timeout", "gateway_heartbeat"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive")
         tls = [self.tls_ca, self.tls_cert, self.tls_key]
@@ -148,7 +157,8 @@ class Settings:
             raise ConfigError(f"{PREFIX}AUDIT_REFUSALS_PER_SECOND must be positive")
         for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size", "max_subscriptions_per_identity",
                      "max_subscriptions_per_address", "audit_refusal_burst", "max_connections_per_address",
-                     "max_request_bytes", "max_anonymous_request_bytes"):
+                     "max_request_bytes", "max_anonymous_request_bytes", "gateway_ring", "gateway_client_buffer",
+                     "gateway_max_clients", "gateway_max_body"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
 
@@ -156,6 +166,11 @@ class Settings:
     @property
     def tls(self) -> bool:
         return bool(self.tls_ca)
+
+    @property
+    def gateway_model_names(self) -> list[str]:
+        names = [n.strip() for n in self.gateway_models.split(",") if n.strip()]
+        return names or [self.model_name, self.ticker_name]
 
     @property
     def watched_name(self) -> str:

@@ -18,7 +18,8 @@ serializer, so a client catches ``ValidationError`` rather than a generic error.
     ├── SubscriptionError      unknown or expired subscription (lease ran out)
     ├── LimitExceeded          a per-identity or per-address limit was reached (subscriptions)
     ├── HistoryCompacted       the history no longer reaches back that far: take a snapshot
-    └── ServiceUnavailable     a service could not be found or reached in time
+    ├── ServiceUnavailable     a service could not be found or reached in time
+    └── GatewayError           the web gateway answered with an HTTP error no other class fits
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "LimitExceeded",
     "HistoryCompacted",
     "ServiceUnavailable",
+    "GatewayError",
 ]
 
 
@@ -92,6 +94,14 @@ class HistoryCompacted(MVCError):
 
 class ServiceUnavailable(MVCError):
     """A service could not be located or reached within the time allowed."""
+
+
+class GatewayError(MVCError):
+    """An HTTP error from the web gateway (unknown model 404, body too large 413, ...)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _register_wire_types() -> None:

@@ -110,6 +110,24 @@ class Metrics:
         self.elected = Gauge(
             "remote_mvc_cluster_elected", "1 while this process holds an election it takes part in (the active "
             "ticker).", ["election"], registry=r)
+        # the web gateway (remote_mvc.gateway): its HTTP stream clients
+        self.gateway_clients = Gauge(
+            "remote_mvc_gateway_clients", "Event-stream (SSE) clients connected to the gateway.", ["model"],
+            registry=r)
+        self.gateway_events_sent = Counter(
+            "remote_mvc_gateway_events_sent", "Change events written to stream clients.", ["model"], registry=r)
+        self.gateway_resumes = Counter(
+            "remote_mvc_gateway_resumes", "Streams resumed exactly from a revision, by source (ring or history).",
+            ["model", "source"], registry=r)
+        self.gateway_snapshots = Counter(
+            "remote_mvc_gateway_snapshots", "Snapshot events sent to stream clients, by reason.",
+            ["model", "reason"], registry=r)
+        self.gateway_slow_dropped = Counter(
+            "remote_mvc_gateway_slow_clients_dropped", "Stream clients dropped for not reading in time.",
+            ["model"], registry=r)
+        self.gateway_requests = Counter(
+            "remote_mvc_gateway_requests", "HTTP requests answered by the gateway, by route and status.",
+            ["route", "status"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -134,8 +134,9 @@ class ModelServer:
                  batch_max: int = 500, history_limit: int = 10000,
                  clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
                  max_subscriptions_per_identity: int = 1000, max_subscriptions_per_address: int = 200,
-                 callback_hosts: Iterable[str] = ()) -> None:
+                 callback_hosts: Iterable[str] = (), role_of: Callable[[str], str | None] | None = None) -> None:
         self._name = name
+        self._role_of = role_of  # identity -> role from this server's own table; None: no delegation
         self._max_per_identity = max_subscriptions_per_identity
         self._max_per_address = max_subscriptions_per_address
         self._callback_hosts = frozenset(h.strip().strip("[]") for h in callback_hosts if h.strip())
@@ -243,7 +244,34 @@ class ModelServer:
         ``request_id`` (optional, unique per change) makes retries safe: a request
         id seen before returns the revision it produced without applying again.
         """
-        identity, role, address = auth.caller()
+        identity, _, address = auth.caller()
+        return self._modify(changes, expected_revision, request_id, identity, address)
+
+    @auth.remote(auth.DELEGATE)
+    def modify_for(self, on_behalf_of: str, changes: dict[str, Any], expected_revision: int | None = None,
+                   request_id: str | None = None) -> int:
+        """:meth:`modify` for another identity (the web gateway acting for a person it authenticated).
+
+        The caller needs ``delegate`` (role ``gateway``); the named identity's role is looked up in
+        this server's own credentials table and must hold ``modify``; the change is audited and
+        published as that identity, with ``via`` naming the caller.
+        """
+        via, _, address = auth.caller()
+        if not isinstance(on_behalf_of, str) or not 0 < len(on_behalf_of) <= 128:
+            exc = PermissionDenied("on_behalf_of must name an identity (at most 128 characters)")
+            self._refused(_summary(on_behalf_of), address, changes, "forbidden", exc, via=via)
+            raise exc
+        role = self._role_of(on_behalf_of) if self._role_of is not None else None
+        if role is None or auth.MODIFY not in auth.ROLES.get(role, ()):
+            exc = PermissionDenied(f"{on_behalf_of} ({role or 'unknown identity'}) via {via} may not modify"
+                                   + ("" if self._role_of is not None else ": delegation not enabled here"))
+            self._refused(on_behalf_of, address, changes, "forbidden", exc, via=via)
+            raise exc
+        return self._modify(changes, expected_revision, request_id, on_behalf_of, address, via)
+
+    def _modify(self, changes: Any, expected_revision: Any, request_id: Any, identity: str, address: str | None,
+                via: str | None = None) -> int:
+        """The one path of a remote change: request id dedupe, validation, the commit pipeline."""
         if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 128):
             raise ValidationError("request_id must be a string of at most 128 characters")
         with self._lock:
@@ -259,13 +287,13 @@ class ModelServer:
                     if expected_revision is not None and expected_revision != revision:
                         raise ConflictError(f"expected revision {expected_revision}, model is at {revision}")
                 except ConflictError as exc:
-                    self._refused(identity, address, changes, "conflict", exc)
+                    self._refused(identity, address, changes, "conflict", exc, via=via)
                     raise
                 except ValidationError as exc:
-                    self._refused(identity, address, changes, "invalid", exc)
+                    self._refused(identity, address, changes, "invalid", exc, via=via)
                     raise
                 pending = self._enqueue(normalized, identity, address, request_id,
-                                        expected_revision=expected_revision)
+                                        expected_revision=expected_revision, via=via)
         return self._commit(pending)
 
     def _modify_local(self, changes: dict[str, Any], identity: str, expected_revision: int | None = None) -> int:
@@ -284,29 +312,30 @@ class ModelServer:
         return self._pipeline.head()
 
     def _enqueue(self, normalized: dict[str, Any], identity: str, address: str | None, request_id: str | None,
-                 audited: bool = True, expected_revision: int | None = None) -> Pending:
+                 audited: bool = True, expected_revision: int | None = None, via: str | None = None) -> Pending:
         """Queue a validated change for the commit pipeline (lock held)."""
-        return self._pipeline.enqueue(normalized, identity, address, request_id, audited, expected_revision)
+        return self._pipeline.enqueue(normalized, identity, address, request_id, audited, expected_revision, via)
 
     def _commit(self, pending: Pending) -> int:
         """Make ``pending`` durable, applied and published; its revision, or its error raised."""
         return self._pipeline.commit(pending)
 
-    def _refused(self, identity: str, address: str | None, changes: Any, result: str, exc: MVCError) -> None:
+    def _refused(self, identity: str, address: str | None, changes: Any, result: str, exc: MVCError,
+                 via: str | None = None) -> None:
         """A modify refused by the model (invalid, conflict): counted, logged, audited with its changes."""
         auth.mark_audited(exc)
         self._metrics.modifications.labels(self._name, result).inc()
         self._metrics.refusals.labels("modify", result).inc()
         log_event(log, "modify_refused", f"modify refused: {exc}", level=logging.WARNING, model=self._name,
-                  identity=identity, client=address, result=result)
-        self._record_refusal(identity, address, changes, result, str(exc), throttled=True)
+                  identity=identity, client=address, result=result, via=via)
+        self._record_refusal(identity, address, changes, result, str(exc), throttled=True, via=via)
 
     def _record_refusal(self, identity: str, address: str | None, changes: Any, result: str, error: str,
-                        throttled: bool = False) -> None:
+                        throttled: bool = False, via: str | None = None) -> None:
         record = self._audit.refusal if throttled else self._audit.record
         try:
             record("modify", identity, address, result, model=self._name, changes=_summary(changes),
-                   error=error[:1000])
+                   error=error[:1000], **({"via": via} if via else {}))
         except PersistenceError:
             pass  # counted in the metric; the refusal stands either way
 
@@ -549,7 +578,7 @@ class ModelService(Service):
             history_limit=settings.history_limit, clock=clock,
             max_subscriptions_per_identity=settings.max_subscriptions_per_identity,
             max_subscriptions_per_address=settings.max_subscriptions_per_address,
-            callback_hosts=settings.callback_hosts.split(","))
+            callback_hosts=settings.callback_hosts.split(","), role_of=self._role_of)
         self.refusal_audit = self.audit
         self.membership = None
         if is_etcd(settings.store):  # cluster mode: one name per replica, found through the group's metadata
@@ -572,3 +601,8 @@ class ModelService(Service):
 
     def healthy(self) -> bool:
         return super().healthy() and self.model.healthy()
+
+    def _role_of(self, identity: str) -> str | None:
+        """The role of ``identity`` in this service's credentials table (for delegated modifies)."""
+        ident = self.credentials.get(identity)
+        return ident.role if ident is not None else None

@@ -130,8 +130,10 @@ class Stack:
         self.controller_secret = secrets.token_hex(16)
         self.admin_secret = secrets.token_hex(16)
         self.service_secret = secrets.token_hex(16)
+        self.gateway_secret = secrets.token_hex(16)
         self.credentials = (f"controller:controller:{self.controller_secret},"
-                            f"admin:admin:{self.admin_secret},service:service:{self.service_secret}")
+                            f"admin:admin:{self.admin_secret},service:service:{self.service_secret},"
+                            f"gateway:gateway:{self.gateway_secret}")
         # services prove the service identity, so the name server is protected as in production
         base = {"state_dir": str(self.state_dir), "ns_port": 0, "port": 0, "metrics_port": -1, "identity": "service",
                 "lease_seconds": 2.0, "call_timeout": 1.0, "register_interval": 0.5,
@@ -169,6 +171,17 @@ class Stack:
         host.start()
         wait_until(lambda: host.wait_subscribed(0.05), 10, message="viewers to subscribe")
         return host, views
+
+    def gateway(self, **overrides: Any) -> Any:
+        """Start a web gateway (``remote_mvc.gateway.Gateway``) on an ephemeral HTTP port, in this
+        process, once its viewers are subscribed; needs the ``gateway`` extra."""
+        from .gateway import Gateway
+
+        gw = Gateway(self.settings.replace(service="gateway", identity="gateway", gateway_port=0, **overrides))
+        self._services.append(gw)
+        gw.start()
+        wait_until(lambda: gw.wait_subscribed(0.05), 10, message="the gateway to subscribe")
+        return gw
 
     def client(self, identity: str | None = "controller", model: str | None = None,
                retry_seconds: float = 5.0, **overrides: Any) -> ModelClient:

@@ -93,7 +93,7 @@ def e2e_images(docker_engine: None, tmp_path_factory: pytest.TempPathFactory) ->
         "REMOTE_MVC_IMAGE": REMOTE_MVC_IMAGE,
         "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
         "MVC_CREDENTIALS": (f"controller:controller:{secrets.token_hex(32)},admin:admin:{secrets.token_hex(32)},"
-                            f"service:service:{secrets.token_hex(32)}"),
+                            f"service:service:{secrets.token_hex(32)},gateway:gateway:{secrets.token_hex(32)}"),
     }
     reuse = (
         os.environ.get("E2E_REUSE_IMAGES") == "1"
@@ -130,6 +130,8 @@ def stack(e2e_images: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
         "VIEWERS": "3",
         "PROMETHEUS_PORT": "",
         "PROMETHEUS_BIND": "127.0.0.1",
+        "GATEWAY_PORT": "",  # an ephemeral host port for the web gateway
+        "GATEWAY_BIND": "127.0.0.1",
         "MVC_LEASE_SECONDS": "6",
         "MVC_TICKER_INTERVAL": "0.5",
     }

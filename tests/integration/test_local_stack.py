@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 from remote_mvc import generate_credentials
@@ -54,6 +55,13 @@ def test_local_stack_under_supervisord(tmp_path):
                             and r.get("revision") == 1} == {"viewer-0", "viewer-1", "viewer-2"}, 15,
                    message="every viewer to log the new values")
         assert json.loads(ctl("--json", "--model", "ticker", "query").stdout)["values"]["tick"] >= 0
+        # the web gateway: the live page, and the same values through --gateway
+        wait_until(lambda: any(r.get("event") == "gateway_started" for r in records()), 30,
+                   message="the gateway to start")
+        with urllib.request.urlopen("http://127.0.0.1:8080/", timeout=10) as reply:
+            assert b"/app.js" in reply.read()
+        out = ctl("--json", "--gateway", "http://127.0.0.1:8080", "query")
+        assert out.returncode == 0 and json.loads(out.stdout)["values"] == {"name": "newname", "value": 99}, out
         assert all({"timestamp", "level", "service", "logger", "event"} <= r.keys()
                    for r in records() if r.get("logger", "").startswith("remote_mvc"))
     finally:
@@ -63,6 +71,6 @@ def test_local_stack_under_supervisord(tmp_path):
     events = [(r.get("service"), r.get("event")) for r in records()]
     unsubscribed = [i for i, e in enumerate(events) if e == ("model", "viewer_unsubscribed")]
     model_stop = events.index(("model", "service_stopped"))
-    assert len(unsubscribed) == 3 and max(unsubscribed) < model_stop
+    assert len(unsubscribed) == 4 and max(unsubscribed) < model_stop  # the 3 viewers and the gateway
     assert sum(e == ("viewer", "service_stopped") for e in events) == 3
     assert sup.returncode == 0

@@ -50,7 +50,7 @@ def test_surface_tables_are_exactly_what_pyro5_exposes():
         assert exposed["attrs"] == set(), cls  # no properties
     assert dict(ModelServer.SURFACE) == {
         "query": "read", "snapshot": "read", "schema": "read", "history": "read", "whoami": "read",
-        "modify": "modify", "subscribe": "read", "renew": "read", "unsubscribe": "read", "viewers": "read",
+        "modify": "modify", "modify_for": "delegate", "subscribe": "read", "renew": "read", "unsubscribe": "read", "viewers": "read",
         "drop_viewer": "drop"}
     assert dict(Viewer.SURFACE) == {"notify": "capability"}
     assert GuardedNameServer.SURFACE["register"] == "register" and OpenNameServer.SURFACE["register"] == "read"
@@ -98,6 +98,7 @@ def test_each_daemon_serves_its_table_and_no_lifecycle(stack):
 def call_model(p, method, viewer_id):
     args = {
         "query": (), "snapshot": (), "schema": (), "history": (0,), "whoami": (), "modify": ({"value": 7},),
+        "modify_for": ("controller", {"value": 8}),
         "subscribe": (f"PYRO:viewer.{viewer_id}@127.0.0.1:9", viewer_id), "renew": ([],),
         "unsubscribe": ("nobody/0",), "viewers": (), "drop_viewer": ("nobody",),
     }[method]

@@ -96,7 +96,7 @@ def test_credentials_parse_and_file_roundtrip(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     loaded = Credentials.load(path)
     assert loaded.get("controller").secrets == made.get("controller").secrets
-    assert {i.role for i in loaded.by_name.values()} == {"viewer", "controller", "admin", "service"}
+    assert {i.role for i in loaded.by_name.values()} == {"viewer", "controller", "admin", "service", "gateway"}
     with pytest.raises(ConfigError):
         Credentials.load(tmp_path / "missing.json")
 
