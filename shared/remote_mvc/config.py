@@ -47,6 +47,9 @@ class Settings:
     state_path: str = ""  # empty: <state_dir>/<service>.sqlite3
     audit_path: str = ""  # empty: <state_dir>/<service>-audit.jsonl
     history_limit: int = 10000  # change events kept for catch-up
+    # write-ahead log bytes past which the store empties it (TRUNCATE checkpoint); keeps the WAL from
+    # eating a small state volume (the volume should hold several times this plus the database)
+    wal_limit_bytes: int = 4 * 1024 * 1024
     # credentials
     credentials: str = ""  # inline table: "identity:role:secret[:secret2],..."
     credentials_file: str = ""  # empty: <state_dir>/credentials.json when it exists
@@ -112,7 +115,7 @@ class Settings:
             # Pyro5's multiplex server selects on the raw socket: a second message already decrypted
             # into the TLS layer's buffer would wait there unseen until more bytes arrive
             raise ConfigError(f"{PREFIX}VIEWER_SERVER=multiplex does not work with TLS; use thread")
-        for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size"):
+        for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size", "wal_limit_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
 

@@ -444,7 +444,7 @@ class ModelService(Service):
         from .model import ExampleModel
 
         name = name or settings.model_name
-        self.store = Store(settings.state_file(), settings.history_limit)
+        self.store = Store(settings.state_file(), settings.history_limit, wal_limit=settings.wal_limit_bytes)
         self.audit = AuditLog(settings.audit_file(), self.metrics, clock=clock)
         self.model = ModelServer(
             name, schema or ExampleModel, self.store, self.audit, self.metrics,
