@@ -71,6 +71,9 @@ class Settings:
     # hosts many viewers, but their handlers run one at a time)
     viewer_server: str = "thread"
     register_interval: float = 2.0  # how often services check their name server registration
+    # cap of the jittered exponential backoff of every retry and reconnect loop (viewers re-subscribing,
+    # services re-registering, clients reconnecting): after a restart, clients come back spread over it
+    retry_backoff_max: float = 5.0
     # ticker
     ticker_interval: float = 1.0
 
@@ -103,7 +106,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("lease_seconds", "call_timeout", "ticker_interval", "register_interval", "handshake_timeout",
-                     "idle_timeout"):
+                     "idle_timeout", "retry_backoff_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive")
         tls = [self.tls_ca, self.tls_cert, self.tls_key]

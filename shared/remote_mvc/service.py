@@ -23,6 +23,7 @@ from Pyro5 import config as pyro_config
 from Pyro5 import socketutil
 from Pyro5.errors import CommunicationError, NamingError, PyroError
 
+from ._backoff import Backoff
 from ._daemons import AuthDaemon
 from ._hardening import harden_pyro
 from .auth import Authenticator, AuthProxy, Credentials, client_credentials
@@ -189,6 +190,7 @@ class Service:
         """Make sure each name points at us; after a name server restart, register again."""
         ns = None
         interval = self.settings.register_interval
+        backoff = Backoff(0.05, min(self.settings.retry_backoff_max, interval))
         identity, secret = client_credentials(self.settings)
         while not self._stopping.is_set():
             try:
@@ -206,6 +208,7 @@ class Service:
                                   uri=str(uri), replaced=str(current) if current else None)
                     self._registered.add(name)
                 wait = interval
+                backoff.reset()
             except (CommunicationError, PyroError, OSError, MVCError) as exc:
                 if isinstance(exc, MVCError):
                     log_event(log, "register_refused", f"the name server refused us: {exc}", level=logging.ERROR,
@@ -217,7 +220,7 @@ class Service:
                 if ns is not None:
                     ns._pyroRelease()
                 ns = None
-                wait = min(0.5, interval)
+                wait = backoff.next()  # jittered: every service re-registers after a name server restart
             self._stopping.wait(wait)
         if ns is not None:
             ns._pyroRelease()
