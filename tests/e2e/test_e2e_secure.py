@@ -42,7 +42,7 @@ def test_controller_with_a_valid_identity_modifies_over_tls(secure_stack):
     ({"MVC_CREDENTIALS": "", "MVC_IDENTITY": "", "MVC_TLS_CERT": "/certs/viewer.crt",
       "MVC_TLS_KEY": "/certs/viewer.key"}, 1),
     # plaintext: refused at connect
-    ({"MVC_TLS_CA": "", "MVC_TLS_CERT": "", "MVC_TLS_KEY": ""}, 2),
+    ({"MVC_TLS_CA": "", "MVC_TLS_CERT": "", "MVC_TLS_KEY": ""}, 69),
 ])
 def test_controller_without_a_valid_identity_cannot(secure_stack, env, exit_code):
     before = secure_stack.snapshot()
