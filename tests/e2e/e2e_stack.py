@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 WHEELHOUSE = REPO / "build" / "wheelhouse"
-SERVICES = ("nameserver", "model", "ticker", "viewer", "prometheus")
+SERVICES = ("nameserver", "model", "ticker", "viewer", "prometheus", "alertmanager")
 MODEL = "remote_mvc.model"
 TICKER = "remote_mvc.ticker"
 
