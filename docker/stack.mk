@@ -62,6 +62,7 @@ stack-env:
 	fi
 
 up: images ## build and start the Compose stack (3 viewers, Prometheus, Alertmanager); plaintext, offline
+	@echo "make up = make wheels (offline packages) + base image ($$(docker/base-image.sh 2>/dev/null)) + docker compose build + docker compose up -d --wait"
 	@sed -i '/^COMPOSE_FILE=/d' .env
 	@$(MAKE) --no-print-directory up-services
 

@@ -20,6 +20,7 @@ from .errors import (
     PersistenceError,
     ServiceUnavailable,
     SubscriptionError,
+    UsageError,
     ValidationError,
 )
 from .logs import configure_logging, log_event
@@ -38,7 +39,7 @@ __all__ = [
     "Credentials", "Identity", "generate_credentials",
     "Settings",
     "AuthProxy", "ModelClient", "connect", "resolve",
-    "MVCError", "ConfigError", "ValidationError", "ConflictError", "AuthError", "AuthenticationError",
+    "MVCError", "ConfigError", "UsageError", "ValidationError", "ConflictError", "AuthError", "AuthenticationError",
     "PermissionDenied", "PersistenceError", "SubscriptionError", "HistoryCompacted", "ServiceUnavailable",
     "configure_logging", "log_event",
     "Metrics", "MetricsServer",

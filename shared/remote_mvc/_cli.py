@@ -35,7 +35,7 @@ from Pyro5.errors import CommunicationError, PyroError
 
 from .config import Settings
 from .controller import ModelClient
-from .errors import ConfigError, MVCError, ServiceUnavailable, ValidationError
+from .errors import ConfigError, MVCError, ServiceUnavailable, UsageError, ValidationError
 from .logs import configure_logging
 from .metrics import Metrics
 from .model import Field
@@ -48,10 +48,6 @@ EXIT_CODES = """exit codes:
   1   refused or failed (validation, conflict, permission, persistence, unhealthy)
   2   usage (bad arguments, malformed FIELD=VALUE)
   69  unavailable (name server or model server unreachable)"""
-
-
-class UsageError(Exception):
-    """Arguments argparse accepted but the command cannot use (exit 2)."""
 
 
 class CtlClient(Protocol):

@@ -13,7 +13,7 @@ PROBE = Path(__file__).resolve().parents[2] / "docker" / "healthz.sh"
 
 
 def probe(port: int, timeout: str = "5") -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "MVC_METRICS_PORT": str(port), "MVC_HEALTHZ_TIMEOUT": timeout}
+    env = {"PATH": "/usr/bin:/bin", "MVC_METRICS_PORT": str(port), "HEALTHZ_TIMEOUT": timeout}
     return subprocess.run(["bash", str(PROBE)], env=env, capture_output=True, text=True, timeout=30)
 
 
