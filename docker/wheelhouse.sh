@@ -30,6 +30,10 @@ tar -C "$root" --exclude='__pycache__' --exclude='*.pyc' -cf - \
     | tar -C "$src" -xf -
 log "building the project wheel and collecting its dependencies into $out (pip: $PYTHON)"
 "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$out" --find-links "$out" "$src[gateway]"
+# The image builds the project from its sources (pip's isolated build): the build backend must be
+# here too for that to work offline.
+"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$out" --find-links "$out" \
+    "$(sed -n 's/^requires = \["\([^"]*\)".*/\1/p' pyproject.toml | head -1)" wheel
 # Wheels only: an sdist in here would need a build backend inside the image.
 if ls "$out" | grep -v -E '\.whl$' >/dev/null; then
     log "non-wheel files in $out:"; ls "$out" | grep -v -E '\.whl$' >&2; exit 1

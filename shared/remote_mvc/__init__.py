@@ -22,6 +22,7 @@ from .errors import (
     PersistenceError,
     ServiceUnavailable,
     SubscriptionError,
+    UsageError,
     ValidationError,
 )
 from .logs import configure_logging, log_event
@@ -40,7 +41,7 @@ __all__ = [
     "Credentials", "Identity", "generate_credentials",
     "Settings",
     "AuthProxy", "ModelClient", "connect", "resolve",
-    "MVCError", "ConfigError", "ValidationError", "ConflictError", "AuthError", "AuthenticationError",
+    "MVCError", "ConfigError", "UsageError", "ValidationError", "ConflictError", "AuthError", "AuthenticationError",
     "PermissionDenied", "PersistenceError", "SubscriptionError", "LimitExceeded", "HistoryCompacted",
     "ServiceUnavailable", "GatewayError",
     "configure_logging", "log_event",

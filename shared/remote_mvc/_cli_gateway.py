@@ -103,7 +103,7 @@ def _watch(api: GatewayClient, args: argparse.Namespace, name: str) -> int:
 def _viewers(api: GatewayClient, args: argparse.Namespace, name: str) -> int:
     viewers = api.viewers(name)
     lines = [f"{len(viewers)} viewer(s)"] + [
-        f"  {v['viewer_id']:<30} revision {v['delivered_revision']:<6} queued {v['queued']:<4} {v['uri']}"
+        f"  {v['viewer_id']:<30} revision {v['delivered_revision']:<6} queued {v['queued']:<4} {v.get('uri', '')}"
         for v in viewers]
     _print(viewers, args.json, "\n".join(lines))
     return 0

@@ -11,7 +11,20 @@ Events older than the history limit are pruned in the same transaction.
 The WAL is checkpointed into the database file by a thread of the store's own,
 never by a commit: SQLite's automatic checkpoint runs inside the commit that
 crosses its threshold and syncs the database file there, a 5–20 ms stall of one
-change in every few hundred. The checkpointer survives any error: logged,
+change in every few hundred. Every ``checkpoint_every`` commits it runs a PASSIVE
+checkpoint (never blocks a writer, never shrinks the file); when the WAL file has
+grown past ``wal_limit`` bytes it runs a TRUNCATE checkpoint, which empties the
+file (writers wait for it, a few ms).
+
+A full disk must not wedge the store. A WAL that is never emptied eats any space
+freed after a disk-full episode (each retried commit appends to it while the
+checkpoint that would empty it needs the database file to grow first), and the
+store would stay full for good, even across a restart. So after a commit is
+refused for a full disk, the next commit first runs a TRUNCATE checkpoint itself
+and is refused (naming the full disk) until that checkpoint succeeds: freed space
+goes to emptying the WAL first, and changes go through again without a restart.
+
+The checkpointer survives any error: logged,
 counted (``remote_mvc_loop_errors_total{loop="checkpointer"}``), tried again at
 the next round.
 
@@ -21,6 +34,7 @@ it; SQLite gives its -wal and -shm files the database file's mode.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sqlite3
@@ -30,12 +44,14 @@ from typing import TYPE_CHECKING, Any
 
 from ._files import create_private
 from .errors import PersistenceError
-from .logs import log_exception
+from .logs import log_event, log_exception
 
 if TYPE_CHECKING:
     from .metrics import Metrics
 
 log = logging.getLogger("remote_mvc.store")
+
+DEFAULT_WAL_LIMIT = 4 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (
@@ -56,14 +72,19 @@ class Store:
     """Durable values, revision and history of one or more models in one file."""
 
     def __init__(self, path: str | Path, history_limit: int = 10000, checkpoint_every: int = 200,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, wal_limit: int = DEFAULT_WAL_LIMIT) -> None:
         self.path = Path(path)
         self._loop_errors = metrics.loop_errors.labels("checkpointer") if metrics is not None else None
         self.history_limit = history_limit
         self.checkpoint_every = checkpoint_every  # commits between two checkpoints of the WAL
+        self.wal_limit = wal_limit  # WAL bytes that make the checkpointer empty the file (TRUNCATE)
         self.checkpoints = 0  # checkpoints run (tests, tools)
+        self.truncations = 0  # TRUNCATE checkpoints that emptied the WAL (tests, tools)
+        self._wal = Path(f"{self.path}-wal")
         self._lock = threading.Lock()
         self._uncheckpointed = 0
+        self._truncate_due = False  # the WAL is over wal_limit: the checkpointer empties it
+        self._disk_full = False  # a commit was refused for a full disk: empty the WAL before the next
         self._checkpoint_due = threading.Condition()
         self._closing = False
         try:
@@ -84,19 +105,22 @@ class Store:
             self._checkpointer.start()
 
     def _checkpoint_loop(self) -> None:
-        """Copy the WAL into the database file when enough commits have gathered, off the commit path
-        (a PASSIVE checkpoint: it never blocks a writer)."""
+        """Copy the WAL into the database file when enough commits have gathered (PASSIVE: it never
+        blocks a writer), or empty it when it grew past ``wal_limit`` (TRUNCATE), off the commit path."""
         db = sqlite3.connect(str(self.path), isolation_level=None)
         try:
             while True:
                 with self._checkpoint_due:
                     self._checkpoint_due.wait_for(
-                        lambda: self._closing or self._uncheckpointed >= self.checkpoint_every)
+                        lambda: self._closing or self._truncate_due
+                        or self._uncheckpointed >= self.checkpoint_every)
                     if self._closing:
                         return
+                    truncate, self._truncate_due = self._truncate_due, False
                     self._uncheckpointed = 0
+                emptied = False
                 try:
-                    self.checkpoint(db)
+                    emptied = self.checkpoint(db, truncate)
                 except sqlite3.Error:
                     pass  # busy or disk full: the next round tries again, the WAL keeps everything meanwhile
                 except Exception as exc:  # noqa: BLE001 - the checkpointer outlives any one round
@@ -106,13 +130,39 @@ class Store:
                                   loop="checkpointer", path=str(self.path))
                 with self._checkpoint_due:
                     self.checkpoints += 1
+                    self.truncations += emptied
                     self._checkpoint_due.notify_all()
         finally:
             db.close()
 
-    def checkpoint(self, db: sqlite3.Connection) -> None:
-        """Copy the WAL into the database file on the checkpointer's connection ``db`` (PASSIVE)."""
-        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    def checkpoint(self, db: sqlite3.Connection, truncate: bool = False) -> bool:
+        """Copy the WAL into the database file on the checkpointer's connection ``db``: PASSIVE, or
+        TRUNCATE (empties the file); True when a TRUNCATE emptied it."""
+        row = db.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})").fetchone()
+        return truncate and row is not None and row[0] == 0
+
+    def wal_size(self) -> int:
+        """Bytes in the write-ahead log file now (0 when there is none)."""
+        try:
+            return self._wal.stat().st_size
+        except OSError:
+            return 0
+
+    def _empty_wal_locked(self, what: str) -> None:
+        """After a disk-full refusal: checkpoint and empty the WAL before anything is appended to it
+        again, or refuse (the caller holds ``_lock``)."""
+        try:
+            row = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            raise PersistenceError(f"could not commit {what}: database or disk is full (the write-ahead log "
+                                   f"cannot be checkpointed yet: {exc})") from exc
+        if row is not None and row[0] != 0:
+            return  # another checkpoint is running: it frees the WAL too; try again at the next commit
+        self._disk_full = False
+        with self._checkpoint_due:
+            self.truncations += 1
+        log_event(log, "wal_truncated", "disk space again: the write-ahead log was checkpointed and emptied",
+                  path=str(self.path))
 
     def wait_checkpoints(self, count: int, timeout: float) -> bool:
         """Block until ``count`` checkpoints have run (tests)."""
@@ -135,9 +185,12 @@ class Store:
         last of them; all of them or, on PersistenceError, none."""
         first, last = events[0]["revision"], events[-1]["revision"]
         synchronous = "FULL" if fsync else "NORMAL"
+        what = f"revision {last}" if first == last else f"revisions {first}-{last}"
         try:
             with self._lock:
                 db = self._db
+                if self._disk_full:
+                    self._empty_wal_locked(what)
                 if synchronous != self._synchronous:  # a FULL commit also syncs the NORMAL ones before it
                     db.execute(f"PRAGMA synchronous={synchronous}")
                     self._synchronous = synchronous
@@ -156,15 +209,22 @@ class Store:
                         db.execute("ROLLBACK")
                     raise
         except (sqlite3.Error, OSError) as exc:
-            what = f"revision {last}" if first == last else f"revisions {first}-{last}"
+            if _disk_full(exc) and str(self.path) != ":memory:":
+                with self._lock:
+                    if not self._disk_full:
+                        log_event(log, "disk_full", "disk full: commits are refused until the write-ahead log "
+                                  "can be emptied", level=logging.ERROR, path=str(self.path), error=str(exc))
+                    self._disk_full = True
             raise PersistenceError(f"could not commit {what}: {exc}") from exc
         if self._checkpointer is not None:
             self._committed(len(events))
 
     def _committed(self, count: int = 1) -> None:
+        over = self.wal_size() >= self.wal_limit
         with self._checkpoint_due:
             self._uncheckpointed += count
-            if self._uncheckpointed >= self.checkpoint_every:
+            self._truncate_due = self._truncate_due or over
+            if over or self._uncheckpointed >= self.checkpoint_every:
                 self._checkpoint_due.notify_all()
 
     def events(self, model: str, since_revision: int, limit: int) -> list[dict[str, Any]]:
@@ -188,3 +248,10 @@ class Store:
             self._checkpointer.join(timeout=10)
         with self._lock:
             self._db.close()  # the last connection to close checkpoints what is left
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether a write failed for want of space (SQLITE_FULL, ENOSPC, EDQUOT)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return getattr(exc, "sqlite_errorcode", None) == 13 or "disk is full" in str(exc)  # 13: SQLITE_FULL

@@ -62,6 +62,9 @@ class Settings:
     etcd_ca: str = ""
     etcd_cert: str = ""
     etcd_key: str = ""
+    # write-ahead log bytes past which the store empties it (TRUNCATE checkpoint); keeps the WAL from
+    # eating a small state volume (the volume should hold several times this plus the database)
+    wal_limit_bytes: int = 4 * 1024 * 1024
     # credentials
     credentials: str = ""  # inline table: "identity:role:secret[:secret2],..."
     credentials_file: str = ""  # empty: <state_dir>/credentials.json when it exists
@@ -94,6 +97,9 @@ class Settings:
     audit_refusals_per_second: float = 20.0
     audit_refusal_burst: int = 100
     register_interval: float = 2.0  # how often services check their name server registration
+    # cap of the jittered exponential backoff of every retry and reconnect loop (viewers re-subscribing,
+    # services re-registering, clients reconnecting): after a restart, clients come back spread over it
+    retry_backoff_max: float = 5.0
     # ticker
     ticker_interval: float = 1.0
     # web gateway (remote-mvc-gateway): HTTP API, event streams and the live page
@@ -135,7 +141,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("lease_seconds", "call_timeout", "ticker_interval", "register_interval", "handshake_timeout",
-                     "idle_timeout", "anonymous_idle_timeout", "gateway_send_timeout", "gateway_heartbeat"):
+                     "idle_timeout", "anonymous_idle_timeout", "gateway_send_timeout", "gateway_heartbeat",
+                     "retry_backoff_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive")
         tls = [self.tls_ca, self.tls_cert, self.tls_key]
@@ -158,7 +165,7 @@ class Settings:
         for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size", "max_subscriptions_per_identity",
                      "max_subscriptions_per_address", "audit_refusal_burst", "max_connections_per_address",
                      "max_request_bytes", "max_anonymous_request_bytes", "gateway_ring", "gateway_client_buffer",
-                     "gateway_max_clients", "gateway_max_body"):
+                     "gateway_max_clients", "gateway_max_body", "wal_limit_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
 

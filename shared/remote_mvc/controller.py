@@ -21,6 +21,7 @@ from typing import Any
 import Pyro5.api
 from Pyro5.errors import CommunicationError, NamingError
 
+from ._backoff import Backoff
 from .auth import AuthProxy, client_credentials
 from .config import Settings
 from .errors import ServiceUnavailable
@@ -130,16 +131,16 @@ class ModelClient:
 
     def call(self, method: str, *args: Any, retry: bool = True, **kwargs: Any) -> Any:
         deadline = time.monotonic() + (self.retry_seconds if retry else 0)
-        delay = 0.05
+        backoff = Backoff(0.05, min(1.0, self.settings.retry_backoff_max))
         while True:
             try:
                 return getattr(self._proxy(), method)(*args, **kwargs)
             except (CommunicationError, ServiceUnavailable):
                 self._reset(failed=True)
+                delay = backoff.next()
                 if time.monotonic() + delay > deadline:
                     raise
-                time.sleep(delay)  # back off before reconnecting to a restarting server
-                delay = min(delay * 2, 1.0)
+                time.sleep(delay)  # jittered backoff before reconnecting to a restarting server
 
     def __getattr__(self, method: str) -> Any:
         if method.startswith("_"):

@@ -9,6 +9,7 @@ serializer, so a client catches ``ValidationError`` rather than a generic error.
 
     MVCError
     ├── ConfigError            bad or unknown settings (MVC_* variables)
+    │   └── UsageError            a command-line argument a tool cannot use (remote-mvc-ctl exits 2)
     ├── ValidationError        a change that the model's schema refuses
     ├── ConflictError          expected_revision did not match (optimistic concurrency)
     ├── AuthError
@@ -30,6 +31,7 @@ from Pyro5.serializers import SerializerBase
 __all__ = [
     "MVCError",
     "ConfigError",
+    "UsageError",
     "ValidationError",
     "ConflictError",
     "AuthError",
@@ -50,6 +52,10 @@ class MVCError(Exception):
 
 class ConfigError(MVCError):
     """A setting is unknown, malformed or out of range."""
+
+
+class UsageError(ConfigError):
+    """A command-line argument the tool accepted syntactically but cannot use (e.g. ``--ns`` without a port)."""
 
 
 class ValidationError(MVCError):

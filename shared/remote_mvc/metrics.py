@@ -1,24 +1,37 @@
 """Prometheus metrics and the small HTTP server every process runs.
 
 :class:`Metrics` owns its :class:`~prometheus_client.CollectorRegistry`, so tests
-pass a fresh one and read values back without global state. :class:`MetricsServer`
-serves ``/metrics`` (Prometheus text format) and ``/healthz`` (200 when the
-service says it is healthy, 503 otherwise) on one port.
+pass a fresh one and read values back without global state; the process, platform
+and GC collectors (``process_cpu_seconds_total``, ``process_resident_memory_bytes``,
+``python_gc_*``, ``python_info``) are registered in it too. :class:`MetricsServer`
+serves ``/metrics`` with prometheus_client's own WSGI exposition (content negotiation,
+``name[]`` filters, gzip) and ``/healthz`` (200 when the service says it is healthy,
+503 otherwise) on one port.
+
+The port is reachable by anyone on the network, so what a peer can make the server
+hold is bounded: every connection gets a socket timeout (a silent peer is cut off
+instead of holding a thread forever) and at most ``max_connections`` are served at
+once; a connection beyond that is closed at once and counted.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
+    make_wsgi_app,
 )
 
 __all__ = ["Metrics", "MetricsServer", "LATENCY_BUCKETS"]
@@ -33,9 +46,13 @@ LATENCY_BUCKETS = (
 class Metrics:
     """Every metric remote-mvc exports, registered in one registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, runtime_collectors: bool = True) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        if runtime_collectors:  # what every Prometheus user looks for first: CPU, memory, fds, GC
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
         self.viewers_connected = Gauge(
             "remote_mvc_viewers_connected", "Viewers currently subscribed.", ["model"], registry=r)
         self.notifications_sent = Counter(
@@ -133,43 +150,93 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class _Handler(WSGIRequestHandler):
+    """wsgiref's handler, quiet (scrapes stay out of the logs)."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most ``max_connections`` of them, each with a socket timeout."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], handler: type[WSGIRequestHandler], *,
+                 timeout: float = 5.0, max_connections: int = 16) -> None:
+        self.connection_timeout = timeout
+        self.max_connections = max_connections
+        self.refused = 0  # connections closed at once because max_connections were being served
+        self.timed_out = 0  # connections closed because the peer went silent
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._count_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with self._count_lock:
+                self.refused += 1
+            self.shutdown_request(request)
+            return
+        request.settimeout(self.connection_timeout)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # the thread did not start: give the slot back
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a peer that went silent or hung up is normal input, not a traceback on stderr
+        with self._count_lock:
+            self.timed_out += 1
+
+
 class MetricsServer:
-    """Serve ``/metrics`` and ``/healthz`` in a daemon thread."""
+    """Serve ``/metrics`` and ``/healthz`` in a daemon thread (started by :meth:`start`)."""
 
     def __init__(self, metrics: Metrics, host: str = "0.0.0.0", port: int = 0,
-                 healthy: Callable[[], bool] = lambda: True) -> None:
+                 healthy: Callable[[], bool] = lambda: True, *, timeout: float = 5.0,
+                 max_connections: int = 16) -> None:
         self.metrics = metrics
         self.healthy = healthy
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._reply(200, outer.metrics.exposition(), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    ok = outer.healthy()
-                    self._reply(200 if ok else 503, b"ok\n" if ok else b"unhealthy\n", "text/plain")
-                else:
-                    self._reply(404, b"not found\n", "text/plain")
-
-            def _reply(self, status: int, body: bytes, ctype: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:  # keep scrapes out of the logs
-                pass
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._metrics_app = make_wsgi_app(metrics.registry)
+        self._server = make_server(host, port, self._app, server_class=_make_server_class(timeout, max_connections),
+                                   handler_class=_Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return self._metrics_app(environ, start_response)
+        if path == "/healthz":
+            ok = self.healthy()
+            body = b"ok\n" if ok else b"unhealthy\n"
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+            return [body]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
 
     @property
     def port(self) -> int:
         return self._server.server_address[1]
+
+    @property
+    def refused(self) -> int:
+        """Connections closed at once because ``max_connections`` were being served."""
+        return self._server.refused
+
+    @property
+    def timed_out(self) -> int:
+        """Connections closed because the peer stayed silent past the timeout (or broke off)."""
+        return self._server.timed_out
 
     def start(self) -> MetricsServer:
         self._thread.start()
@@ -178,3 +245,13 @@ class MetricsServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _make_server_class(timeout: float, max_connections: int) -> type[_BoundedServer]:
+    """wsgiref's make_server takes a class, not arguments: bind them in a subclass."""
+
+    class Server(_BoundedServer):
+        def __init__(self, address: tuple[str, int], handler: type[WSGIRequestHandler]) -> None:
+            super().__init__(address, handler, timeout=timeout, max_connections=max_connections)
+
+    return Server

@@ -23,6 +23,7 @@ from Pyro5 import config as pyro_config
 from Pyro5 import socketutil
 from Pyro5.errors import CommunicationError, NamingError, PyroError
 
+from ._backoff import Backoff
 from ._daemons import AuthDaemon, GuardedDaemonMixin, Refusal
 from ._hardening import harden_pyro
 from ._wire import Limits
@@ -214,6 +215,7 @@ class Service:
         """Make sure each name points at us; after a name server restart, register again."""
         ns = None
         interval = self.settings.register_interval
+        backoff = Backoff(0.05, min(self.settings.retry_backoff_max, interval))
         identity, secret = client_credentials(self.settings)
         while not self._stopping.is_set():
             try:
@@ -231,6 +233,7 @@ class Service:
                                   uri=str(uri), replaced=str(current) if current else None)
                     self._registered.add(name)
                 wait = interval
+                backoff.reset()
             except (CommunicationError, PyroError, OSError, MVCError) as exc:
                 if isinstance(exc, MVCError):
                     log_event(log, "register_refused", f"the name server refused us: {exc}", level=logging.ERROR,
@@ -242,7 +245,7 @@ class Service:
                 if ns is not None:
                     ns._pyroRelease()
                 ns = None
-                wait = min(0.5, interval)
+                wait = backoff.next()  # jittered: every service re-registers after a name server restart
             except Exception as exc:  # noqa: BLE001 - the registrar outlives anything one round hits
                 self.metrics.loop_errors.labels("registrar").inc()
                 log_exception(log, "loop_error", "unexpected error in the name registrar; it goes on", exc,
@@ -251,7 +254,7 @@ class Service:
                 if ns is not None:
                     ns._pyroRelease()
                 ns = None
-                wait = min(0.5, interval)
+                wait = backoff.next()
             self._stopping.wait(wait)
         if ns is not None:
             ns._pyroRelease()

@@ -71,4 +71,5 @@ def open_store(settings: Settings, metrics: Metrics | None = None) -> ReadableSt
         from .etcd_store import EtcdStore  # only cluster mode needs the etcd client
 
         return EtcdStore.from_settings(settings)
-    return SQLiteStore(settings.state_file(), settings.history_limit, metrics=metrics)
+    return SQLiteStore(settings.state_file(), settings.history_limit, metrics=metrics,
+                       wal_limit=settings.wal_limit_bytes)

@@ -37,6 +37,7 @@ from Pyro5.errors import CommunicationError, PyroError
 from Pyro5.errors import TimeoutError as PyroTimeout
 
 from . import auth
+from ._backoff import Backoff
 from ._daemons import ViewerDaemon
 from .config import Settings
 from .controller import ModelClient
@@ -346,6 +347,7 @@ class ViewerHost(Service):
     def _keep_subscribed(self) -> None:
         """Subscribe, renew leases in one call per model, re-subscribe what was lost."""
         failing = False
+        backoff = Backoff(0.05, min(self.settings.retry_backoff_max, self.settings.lease_seconds))
         while not self._closing.is_set():
             self._keeper_turned = time.monotonic()
             try:
@@ -355,6 +357,7 @@ class ViewerHost(Service):
                     self._renew_all()
                     self._subscribe_missing()
                 failing = False
+                backoff.reset()
             except (MVCError, CommunicationError, PyroError, OSError) as exc:
                 if not failing:
                     log_event(log, "model_unreachable", "model server unreachable; will re-subscribe",
@@ -368,7 +371,10 @@ class ViewerHost(Service):
                 failing = True
                 self._close_clients()
             lease = self.lease()
-            wait = min(0.5, lease / 10) if failing or len(self._subs) < len(self.viewers) else lease / 3
+            if failing:  # jittered: hundreds of viewers must not come back in lock step after a restart
+                wait = backoff.next()
+            else:
+                wait = min(0.5, lease / 10) if len(self._subs) < len(self.viewers) else lease / 3
             self._kick.wait(wait)
             self._kick.clear()
 
@@ -430,6 +436,7 @@ class ViewerHost(Service):
         host): try again on a fresh connection (unsubscribing twice is harmless) until
         ``retry_until``; a server that is gone is not waited for."""
         client = self._client(model)
+        backoff = Backoff(0.01, 0.2)
         while True:
             try:
                 client.unsubscribe(sid)
@@ -438,6 +445,7 @@ class ViewerHost(Service):
                 client.close()
                 if time.monotonic() >= retry_until:
                     return exc
+                time.sleep(min(backoff.next(), max(0.0, retry_until - time.monotonic())))
             except (MVCError, CommunicationError, PyroError, OSError) as exc:
                 return exc
 

@@ -160,3 +160,35 @@ def test_disk_full_refuses_changes_and_recovers(disk: ChaosStack, figures: dict[
         # the refusal must name the cause (it once said "cannot rollback - no transaction is
         # active": Store.commit's ROLLBACK after SQLite had already rolled back by itself)
         pytest.fail(f"unclear refusal message for a full state disk: {unclear[0]!r}")
+
+
+def test_freed_space_goes_to_the_wal_first_and_changes_go_through_without_a_restart(
+        disk: ChaosStack, figures: dict[str, Any]) -> None:
+    """The wedge of issue 14: with a grown WAL, a full state disk, then a little space freed, the
+    retried commits used to append to the WAL again (about 30 changes fit in 512 KiB) while the
+    checkpoint that would empty it needed the database file to grow first: the model refused every
+    change from then on, even after a restart. Now the first commit after the refusal empties the WAL
+    (TRUNCATE checkpoint) and everything after it goes through."""
+    viewers = disk.wait_healthy("viewer", count=2)
+    model = disk.one("model")
+    tag = uuid.uuid4().hex[:5]
+    warm = _attempts(disk, f"walwarm{tag}", 150)
+    assert all("revision" in a for a in warm)
+    wal_before = int(disk.exec(model, "sh", "-c", f"stat -c %s {STATE_DIR}/*-wal").stdout.split()[0])
+    filled = _fill(disk, model, STATE_DIR)
+    tries = _attempts(disk, f"walfull{tag}", 5)
+    assert [a for a in tries if "revision" not in a], "no change refused with the state disk full"
+    # free 512 KiB only: less than the WAL the retried commits would otherwise append to
+    disk.exec(model, "sh", "-c", f"rm -f {STATE_DIR}/chaos-fill-tail; truncate -s -512K {STATE_DIR}/chaos-fill")
+    after = _attempts(disk, f"walfree{tag}", 60)
+    accepted = [a for a in after if "revision" in a]
+    truncated = disk.events(model, "wal_truncated")
+    wal_after = int(disk.exec(model, "sh", "-c", f"stat -c %s {STATE_DIR}/*-wal").stdout.split()[0])
+    _free(disk, model, STATE_DIR)
+    figures.update({"WAL wedge (512 KiB freed after a full state disk)": {
+        "WAL bytes before the fill": wal_before, "filler bytes": filled,
+        "changes accepted after freeing 512 KiB": f"{len(accepted)} of {len(after)}",
+        "WAL bytes after them": wal_after, "wal_truncated log events": len(truncated)}})
+    assert len(accepted) == len(after), f"only {len(accepted)} of {len(after)} changes accepted: {after[-1]}"
+    assert truncated, "the model did not log emptying its write-ahead log"
+    disk.wait_revision(accepted[-1]["revision"], viewers, timeout=60)

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from e2e_stack import REPO, Stack, clean_env, log, once_per_session, sh  # noqa:
 E2E_TAG = os.environ.get("E2E_TAG", "e2e")
 REMOTE_MVC_IMAGE = f"remote-mvc:{E2E_TAG}"
 PROMETHEUS_IMAGE = f"remote-mvc/prometheus:{E2E_TAG}"
+ALERTMANAGER_IMAGE = f"remote-mvc/alertmanager:{E2E_TAG}"
 
 
 def _in_ci() -> bool:
@@ -92,13 +92,16 @@ def e2e_images(docker_engine: None, tmp_path_factory: pytest.TempPathFactory) ->
     variables = {
         "REMOTE_MVC_IMAGE": REMOTE_MVC_IMAGE,
         "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
-        "MVC_CREDENTIALS": (f"controller:controller:{secrets.token_hex(32)},admin:admin:{secrets.token_hex(32)},"
-                            f"service:service:{secrets.token_hex(32)},gateway:gateway:{secrets.token_hex(32)}"),
+        "ALERTMANAGER_IMAGE": ALERTMANAGER_IMAGE,
+        # every project its own free host port: stacks of several checkouts run side by side
+        "ALERTMANAGER_PORT": "",
+        "ALERTMANAGER_BIND": "127.0.0.1",
     }
     reuse = (
         os.environ.get("E2E_REUSE_IMAGES") == "1"
         and _image_exists(REMOTE_MVC_IMAGE)
         and _image_exists(PROMETHEUS_IMAGE)
+        and _image_exists(ALERTMANAGER_IMAGE)
     )
     started = time.monotonic()
     if reuse:

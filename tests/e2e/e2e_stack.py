@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 WHEELHOUSE = REPO / "build" / "wheelhouse"
-SERVICES = ("nameserver", "model", "ticker", "viewer", "prometheus")
+SERVICES = ("nameserver", "model", "ticker", "viewer", "prometheus", "alertmanager")
 MODEL = "remote_mvc.model"
 TICKER = "remote_mvc.ticker"
 
@@ -275,6 +275,13 @@ class Stack:
         return self.compose("logs", "--no-color", "--tail", str(tail), check=False).stdout
 
     # the controller --------------------------------------------------------
+    def secret(self, identity: str) -> str:
+        """``identity``'s secret, read from the credentials file the stack's init service wrote into
+        the mvc-secrets volume (through the model container, which mounts it)."""
+        model = self.containers("model")[0]
+        table = json.loads(sh(["docker", "exec", model, "cat", "/run/secrets/remote-mvc/credentials.json"]).stdout)
+        return table["identities"][identity]["secrets"][0]
+
     def ctl(
         self, *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 90
     ) -> subprocess.CompletedProcess[str]:

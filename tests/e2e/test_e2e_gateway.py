@@ -34,11 +34,7 @@ def gateway(stack):
 
 
 def secret_of(stack, identity: str) -> str:
-    for entry in stack.variables["MVC_CREDENTIALS"].split(","):
-        name, _role, secret = entry.split(":")[:3]
-        if name == identity:
-            return secret
-    raise AssertionError(f"no {identity} in the stack's credentials")
+    return stack.secret(identity)
 
 
 def test_page_and_models_through_the_published_port(gateway):

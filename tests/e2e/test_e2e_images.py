@@ -19,13 +19,13 @@ def test_every_service_container_becomes_healthy(stack):
             state = stack.inspect(cid)
             assert state["State"]["Running"], f"{service} not running"
             assert state["HostConfig"]["Init"] is True, f"{service} runs without an init process"
-    # The image: non-root, health check wired to `remote-mvc-ctl health`, every entry point installed.
+    # The image: non-root, health check wired to the cheap probe, every entry point installed.
     model = stack.containers("model")[0]
     image = json.loads(sh(["docker", "image", "inspect", stack.variables["REMOTE_MVC_IMAGE"]]).stdout)[0][
         "Config"
     ]
     assert image["User"] == "mvc"
-    assert image["Healthcheck"]["Test"][-2:] == ["remote-mvc-ctl", "health"]
+    assert image["Healthcheck"]["Test"][-1:] == ["mvc-healthz"]
     out = sh(
         [
             "docker",
@@ -34,7 +34,7 @@ def test_every_service_container_becomes_healthy(stack):
             "sh",
             "-c",
             "id -u; for c in remote-mvc-nameserver remote-mvc-model remote-mvc-ticker remote-mvc-viewer "
-            "remote-mvc-ctl; do command -v $c; done; remote-mvc-ctl health",
+            "remote-mvc-ctl; do command -v $c; done; remote-mvc-ctl health; mvc-healthz",
         ]
     ).stdout.split()
     assert out[0] != "0", "services must not run as root"

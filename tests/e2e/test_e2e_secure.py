@@ -33,16 +33,16 @@ def test_controller_with_a_valid_identity_modifies_over_tls(secure_stack):
     model = secure_stack.containers("model")[0]
     modified = secure_stack.events(model, "modified", revision=revision)
     assert modified and modified[0]["identity"] == "controller"
-    me = secure_stack.ctl_json("whoami", env={"MVC_CREDENTIALS": "", "MVC_IDENTITY": ""})
+    me = secure_stack.ctl_json("whoami", env={"MVC_CREDENTIALS_FILE": "", "MVC_IDENTITY": ""})
     assert me["identity"] == "controller"  # the controller certificate alone proves the identity
 
 
 @pytest.mark.parametrize("env, exit_code", [
     # a certificate from our CA that names no identity, and no secret: read-only
-    ({"MVC_CREDENTIALS": "", "MVC_IDENTITY": "", "MVC_TLS_CERT": "/certs/viewer.crt",
+    ({"MVC_CREDENTIALS_FILE": "", "MVC_IDENTITY": "", "MVC_TLS_CERT": "/certs/viewer.crt",
       "MVC_TLS_KEY": "/certs/viewer.key"}, 1),
     # plaintext: refused at connect
-    ({"MVC_TLS_CA": "", "MVC_TLS_CERT": "", "MVC_TLS_KEY": ""}, 2),
+    ({"MVC_TLS_CA": "", "MVC_TLS_CERT": "", "MVC_TLS_KEY": ""}, 69),
 ])
 def test_controller_without_a_valid_identity_cannot(secure_stack, env, exit_code):
     before = secure_stack.snapshot()

@@ -39,7 +39,7 @@ def test_controller_change_reaches_every_viewer_replica(stack):
 def test_controller_without_credentials_cannot_modify(stack):
     before = stack.snapshot()
     marker = f"intruder-{secrets.token_hex(3)}"
-    proc = stack.ctl("set", f"name={marker}", env={"MVC_CREDENTIALS": "", "MVC_IDENTITY": ""}, check=False)
+    proc = stack.ctl("set", f"name={marker}", env={"MVC_CREDENTIALS_FILE": "", "MVC_IDENTITY": ""}, check=False)
     assert proc.returncode != 0, proc.stdout
     assert "Permission" in proc.stderr or "denied" in proc.stderr.lower(), proc.stderr
     after = stack.snapshot()

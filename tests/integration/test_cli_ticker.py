@@ -1,6 +1,7 @@
 """remote-mvc-ctl against a live stack, the ticker, settings errors, and clean shutdown."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -40,7 +41,6 @@ def test_cli_query_set_history_viewers(mvc_stack):
 @pytest.mark.parametrize("args, message", [
     (["set", "value=ninety"], "ValidationError: value: cannot parse 'ninety' as int"),
     (["set", "colour=red"], "ValidationError: unknown field 'colour'"),
-    (["set", "novalue"], "ValidationError: expected FIELD=VALUE"),
     (["set", "value=1", "--expect", "7"], "ConflictError: expected revision 7, model is at 0"),
 ])
 def test_cli_errors_are_one_line_and_non_zero(mvc_stack, args, message):
@@ -58,8 +58,114 @@ def test_cli_without_credentials_or_with_wrong_ones(mvc_stack):
     out = ctl(mvc_stack, "query", secret="wrong")
     assert out.returncode == 1 and "AuthenticationError: invalid credentials" in out.stderr
     out = ctl(mvc_stack, "query", model_name="remote_mvc.nothing")
-    assert out.returncode == 2 and "ServiceUnavailable" in out.stderr
+    assert out.returncode == 69 and "ServiceUnavailable" in out.stderr
     assert mvc_stack.client().snapshot()["revision"] == 0
+
+
+def test_cli_output_flags_anywhere_get_and_ns(mvc_stack):
+    mvc_stack.model()
+    rm = mvc_stack.client()
+    rm.modify({"name": "two words", "value": 7})
+    for args in (["query", "--json"], ["--json", "query"], ["query", "-o", "json"], ["-o", "json", "query"]):
+        out = ctl(mvc_stack, *args)
+        assert out.returncode == 0, (args, out.stderr)
+        assert json.loads(out.stdout)["values"] == {"name": "two words", "value": 7}, args
+    assert ctl(mvc_stack, "get", "name").stdout == "two words\n"  # raw: no quotes, for scripts
+    assert ctl(mvc_stack, "get", "value").stdout == "7\n"
+    assert ctl(mvc_stack, "get", "name", "-o", "json").stdout == '"two words"\n'
+    out = ctl(mvc_stack, "get", "colour")
+    assert out.returncode == 1 and "unknown field 'colour'" in out.stderr
+    # --ns names the endpoint on the command line, over whatever the environment says
+    ns = f"127.0.0.1:{mvc_stack.settings.ns_port}"
+    assert ctl(mvc_stack, "--ns", ns, "get", "value", ns_port=1).stdout == "7\n"
+    assert ctl(mvc_stack, "get", "value", "--ns", ns, ns_port=1).stdout == "7\n"
+    out = ctl(mvc_stack, "get", "value", ns_port=1)
+    assert out.returncode == 69 and "unreachable" in out.stderr
+
+
+@pytest.mark.parametrize("args", [["nonsense"], ["set"], ["set", "novalue"], ["query", "-o", "yaml"],
+                                  ["query", "--ns", "no-port"], ["watch", "--since", "x"]])
+def test_cli_usage_errors_exit_2(mvc_stack, args):
+    out = ctl(mvc_stack, *args)
+    assert out.returncode == 2, (args, out.stderr)
+    assert "remote-mvc-ctl" in out.stderr and "error:" in out.stderr
+
+
+def test_cli_version_help_and_completion(mvc_stack, tmp_path):
+    out = ctl(mvc_stack, "version", "-o", "json")
+    assert out.returncode == 0 and json.loads(out.stdout)["remote-mvc"] != "unknown"
+    for command in ("query", "get", "set", "history", "watch", "viewers", "whoami", "shell", "drop", "health",
+                    "version", "completion"):
+        text = ctl(mvc_stack, command, "--help").stdout
+        assert "examples:" in text and f"remote-mvc-ctl {command}" in text.split("examples:")[1], command
+        assert "69  unavailable" in text, command
+    bash = ctl(mvc_stack, "completion", "bash").stdout
+    script = tmp_path / "ctl.bash"
+    script.write_text(bash)
+    # the script loads in bash and completes the sub-commands and a sub-command's options
+    probe = (f"source {script}; COMP_WORDS=(remote-mvc-ctl wa); COMP_CWORD=1; "
+             "_shtab_remote_mvc_ctl; echo ${COMPREPLY[@]}; "
+             "COMP_WORDS=(remote-mvc-ctl watch --ch); COMP_CWORD=2; _shtab_remote_mvc_ctl; echo ${COMPREPLY[@]}")
+    done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()[:2]
+    assert first.split() == ["watch"] and "--changes-only" in second.split()
+    zsh = ctl(mvc_stack, "completion", "zsh").stdout
+    assert zsh.startswith("#compdef remote-mvc-ctl") and "--changes-only" in zsh
+
+
+def test_cli_watch_since_and_changes_only(mvc_stack):
+    mvc_stack.model()
+    rm = mvc_stack.client()
+    for i in range(1, 6):
+        rm.modify({"value": i})
+    out = subprocess.run([sys.executable, "-m", "remote_mvc._cli", "watch", "--since", "2", "--count", "3",
+                          "--changes-only", "-o", "json"], env=mvc_stack.env("ctl", identity=""),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = [json.loads(line) for line in out.stdout.splitlines()]
+    assert got == [{"revision": r, "changes": {"value": {"old": r - 1, "new": r}}} for r in (3, 4, 5)]
+    text = subprocess.run([sys.executable, "-m", "remote_mvc._cli", "watch", "--since", "4", "--count", "1",
+                           "--changes-only"], env=mvc_stack.env("ctl", identity=""),
+                          capture_output=True, text=True, timeout=60).stdout
+    assert text == "revision 5: value: 4 -> 5\n"
+
+
+def test_cli_shell_has_line_editing_and_keeps_its_history(mvc_stack, tmp_path):
+    """On a terminal the REPL uses readline: a line typed in one session is in the history file and
+    comes back with the up arrow in the next."""
+    import pty
+
+    mvc_stack.model()
+    history = tmp_path / "history"
+    env = {**mvc_stack.env("ctl", identity="controller"), "REMOTE_MVC_HISTORY": str(history), "TERM": "dumb"}
+
+    def session(keys: bytes) -> str:
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: the CLI on the pty
+            os.execve(sys.executable, [sys.executable, "-m", "remote_mvc._cli", "shell"], env)
+        out = b""
+        sent = False
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+            if not sent and b">>> " in out:
+                os.write(fd, keys)
+                sent = True
+        os.waitpid(pid, 0)
+        return out.decode(errors="replace")
+
+    first = session(b"print('AB' + 'CD')\r\x04")
+    assert "ABCD" in first
+    assert "print('AB' + 'CD')" in history.read_text()
+    assert history.stat().st_mode & 0o777 == 0o600
+    second = session(b"\x1b[A\r\x04")  # up arrow: the last line again
+    assert "ABCD" in second
 
 
 def test_cli_shell_binds_rm(mvc_stack):
@@ -99,7 +205,8 @@ def test_cli_health(mvc_stack):
     out = ctl(mvc_stack, "health", metrics_port=port)
     assert out.returncode == 0 and out.stdout.strip() == "ok"
     model.stop()
-    assert ctl(mvc_stack, "health", metrics_port=port).returncode == 1
+    out = ctl(mvc_stack, "health", metrics_port=port)
+    assert out.returncode == 69 and out.stderr.startswith("unavailable:")  # nothing answers any more
 
 
 def test_ticker_ticks_reach_viewers_and_obey_controllers(mvc_stack):

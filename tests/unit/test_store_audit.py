@@ -132,3 +132,32 @@ def test_audit_write_failure_raises_and_counts(tmp_path):
     with pytest.raises(PersistenceError, match="not writable"):
         log.record("modify", "ctl", None, "accepted")
     assert metrics.registry.get_sample_value("remote_mvc_audit_write_failures_total") == 1
+
+
+def test_a_wal_over_its_size_limit_is_emptied_by_a_truncate_checkpoint(tmp_path):
+    """Checkpoint by WAL size: PASSIVE checkpoints never shrink the file; past wal_limit the
+    checkpointer runs a TRUNCATE one and the file is empty again."""
+    s = Store(tmp_path / "s.sqlite3", checkpoint_every=10**9, wal_limit=64 * 1024)
+    try:
+        r = 0
+        while s.wal_size() < 64 * 1024:
+            r += 1
+            s.commit("m", event(r, name="x" * 300, value=r))
+            assert r < 1000, "the WAL never grew"
+        assert s.wait_checkpoints(1, 10.0)
+        assert s.truncations == 1 and s.wal_size() == 0
+        s.commit("m", event(r + 1, value=r + 1))
+        assert s.load("m") == (r + 1, {"value": r + 1})
+    finally:
+        s.close()
+
+
+def test_under_the_size_limit_the_wal_is_not_truncated(tmp_path):
+    s = Store(tmp_path / "s.sqlite3", checkpoint_every=5, wal_limit=10**9)
+    try:
+        for r in range(1, 6):
+            s.commit("m", event(r, value=r))
+        assert s.wait_checkpoints(1, 10.0)
+        assert s.truncations == 0 and s.wal_size() > 0  # PASSIVE: copied, the file kept for reuse
+    finally:
+        s.close()
