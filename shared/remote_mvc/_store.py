@@ -14,7 +14,8 @@ crosses its threshold and syncs the database file there, a 5–20 ms stall of on
 change in every few hundred. Every ``checkpoint_every`` commits it runs a PASSIVE
 checkpoint (never blocks a writer, never shrinks the file); when the WAL file has
 grown past ``wal_limit`` bytes it runs a TRUNCATE checkpoint, which empties the
-file (writers wait for it, a few ms).
+file, holding the store's lock meanwhile (commits wait for it, a few ms, rather than
+starve it).
 
 A full disk must not wedge the store. A WAL that is never emptied eats any space
 freed after a disk-full episode (each retried commit appends to it while the
@@ -107,7 +108,9 @@ class Store:
     def _checkpoint_loop(self) -> None:
         """Copy the WAL into the database file when enough commits have gathered (PASSIVE: it never
         blocks a writer), or empty it when it grew past ``wal_limit`` (TRUNCATE), off the commit path."""
-        db = sqlite3.connect(str(self.path), isolation_level=None)
+        # a short busy timeout: a TRUNCATE checkpoint runs while holding the store's lock (commits wait
+        # for it instead of starving it) and must not hold that lock long for a reader elsewhere
+        db = sqlite3.connect(str(self.path), isolation_level=None, timeout=0.2)
         try:
             while True:
                 with self._checkpoint_due:
@@ -137,9 +140,14 @@ class Store:
 
     def checkpoint(self, db: sqlite3.Connection, truncate: bool = False) -> bool:
         """Copy the WAL into the database file on the checkpointer's connection ``db``: PASSIVE, or
-        TRUNCATE (empties the file); True when a TRUNCATE emptied it."""
-        row = db.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})").fetchone()
-        return truncate and row is not None and row[0] == 0
+        TRUNCATE (empties the file; holding the store's lock, so that a busy stream of commits cannot
+        starve it); True when a TRUNCATE emptied it."""
+        if not truncate:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            return False
+        with self._lock:
+            row = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return row is not None and row[0] == 0
 
     def wal_size(self) -> int:
         """Bytes in the write-ahead log file now (0 when there is none)."""

@@ -77,7 +77,7 @@ def test_plaintext_and_foreign_certificates_are_refused(tls_stack, tmp_path, cli
     else:
         overrides = tls_settings(make_certs(tmp_path / "rogue"), "controller")
     out = ctl(stack, "set", "value=666", **overrides)
-    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.returncode == 69, (out.stdout, out.stderr)  # unavailable (EX_UNAVAILABLE)
     assert stack.client().snapshot()["revision"] == 0
 
 

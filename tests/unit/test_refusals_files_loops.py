@@ -123,11 +123,11 @@ def test_checkpointer_survives_an_unexpected_error(tmp_path):
     class Flaky(Store):
         failures = 1
 
-        def checkpoint(self, db):
+        def checkpoint(self, db, truncate=False):
             if self.failures:
                 self.failures -= 1
                 raise RuntimeError("injected")
-            super().checkpoint(db)
+            return super().checkpoint(db, truncate)
 
     metrics = Metrics()
     store = Flaky(tmp_path / "s.sqlite3", checkpoint_every=1, metrics=metrics)
