@@ -419,4 +419,4 @@ def test_ctl_read_commands_and_set_through_the_gateway(gw_stack):
     assert missing.returncode == 1 and "404" in missing.stderr
     down = subprocess.run([sys.executable, "-m", "remote_mvc._cli", "--gateway", "http://127.0.0.1:1", "query"],
                           env=env, capture_output=True, text=True, timeout=30)
-    assert down.returncode == 2 and "ServiceUnavailable" in down.stderr
+    assert down.returncode == 69 and "ServiceUnavailable" in down.stderr
