@@ -111,6 +111,7 @@ class Settings:
     gateway_heartbeat: float = 15.0  # seconds between keep-alive comments on an idle stream
     gateway_max_clients: int = 10000  # stream clients at once (all models); beyond, 503
     gateway_max_body: int = 65536  # bytes of a modify request body; beyond, 413
+    gateway_header_timeout: float = 10.0  # a connection must send a whole request head within this (slowloris)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -142,6 +143,7 @@ class Settings:
     def __post_init__(self) -> None:
         for name in ("lease_seconds", "call_timeout", "ticker_interval", "register_interval", "handshake_timeout",
                      "idle_timeout", "anonymous_idle_timeout", "gateway_send_timeout", "gateway_heartbeat",
+                     "gateway_header_timeout",
                      "retry_backoff_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive")

@@ -420,3 +420,28 @@ def test_ctl_read_commands_and_set_through_the_gateway(gw_stack):
     down = subprocess.run([sys.executable, "-m", "remote_mvc._cli", "--gateway", "http://127.0.0.1:1", "query"],
                           env=env, capture_output=True, text=True, timeout=30)
     assert down.returncode == 69 and "ServiceUnavailable" in down.stderr
+
+
+def test_silent_and_half_sent_requests_are_closed_streams_are_not(mvc_stack):
+    """A peer that opens connections and sends nothing, or half a request line, must not hold
+    them (uvicorn's keep-alive timer stops at the first byte); a long event stream is kept."""
+    mvc_stack.model()
+    mvc_stack.ticker(interval=0.2)
+    gw = mvc_stack.gateway(gateway_header_timeout=0.5, gateway_heartbeat=0.2)
+    address = ("127.0.0.1", gw.http_port)
+    silent = socket.create_connection(address, timeout=10)
+    half = socket.create_connection(address, timeout=10)
+    half.sendall(b"GET /models HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+    stream = socket.create_connection(address, timeout=10)
+    stream.sendall(b"GET /models/remote_mvc.model/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        assert silent.recv(100) == b""  # the gateway hung up
+        assert half.recv(100) == b""
+        received = b""
+        while received.count(b"\n\n") < 12:  # heartbeats for several header timeouts: still served
+            chunk = stream.recv(65536)
+            assert chunk, "the event stream was closed"
+            received += chunk
+    finally:
+        for s in (silent, half, stream):
+            s.close()

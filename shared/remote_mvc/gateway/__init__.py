@@ -16,6 +16,7 @@ import threading
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..audit import AuditLog
 from ..auth import Throttle
@@ -31,6 +32,43 @@ from ._relay import Feed, tend
 __all__ = ["Gateway"]
 
 log = logging.getLogger("remote_mvc.gateway")
+
+
+def _header_timeout_protocol(timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head within
+    ``timeout`` seconds of opening (or of its last response). uvicorn's own keep-alive timer stops
+    at the first byte of data, so a peer sending nothing, or half a request line, would hold its
+    connection (and its memory) for as long as it liked. A request being served (a long event
+    stream) is never cut: the timer only closes a connection with no request in progress."""
+
+    class HeaderTimeoutH11(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            timer = getattr(self, "_head_timer", None)
+            if timer is not None:
+                timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            timer = getattr(self, "_head_timer", None)
+            if timer is not None:
+                timer.cancel()
+            self._head_timer = self.loop.call_later(timeout, self._expire)
+
+        def _expire(self) -> None:
+            self._head_timer = None
+            serving = self.cycle is not None and not self.cycle.response_complete
+            if not serving and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11
 
 
 class Gateway(ViewerHost):
@@ -106,7 +144,9 @@ class Gateway(ViewerHost):
         sock.setblocking(False)
         self._socket = sock
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", ws="none",
-                                timeout_graceful_shutdown=2, server_header=False, date_header=False)
+                                timeout_graceful_shutdown=2, server_header=False, date_header=False,
+                                http=_header_timeout_protocol(self.settings.gateway_header_timeout),
+                                limit_concurrency=self.settings.gateway_max_clients + 256)
         self._server = uvicorn.Server(config)
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
