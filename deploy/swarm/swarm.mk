@@ -1,5 +1,6 @@
 # Docker Swarm targets (deploy/swarm/stack.yml, docs/deployment.md), included by the root Makefile.
 #   make swarm-deploy   build the images locally, init a single-node swarm if needed (says so), deploy
+#   SWARM_TLS=1 make swarm-deploy   the same with two-way TLS (deploy/swarm/stack.tls.yml)
 #   make swarm-ctl      a shell in the controller task (remote-mvc-ctl set value=1 ...)
 #   make swarm-rm       remove the stack; SWARM_VOLUMES=1 also its volumes; leaves the swarm if
 #                       swarm-deploy created it

@@ -8,7 +8,8 @@
 #                     gone; volumes too with SWARM_VOLUMES=1; leave the swarm only if deploy created
 #                     it and no other stack runs
 #   swarm.sh ctl [cmd...]   docker exec into the controller task (bash by default)
-# Environment: STACK (remote-mvc), STATE_DIR (runtime/swarm), REMOTE_MVC_IMAGE, ETCD_IMAGE,
+# Environment: SWARM_TLS=1 (two-way TLS, stack.tls.yml; certificates generated once into
+# $STATE_DIR/certs), STACK (remote-mvc), STATE_DIR (runtime/swarm), REMOTE_MVC_IMAGE, ETCD_IMAGE,
 # PROMETHEUS_IMAGE, ALERTMANAGER_IMAGE, VIEWERS, MODEL_REPLICAS, TICKER_REPLICAS, DEPLOY_TIMEOUT (300).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -36,8 +37,14 @@ deploy() {
     "$PY" -c "import sys; from remote_mvc import generate_credentials; generate_credentials(sys.argv[1])" "$creds"
     echo "generated $creds (identities controller, admin, service, viewer, gateway)"
   fi
-  MVC_CREDENTIALS_SOURCE="$creds" docker stack deploy --resolve-image never --prune \
-    -c "$here/stack.yml" "$STACK"
+  files=(-c "$here/stack.yml")
+  if [ "${SWARM_TLS:-0}" = 1 ]; then
+    bash "$here/../../ops/tls/make-certs.sh" "$STATE_DIR/certs" >/dev/null
+    export TLS_CERTS_DIR; TLS_CERTS_DIR="$(cd "$STATE_DIR/certs" && pwd)"
+    files+=(-c "$here/stack.tls.yml")
+    echo "two-way TLS: certificates from $TLS_CERTS_DIR as Docker secrets"
+  fi
+  MVC_CREDENTIALS_SOURCE="$creds" docker stack deploy --resolve-image never --prune "${files[@]}" "$STACK"
   local deadline=$((SECONDS + ${DEPLOY_TIMEOUT:-300}))
   while :; do
     pending="$(docker stack services "$STACK" --format '{{.Name}} {{.Replicas}}' \
