@@ -96,7 +96,23 @@ def test_credentials_come_from_a_secret_file_never_the_environment():
                 assert "secretKeyRef" not in str(e.get("valueFrom", "")), name
                 assert e["name"] != "MVC_CREDENTIALS", name
     for name in ("model", "ticker", "gateway", "nameserver", "controller"):
-        vols = w_vols = workloads()[name]["spec"]["template"]["spec"]["volumes"]
-        assert any(v.get("secret", {}).get("secretName") == "remote-mvc-credentials" for v in vols), w_vols
+        vols = workloads()[name]["spec"]["template"]["spec"]["volumes"]
+        assert any(v.get("secret", {}).get("secretName") == "remote-mvc-credentials" for v in vols), name
     viewer_vols = workloads()["viewer"]["spec"]["template"]["spec"].get("volumes", [])
     assert not any("secret" in v for v in viewer_vols)  # read-only role: no credentials
+
+
+def test_every_service_selector_matches_a_pod_template():
+    """A Service whose selector matches no pod template (e.g. a label kustomize does not put on
+    templates) would give Prometheus or clients nothing to reach."""
+    templates = {name: w["spec"]["template"]["metadata"]["labels"] for name, w in workloads().items()}
+    for _, d in resources():
+        if d["kind"] != "Service":
+            continue
+        sel = d["spec"]["selector"]
+        matched = [n for n, labels in templates.items() if all(labels.get(k) == v for k, v in sel.items())]
+        assert matched, f"Service {d['metadata']['name']} selects no pods: {sel}"
+    metrics = next(d for _, d in resources() if d["kind"] == "Service" and d["metadata"]["name"] == "metrics")
+    scraped = {n for n, labels in templates.items()
+               if all(labels.get(k) == v for k, v in metrics["spec"]["selector"].items())}
+    assert scraped == {"nameserver", "model", "ticker", "viewer", "gateway"}
