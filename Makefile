@@ -53,5 +53,6 @@ clean: ## remove the virtual environment, runtime state and caches
 
 -include docker/stack.mk
 -include docker/cluster.mk
+-include deploy/swarm/swarm.mk
 -include bench/bench.mk
 -include tests/chaos/chaos.mk
