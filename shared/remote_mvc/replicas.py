@@ -1,7 +1,7 @@
 """Cluster mode's replica membership: who is alive, in etcd; the name server kept in step.
 
 Each model-server replica registers ``<model>.replica.<replica>`` with the name server (with the
-group's metadata, see :func:`~remote_mvc.controller.resolve_all`) and keeps a key
+group's metadata, see :func:`~remote_mvc.client.resolve_all`) and keeps a key
 ``<prefix>/<model>/replicas/<replica>`` alive in etcd under a lease of ``ttl`` seconds. A replica
 that is SIGKILLed cannot unregister; its lease runs out instead, and the other replicas remove its
 name from the name server (after two rounds without its key, so a slow lease renewal is not
@@ -16,8 +16,8 @@ import threading
 from Pyro5.errors import CommunicationError, NamingError, PyroError
 
 from .auth import client_credentials
+from .client import group_tag
 from .config import Settings
-from .controller import group_tag
 from .errors import MVCError, ServiceUnavailable
 from .etcd_store import EtcdStore, b64, prefix_end, unb64
 from .logs import log_event

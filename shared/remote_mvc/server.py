@@ -51,9 +51,9 @@ from . import auth
 from ._fanout import Fanout
 from ._sender import Subscriber
 from .audit import AuditLog
+from .client import group_tag
 from .commit import GroupCommit, Pending, Pipeline
 from .config import Settings
-from .controller import group_tag
 from .errors import (
     ConflictError,
     HistoryCompacted,
@@ -555,7 +555,11 @@ class ModelServer:
 
 
 class ModelService(Service):
-    """A process serving one model: store, audit log, model server, daemon, metrics."""
+    """A process serving one model: store, audit log, model server, daemon, metrics.
+
+    ``server`` is the :class:`ModelServer` this process serves (the remote object); ``model``
+    is kept as an alias of it for code written before the name was clarified.
+    """
 
     def __init__(self, settings: Settings, schema: type[Model] | None = None, name: str | None = None,
                  metrics: Metrics | None = None, clock: Callable[[], float] = time.time) -> None:
@@ -571,7 +575,7 @@ class ModelService(Service):
         self.audit = AuditLog(audit_path, self.metrics, clock=clock,
                               refusals_per_second=settings.audit_refusals_per_second,
                               refusal_burst=settings.audit_refusal_burst)
-        self.model = ModelServer(
+        self.server = ModelServer(
             name, schema or ExampleModel, self.store, self.audit, self.metrics,
             lease_seconds=settings.lease_seconds, call_timeout=settings.call_timeout,
             queue_limit=settings.queue_limit, batch_max=settings.batch_max,
@@ -584,14 +588,19 @@ class ModelService(Service):
         if is_etcd(settings.store):  # cluster mode: one name per replica, found through the group's metadata
             from .replicas import Membership
 
-            self.serve(self.model, f"{name}.replica.{self.replica}", object_id=name, metadata={group_tag(name)})
+            self.serve(self.server, f"{name}.replica.{self.replica}", object_id=name, metadata={group_tag(name)})
             self.membership = Membership(self.store, settings, name, self.replica)  # type: ignore[arg-type]
             self.on_stop(self.membership.stop, early=True)
         else:
-            self.serve(self.model, name)
-        self.on_stop(self.model.close)
+            self.serve(self.server, name)
+        self.on_stop(self.server.close)
         self.on_stop(self.store.close)
         self.on_stop(self.audit.close)
+
+    @property
+    def model(self) -> ModelServer:
+        """Alias of :attr:`server` (the served :class:`ModelServer`, not a :class:`Model`)."""
+        return self.server
 
     def start(self) -> ModelService:
         super().start()
@@ -600,7 +609,7 @@ class ModelService(Service):
         return self
 
     def healthy(self) -> bool:
-        return super().healthy() and self.model.healthy()
+        return super().healthy() and self.server.healthy()
 
     def _role_of(self, identity: str) -> str | None:
         """The role of ``identity`` in this service's credentials table (for delegated modifies)."""

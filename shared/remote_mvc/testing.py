@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
+from .client import ModelClient
 from .config import Settings
-from .controller import ModelClient
 from .metrics import Metrics
 from .nameserver import NameServer
 from .server import ModelService

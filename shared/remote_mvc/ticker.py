@@ -105,7 +105,7 @@ class TickerService(ModelService):
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None, seed: int | None = None) -> None:
         super().__init__(settings, TickerModel, settings.ticker_name, metrics)
-        self.ticker = Ticker(self.model, seed=seed)
+        self.ticker = Ticker(self.server, seed=seed)
         self.election: Election | None = None
         if is_etcd(settings.store):  # cluster mode: every replica serves the model, one ticks
             from .election import Election
@@ -113,16 +113,16 @@ class TickerService(ModelService):
             self.election = Election(self.store, self.store.key(settings.ticker_name, "leader"),  # type: ignore[attr-defined]
                                      settings.replica_name(), self.metrics, on_change=self._elected)
             self.ticker.active = lambda: self.election is not None and self.election.leading
-            self.model.pipeline.fence = self.election.fence  # type: ignore[attr-defined]
+            self.server.pipeline.fence = self.election.fence  # type: ignore[attr-defined]
             self.on_stop(self.election.stop, early=True)
         self.on_stop(self.ticker.stop, early=True)
 
     def _elected(self, leading: bool) -> None:
         """The first leader of a new ticker model sets its interval from the settings."""
-        snap = self.model.snapshot()
+        snap = self.server.snapshot()
         if leading and snap["revision"] == 0 and snap["values"]["interval"] != self.settings.ticker_interval:
             try:
-                self.model._modify_local({"interval": self.settings.ticker_interval}, "ticker", expected_revision=0)
+                self.server._modify_local({"interval": self.settings.ticker_interval}, "ticker", expected_revision=0)
             except MVCError as exc:
                 log_event(log, "tick_failed", f"could not set the interval: {exc}", level=logging.WARNING)
 
@@ -130,7 +130,7 @@ class TickerService(ModelService):
         super().start()
         if self.election is not None:
             self.election.start()
-        elif self.model.revision == 0 and self.model.query()["interval"] != self.settings.ticker_interval:
-            self.model._modify_local({"interval": self.settings.ticker_interval}, "ticker")
+        elif self.server.revision == 0 and self.server.query()["interval"] != self.settings.ticker_interval:
+            self.server._modify_local({"interval": self.settings.ticker_interval}, "ticker")
         self.ticker.start()
         return self

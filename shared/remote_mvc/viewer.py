@@ -39,8 +39,8 @@ from Pyro5.errors import TimeoutError as PyroTimeout
 from . import auth
 from ._backoff import Backoff
 from ._daemons import ViewerDaemon
+from .client import ModelClient
 from .config import Settings
-from .controller import ModelClient
 from .errors import HistoryCompacted, MVCError, PermissionDenied, SubscriptionError, ValidationError
 from .logs import log_event, log_exception
 from .metrics import Metrics

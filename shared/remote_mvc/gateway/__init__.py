@@ -19,8 +19,8 @@ import uvicorn
 
 from ..audit import AuditLog
 from ..auth import Throttle
+from ..client import ModelClient
 from ..config import Settings
-from ..controller import ModelClient
 from ..errors import PersistenceError
 from ..logs import log_event
 from ..metrics import Metrics
