@@ -1,16 +1,13 @@
-"""Build patched copies of the library: the snapshot a run measures, a git ref, the prototype.
+"""Copies of the library a benchmark run measures: the working tree's snapshot and a git ref.
 
 * ``snapshot``: ``shared/remote_mvc`` copied at the start of a run, so one run
   measures one version even while the working tree changes under it;
 * ``from_ref``: the library as committed at a git ref (``--ref``, e.g. the
   version before a change), extracted with ``git archive``;
-* ``build``: the prototype (``remote-mvc-proto``): a snapshot with a proposed
-  change applied (the run records which): viewer hosts serve callbacks from one
-  multiplexing thread. (The one-thread dispatcher fan-out prototyped here first
-  is now the library's own, in ``shared/remote_mvc/_fanout.py``.)
 
 The library itself is never touched; a copy is put first on PYTHONPATH of the
-server and viewer processes of the system that uses it.
+server and viewer processes of the system that uses it. (The prototype builder that
+lived here, ``bench/proto``, is gone: its one proposal was folded into the library.)
 """
 
 from __future__ import annotations
@@ -19,22 +16,12 @@ import hashlib
 import io
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
+ROOT = HERE.parent
 LIBRARY = ROOT / "shared" / "remote_mvc"
-
-MULTIPLEX_OLD = "        daemon = TrackedDaemon(host=s.host, port=s.port, nathost=s.advertised_host(), natport=0)\n"
-MULTIPLEX_NEW = (
-    "        from Pyro5 import config as pyro_config\n"
-    "        previous, pyro_config.SERVERTYPE = pyro_config.SERVERTYPE, \"multiplex\"  # PROTOTYPE: one thread\n"
-    "        try:\n"
-    "            daemon = TrackedDaemon(host=s.host, port=s.port, nathost=s.advertised_host(), natport=0)\n"
-    "        finally:\n"
-    "            pyro_config.SERVERTYPE = previous\n")
 
 
 def fingerprint(package: Path) -> str:
@@ -63,23 +50,3 @@ def from_ref(ref: str, dest: Path) -> Path:
     shutil.move(str(dest / "shared" / "remote_mvc"), str(dest / "remote_mvc"))
     shutil.rmtree(dest / "shared")
     return dest
-
-
-def build(dest: Path, source: Path = LIBRARY) -> tuple[Path, list[str]]:
-    """The prototype: a copy of ``source`` with the proposals that apply; returns (path, parts applied)."""
-    snapshot(dest, source)
-    target = dest / "remote_mvc"
-    parts = []
-    viewer = target / "viewer.py"
-    text = viewer.read_text()
-    if text.count(MULTIPLEX_OLD) == 1:
-        viewer.write_text(text.replace(MULTIPLEX_OLD, MULTIPLEX_NEW))
-        parts.append("viewer hosts serve all callbacks from one multiplexing thread (Pyro5 SERVERTYPE multiplex)")
-    if not parts:
-        raise RuntimeError("no prototype change applies to this library version")
-    return dest, parts
-
-
-if __name__ == "__main__":
-    path, applied = build(Path(sys.argv[1]))
-    print(path, *applied, sep="\n")
