@@ -44,11 +44,7 @@ from etcd3gw.exceptions import Etcd3Exception
 from .errors import ServiceUnavailable
 
 if TYPE_CHECKING:
-    from .audit import AuditLog
-    from .cluster import EtcdPipeline
     from .config import Settings
-    from .metrics import Metrics
-    from .model import Model
 
 __all__ = ["EtcdStore", "WatchStream", "b64", "unb64", "rev_key"]
 
@@ -119,6 +115,8 @@ class WatchStream:
 class EtcdStore:
     """The models of one deployment in an etcd cluster (implements ReadableStore)."""
 
+    backend = "etcd"  # ModelServer commits through cluster.EtcdPipeline for this store
+
     def __init__(self, endpoints: list[str], prefix: str = "/remote_mvc", history_limit: int = 10000,
                  timeout: float = 1.0, ca: str = "", cert: str = "", key: str = "") -> None:
         if not endpoints:
@@ -144,15 +142,6 @@ class EtcdStore:
         return cls(settings.etcd_endpoints(), settings.etcd_prefix, settings.history_limit,
                    timeout=max(0.2, settings.call_timeout / 3), ca=settings.etcd_ca, cert=settings.etcd_cert,
                    key=settings.etcd_key)
-
-    def pipeline(self, name: str, schema: type[Model], audit: AuditLog, metrics: Metrics, *,
-                 history_limit: int = 10000, clock: Any = None, call_timeout: float = 3.0) -> EtcdPipeline:
-        """The commit pipeline of a model kept here (ModelServer asks its store for it)."""
-        from .cluster import EtcdPipeline
-
-        kwargs = {"clock": clock} if clock is not None else {}
-        return EtcdPipeline(name, schema, self, audit, metrics, history_limit=history_limit,
-                            call_timeout=call_timeout, **kwargs)
 
     # keys --------------------------------------------------------------------------
     def key(self, model: str, *parts: str) -> str:

@@ -148,13 +148,16 @@ class ModelServer:
         self._monotonic = monotonic
         self._fanout_settings = {"lease_seconds": lease_seconds, "call_timeout": call_timeout,
                                  "queue_limit": queue_limit, "batch_max": batch_max}
-        # the commit path: a store that brings its own (etcd) makes it, else SQLite's group commit
-        make = getattr(store, "pipeline", None)
-        self._pipeline: Pipeline = (
-            make(name, schema, audit, metrics, history_limit=history_limit, clock=clock,
-                 call_timeout=call_timeout)
-            if make is not None else
-            GroupCommit(name, schema, store, audit, metrics, history_limit=history_limit, clock=clock))  # type: ignore[arg-type]
+        # the commit path: etcd's pipeline for a store in etcd (cluster mode), else SQLite's group commit
+        self._pipeline: Pipeline
+        if getattr(store, "backend", "sqlite") == "etcd":
+            from .cluster import EtcdPipeline  # only cluster mode needs the etcd client
+
+            self._pipeline = EtcdPipeline(name, schema, store, audit, metrics,  # type: ignore[arg-type]
+                                          history_limit=history_limit, call_timeout=call_timeout, clock=clock)
+        else:
+            self._pipeline = GroupCommit(name, schema, store, audit, metrics,  # type: ignore[arg-type]
+                                         history_limit=history_limit, clock=clock)
         self._lock = self._pipeline.lock
         self._requests = self._pipeline.requests
         self._inflight = self._pipeline.inflight
