@@ -305,6 +305,7 @@ def _watch(rm: CtlClient, args: argparse.Namespace, settings: Settings, name: st
             changes[0] += 1
         if not (args.changes_only and event is None):
             if args.changes_only:
+                assert event is not None  # changes_only skipped the snapshots
                 data: dict[str, Any] = {"revision": viewer.revision, "changes": event["changes"]}
                 text = f"revision {viewer.revision}: {_changed(event)}"
             else:

@@ -173,7 +173,7 @@ class EtcdPipeline(Pipeline):
     def _reload(self, epoch: str, reason: str) -> None:
         """Load head and history at one etcd revision; with a reason, viewers start over."""
         value, _, at = self.store.get(self.k_head)
-        head = json.loads(value) if value is not None else {"revision": 0, "values": {}}
+        head: dict[str, Any] = json.loads(value) if value is not None else {"revision": 0, "values": {}}
         first = max(0, head["revision"] - self.history_limit)
         events: list[dict[str, Any]] = []
         start = self.k_events + rev_key(first + 1)
@@ -442,9 +442,10 @@ class EtcdPipeline(Pipeline):
             self._fail(todo, "unavailable", ServiceUnavailable(
                 "the model was re-created in etcd (a new epoch): change not applied; try again"))
             return []
-        fenced = self.fence is not None and any(not p.audited for p in todo)
-        if fenced:
-            fence, held = self.fence(), ranges.pop().get("kvs") or []
+        fence_of = self.fence
+        fenced = fence_of is not None and any(not p.audited for p in todo)
+        if fenced and fence_of is not None:
+            fence, held = fence_of(), ranges.pop().get("kvs") or []
             if not held or held[0].get("value") != fence["value"]:  # no longer the elected one
                 self._fail([p for p in todo if not p.audited], "unavailable",
                            ServiceUnavailable("this process is not the elected one (any more): not applied"))

@@ -79,7 +79,7 @@ class WatchStream:
     def __init__(self, base_url: str, key: str, range_end: str, start_revision: int, read_timeout: float,
                  connect_timeout: float, verify: str | bool = True, cert: tuple[str, str] | None = None) -> None:
         self._session = requests.Session()
-        body = {"create_request": {"key": b64(key), "range_end": b64(range_end),
+        body: dict[str, Any] = {"create_request": {"key": b64(key), "range_end": b64(range_end),
                                    "start_revision": start_revision}}
         try:
             self._response = self._session.post(base_url + API_PATH + "watch", json=body, stream=True,
@@ -94,7 +94,7 @@ class WatchStream:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         try:
-            for line in self._response.iter_lines(chunk_size=None):
+            for line in self._response.iter_lines(chunk_size=None):  # type: ignore[call-overload]  # None: as it arrives
                 if not line.strip():
                     continue
                 message = json.loads(line)

@@ -16,6 +16,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import cast
 
 __all__ = ["ETCD", "EtcdCluster", "EtcdMember", "free_port"]
 
@@ -71,7 +72,7 @@ class EtcdCluster:
 
     def _argv(self, m: EtcdMember) -> list[str]:
         initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
-        return [ETCD, "--name", m.name, "--data-dir", str(m.data_dir),
+        return [str(ETCD), "--name", m.name, "--data-dir", str(m.data_dir),
                 "--listen-client-urls", m.client_url, "--advertise-client-urls", m.client_url,
                 "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
                 "--initial-cluster", initial, "--initial-cluster-token", self.token,
@@ -116,10 +117,10 @@ class EtcdCluster:
             m.proc.wait(10)
 
     def pause(self, index: int) -> None:
-        self.members[index].proc.send_signal(signal.SIGSTOP)
+        cast("subprocess.Popen", self.members[index].proc).send_signal(signal.SIGSTOP)
 
     def resume(self, index: int) -> None:
-        self.members[index].proc.send_signal(signal.SIGCONT)
+        cast("subprocess.Popen", self.members[index].proc).send_signal(signal.SIGCONT)
 
     def wipe(self) -> None:
         """Kill every member, delete the data and start a brand new cluster on the same addresses."""

@@ -102,7 +102,7 @@ class GatewayClient:
     def modify(self, model: str, changes: dict[str, Any], expected_revision: int | None = None,
                request_id: str | None = None) -> int:
         """Change ``model``; the same request id (one is made when not given) never applies twice."""
-        body = {"changes": changes, "request_id": request_id or uuid.uuid4().hex}
+        body: dict[str, Any] = {"changes": changes, "request_id": request_id or uuid.uuid4().hex}
         if expected_revision is not None:
             body["expected_revision"] = expected_revision
         return self.request("POST", self._model(model), body)["revision"]
@@ -144,7 +144,8 @@ class EventStream:
         when the gateway ends the stream."""
         if timeout is not None and self._conn.sock is not None:
             self._conn.sock.settimeout(timeout)
-        kind, data, ident = "message", [], None
+        kind, ident = "message", None
+        data: list[str] = []
         while True:
             line = self._reply.readline()  # through the chunked transfer decoding
             if not line:

@@ -57,7 +57,7 @@ class Field:
                 raise ValidationError(f"{label}: {str(value)[:40]}... is too large for a float") from None
         if not isinstance(value, t) or (t is int and isinstance(value, bool)):
             raise ValidationError(f"{label}: expected {t.__name__}, got {type(value).__name__} {value!r:.80}")
-        if t is float and not math.isfinite(value):
+        if t is float and not math.isfinite(value):  # type: ignore[arg-type]  # value is a float here
             raise ValidationError(f"{label}: must be a finite number, got {value!r}")
         for validator in self.validators:
             try:

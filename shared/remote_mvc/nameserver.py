@@ -209,4 +209,5 @@ class NameServer(Service):
     @property
     def port(self) -> int:
         """The port the name server listens on (useful when started on port 0)."""
+        assert self.daemon is not None, "the name server is started"
         return int(self.daemon.locationStr.rsplit(":", 1)[1])

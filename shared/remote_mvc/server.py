@@ -146,7 +146,7 @@ class ModelServer:
         self._metrics = metrics
         self._clock = clock
         self._monotonic = monotonic
-        self._fanout_settings = {"lease_seconds": lease_seconds, "call_timeout": call_timeout,
+        self._fanout_settings: dict[str, Any] = {"lease_seconds": lease_seconds, "call_timeout": call_timeout,
                                  "queue_limit": queue_limit, "batch_max": batch_max}
         # the commit path: etcd's pipeline for a store in etcd (cluster mode), else SQLite's group commit
         self._pipeline: Pipeline
@@ -480,7 +480,8 @@ class ModelServer:
             raise ValidationError("renew takes a list of subscription ids (strings)")
         identity, role, address = auth.caller()
         host = _host(address)
-        mine, foreign = [], []
+        mine: list[str] = []
+        foreign: list[str] = []
         for sid in subscription_ids:
             sub = self._fanout.get(sid)
             (foreign if sub is not None and not self._owns(sub, identity, role, host) else mine).append(sid)

@@ -110,7 +110,7 @@ class TickerService(ModelService):
         if is_etcd(settings.store):  # cluster mode: every replica serves the model, one ticks
             from .election import Election
 
-            self.election = Election(self.store, self.store.key(settings.ticker_name, "leader"),  # type: ignore[attr-defined]
+            self.election = Election(self.store, self.store.key(settings.ticker_name, "leader"),  # type: ignore[attr-defined, arg-type]
                                      settings.replica_name(), self.metrics, on_change=self._elected)
             self.ticker.active = lambda: self.election is not None and self.election.leading
             self.server.pipeline.fence = self.election.fence  # type: ignore[attr-defined]

@@ -402,6 +402,7 @@ class ViewerHost(Service):
     def _readvertise(self) -> None:
         """Follow a change of our own address (a container reconnected to its network
         with a new IP): later subscriptions must carry a callback URI that reaches us."""
+        assert self.daemon is not None, "the host is started"
         port = self.daemon.locationStr.rsplit(":", 1)[1]
         location = f"{self.settings.advertised_host()}:{port}"
         if self.daemon.natLocationStr != location:
@@ -415,6 +416,7 @@ class ViewerHost(Service):
         for viewer in self.viewers:
             if viewer in self._subs:
                 continue
+            assert self.daemon is not None, "the host is started"
             uri = self.daemon.uriFor(viewer)
             since = viewer.revision if viewer.synced else None
             client = self._client(viewer.model)
