@@ -167,10 +167,27 @@ class ModelServer:
         self._pipeline.on_reset = self._reset_fanout
         self._closed = threading.Event()
         self._reaper_errors = metrics.loop_errors.labels("reaper")
-        self._pipeline.start()
         self._reaper = threading.Thread(target=self._reap, name=f"lease-reaper-{name}", daemon=True)
-        self._reaper.start()
-        log_event(log, "model_loaded", "model loaded", model=name, revision=self._revision, values=self._values)
+        self._started = False
+
+    def start(self) -> ModelServer:
+        """Start the commit pipeline's background work and the lease reaper (once; returns self).
+
+        Nothing runs before: a constructed server holds no thread, so building one (a test, a
+        service being wired) never leaves work behind; :meth:`close` ends what this started."""
+        if not self._started:
+            self._started = True
+            self._pipeline.start()
+            self._reaper.start()
+            log_event(log, "model_loaded", "model loaded", model=self._name, revision=self._revision,
+                      values=self._values)
+        return self
+
+    def __enter__(self) -> ModelServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _new_fanout(self) -> Fanout:
         return Fanout(self._name, self.snapshot, self._metrics, revision=self._revision,
@@ -299,7 +316,7 @@ class ModelServer:
                                         expected_revision=expected_revision, via=via)
         return self._commit(pending)
 
-    def _modify_local(self, changes: dict[str, Any], identity: str, expected_revision: int | None = None) -> int:
+    def modify_local(self, changes: dict[str, Any], identity: str, expected_revision: int | None = None) -> int:
         """An in-process change (the ticker's clock): validated and durable, not audited.
         ``expected_revision``: refused with ConflictError unless the model is still there."""
         with self._lock:
@@ -607,6 +624,7 @@ class ModelService(Service):
         return self.server
 
     def start(self) -> ModelService:
+        self.server.start()  # before the daemon takes calls for it
         super().start()
         if self.membership is not None:
             self.membership.start()

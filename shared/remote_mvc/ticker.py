@@ -80,7 +80,7 @@ class Ticker:
         price = max(0.01, round(values["price"] * (1 + self.rng.gauss(0, 0.002)), 4))
         # based on the revision it read: a tick computed from a state that is not the latest (a replica
         # just elected, not caught up yet) is refused, never a tick number twice
-        return self.server._modify_local(
+        return self.server.modify_local(
             {"tick": values["tick"] + 1, "price": price, "time": self.wall()}, "ticker",
             expected_revision=snap["revision"])
 
@@ -122,7 +122,7 @@ class TickerService(ModelService):
         snap = self.server.snapshot()
         if leading and snap["revision"] == 0 and snap["values"]["interval"] != self.settings.ticker_interval:
             try:
-                self.server._modify_local({"interval": self.settings.ticker_interval}, "ticker", expected_revision=0)
+                self.server.modify_local({"interval": self.settings.ticker_interval}, "ticker", expected_revision=0)
             except MVCError as exc:
                 log_event(log, "tick_failed", f"could not set the interval: {exc}", level=logging.WARNING)
 
@@ -131,6 +131,6 @@ class TickerService(ModelService):
         if self.election is not None:
             self.election.start()
         elif self.server.revision == 0 and self.server.query()["interval"] != self.settings.ticker_interval:
-            self.server._modify_local({"interval": self.settings.ticker_interval}, "ticker")
+            self.server.modify_local({"interval": self.settings.ticker_interval}, "ticker")
         self.ticker.start()
         return self

@@ -235,7 +235,7 @@ def test_reaper_survives_an_unexpected_error(tmp_path):
 
     store = Store(tmp_path / "s.sqlite3")
     audit = AuditLog(tmp_path / "a.jsonl")
-    server = ModelServer("m", ExampleModel, store, audit, metrics, lease_seconds=0.2, monotonic=monotonic)
+    server = ModelServer("m", ExampleModel, store, audit, metrics, lease_seconds=0.2, monotonic=monotonic).start()
     try:
         server.subscribe("PYRO:viewer.v@127.0.0.1:9", "v")  # in-process: no connection made before it expires
         fail.set()
