@@ -254,6 +254,7 @@ class EtcdPipeline(Pipeline):
                 log_event(log, "watch_resync", f"reading back from etcd: {exc}", model=self.name)
             except Exception:  # a bug: logged with its traceback, counted, and the follower goes on
                 log.exception("etcd follower error")
+                self.metrics.loop_errors.labels("etcd-follower").inc()
                 self.metrics.cluster_resets.labels(self.name, "error").inc()
                 self._failing = True
                 self._resync = True
@@ -525,8 +526,9 @@ class EtcdPipeline(Pipeline):
             except ServiceUnavailable as exc:
                 log_event(log, "prune_failed", "history pruning failed; next time", level=logging.WARNING,
                           model=self.name, error=str(exc))
-            except Exception:
+            except Exception:  # a bug: logged with its traceback, counted, and pruning goes on
                 log.exception("history pruning error")
+                self.metrics.loop_errors.labels("etcd-compactor").inc()
 
     def prune(self) -> int:
         """Prune what lies past the history limit now; return how many events went."""

@@ -21,6 +21,7 @@ from .config import Settings
 from .errors import MVCError, ServiceUnavailable
 from .etcd_store import EtcdStore, b64, prefix_end, unb64
 from .logs import log_event
+from .metrics import Metrics
 from .service import locate_ns
 
 __all__ = ["Membership"]
@@ -31,8 +32,10 @@ log = logging.getLogger("remote_mvc.replicas")
 class Membership:
     """This replica's liveness key in etcd, and the removal of dead siblings' names."""
 
-    def __init__(self, store: EtcdStore, settings: Settings, model: str, replica: str, ttl: int = 5) -> None:
+    def __init__(self, store: EtcdStore, settings: Settings, model: str, replica: str, ttl: int = 5,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
+        self._loop_errors = (metrics or Metrics()).loop_errors.labels("replica-membership")
         self.settings = settings
         self.model = model
         self.replica = replica
@@ -59,8 +62,9 @@ class Membership:
                 self._sweep()
             except (ServiceUnavailable, CommunicationError, PyroError, OSError, MVCError) as exc:
                 log.debug("membership round failed: %s", exc)
-            except Exception:  # a bug: logged, and the loop goes on
+            except Exception:  # a bug: logged with its traceback, counted, and the loop goes on
                 log.exception("membership error")
+                self._loop_errors.inc()
 
     def _keep_alive(self) -> None:
         if self._lease:

@@ -610,7 +610,8 @@ class ModelService(Service):
             from .replicas import Membership
 
             self.serve(self.server, f"{name}.replica.{self.replica}", object_id=name, metadata={group_tag(name)})
-            self.membership = Membership(self.store, settings, name, self.replica)  # type: ignore[arg-type]
+            self.membership = Membership(self.store, settings, name, self.replica,  # type: ignore[arg-type]
+                                         metrics=self.metrics)
             self.on_stop(self.membership.stop, early=True)
         else:
             self.serve(self.server, name)

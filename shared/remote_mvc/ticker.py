@@ -52,8 +52,10 @@ class Ticker:
     """Drive a :class:`ModelServer` holding a :class:`TickerModel` from a clock thread."""
 
     def __init__(self, server: ModelServer, *, monotonic: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, seed: int | None = None) -> None:
+                 wall: Callable[[], float] = time.time, seed: int | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.server = server
+        self._loop_errors = (metrics or Metrics()).loop_errors.labels("ticker-clock")
         self.monotonic = monotonic
         self.wall = wall
         self.rng = random.Random(seed)
@@ -95,6 +97,9 @@ class Ticker:
                 self.step()
             except MVCError as exc:
                 log_event(log, "tick_failed", f"tick failed: {exc}", level=logging.ERROR)
+            except Exception:  # a bug: logged with its traceback, counted, and the clock goes on
+                log.exception("ticker clock error")
+                self._loop_errors.inc()
             current = self.server.snapshot()["values"]["interval"]
             if current != interval:  # re-anchor so the new interval counts from this tick
                 interval, anchor = current, due
@@ -105,7 +110,7 @@ class TickerService(ModelService):
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None, seed: int | None = None) -> None:
         super().__init__(settings, TickerModel, settings.ticker_name, metrics)
-        self.ticker = Ticker(self.server, seed=seed)
+        self.ticker = Ticker(self.server, seed=seed, metrics=self.metrics)
         self.election: Election | None = None
         if is_etcd(settings.store):  # cluster mode: every replica serves the model, one ticks
             from .election import Election

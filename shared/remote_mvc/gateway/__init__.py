@@ -116,7 +116,7 @@ class Gateway(ViewerHost):
             asyncio.set_event_loop(self._loop)
             self._loop.call_soon(started.set)
             tender = self._loop.create_task(tend(list(self.feeds.values()), self.settings.gateway_heartbeat,
-                                                 self.settings.gateway_send_timeout))
+                                                 self.settings.gateway_send_timeout, self.metrics))
             try:
                 self._loop.run_until_complete(self._server.serve(sockets=[sock]))
                 tender.cancel()
