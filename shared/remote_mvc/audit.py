@@ -221,6 +221,7 @@ class AuditLog:
             self._file = None
 
     def close(self) -> None:
+        """Close the log file (a later write opens it again)."""
         try:
             self.flush_summaries(force=True)
         except PersistenceError:

@@ -53,14 +53,29 @@ EXIT_CODES = """exit codes:
 class CtlClient(Protocol):
     """What the commands need from a model, whatever carries the calls."""
 
-    def snapshot(self) -> dict[str, Any]: ...
-    def schema(self) -> dict[str, dict[str, Any]]: ...
-    def modify(self, changes: dict[str, Any], expected_revision: int | None = None) -> int: ...
-    def history(self, since: int, limit: int) -> list[dict[str, Any]]: ...
-    def viewers(self) -> list[dict[str, Any]]: ...
-    def whoami(self) -> dict[str, Any]: ...
-    def drop_viewer(self, viewer_id: str) -> bool: ...
-    def close(self) -> None: ...
+    def snapshot(self) -> dict[str, Any]:
+        """The model's values and revision."""
+
+    def schema(self) -> dict[str, dict[str, Any]]:
+        """The model's fields: type, default, doc."""
+
+    def modify(self, changes: dict[str, Any], expected_revision: int | None = None) -> int:
+        """Change the model; returns the new revision."""
+
+    def history(self, since: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` change events after revision ``since``."""
+
+    def viewers(self) -> list[dict[str, Any]]:
+        """The model's subscribed viewers."""
+
+    def whoami(self) -> dict[str, Any]:
+        """The identity and role the model server sees."""
+
+    def drop_viewer(self, viewer_id: str) -> bool:
+        """End a viewer's subscription (admin); True when it existed."""
+
+    def close(self) -> None:
+        """Release the connection."""
 
 
 class PyroClient:
@@ -70,27 +85,35 @@ class PyroClient:
         self.rm = ModelClient(name, settings, default_identity="controller", retry_seconds=3.0)
 
     def snapshot(self) -> dict[str, Any]:
+        """The model's values and revision."""
         return self.rm.snapshot()
 
     def schema(self) -> dict[str, dict[str, Any]]:
+        """The model's fields: type, default, doc."""
         return self.rm.schema()
 
     def modify(self, changes: dict[str, Any], expected_revision: int | None = None) -> int:
+        """Change the model; returns the new revision."""
         return self.rm.modify(changes, expected_revision)
 
     def history(self, since: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` change events after revision ``since``."""
         return self.rm.history(since, limit)
 
     def viewers(self) -> list[dict[str, Any]]:
+        """The model's subscribed viewers."""
         return self.rm.viewers()
 
     def whoami(self) -> dict[str, Any]:
+        """The identity and role the model server sees."""
         return self.rm.whoami()
 
     def drop_viewer(self, viewer_id: str) -> bool:
+        """End a viewer's subscription (admin); True when it existed."""
         return self.rm.drop_viewer(viewer_id)
 
     def close(self) -> None:
+        """Release the connection."""
         self.rm.close()
 
 
@@ -181,6 +204,7 @@ def parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
+    """``remote-mvc-ctl``: parse ``argv`` and run the command; returns the exit code."""
     args = parser().parse_args(argv)  # a usage error exits 2 here
     client: CtlClient | None = None
     try:

@@ -130,6 +130,7 @@ class ModelClient:
         self._local.proxy = None
 
     def call(self, method: str, *args: Any, retry: bool = True, **kwargs: Any) -> Any:
+        """Call ``method`` on the model server, re-resolving and reconnecting until the retry deadline."""
         deadline = time.monotonic() + (self.retry_seconds if retry else 0)
         backoff = Backoff(0.05, min(1.0, self.settings.retry_backoff_max))
         while True:
@@ -152,4 +153,5 @@ class ModelClient:
         return self.call("modify", changes, expected_revision, request_id=uuid.uuid4().hex)
 
     def close(self) -> None:
+        """Release every thread's proxy."""
         self._reset()

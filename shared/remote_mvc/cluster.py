@@ -115,11 +115,13 @@ class EtcdPipeline(Pipeline):
     # state ----------------------------------------------------------------------------
     @property
     def stale(self) -> bool:
+        """True while this replica may be behind etcd (no contact for ``stale_after``, or failing)."""
         stale = self._failing or self.monotonic() - self._last_contact > self.stale_after
         self._stale_gauge.set(1 if stale else 0)
         return stale
 
     def wait_applied(self, revision: int, timeout: float) -> bool:
+        """Block until ``revision`` is applied here, at most ``timeout`` seconds; False on timeout."""
         with self._applied_cond:
             return self._applied_cond.wait_for(lambda: self.revision >= revision, timeout)
 
@@ -308,6 +310,7 @@ class EtcdPipeline(Pipeline):
 
     # commits ---------------------------------------------------------------------------
     def commit(self, pending: Pending) -> int:
+        """Write ``pending`` through etcd and wait until it is applied here; returns its revision."""
         with self.commit_lock:
             if not pending.done:
                 with self.lock:
@@ -329,6 +332,7 @@ class EtcdPipeline(Pipeline):
 
     def enqueue(self, normalized: dict[str, Any], identity: str, address: str | None, request_id: str | None,
                 audited: bool = True, expected_revision: int | None = None, via: str | None = None) -> Pending:
+        """Queue a validated change for the committer (answered within the call timeout)."""
         pending = super().enqueue(normalized, identity, address, request_id, audited, expected_revision, via)
         # answered within the caller's call timeout, however long the queue ahead of it
         pending.deadline = self.monotonic() + 0.7 * self.call_timeout
@@ -557,10 +561,12 @@ class EtcdPipeline(Pipeline):
 
     # lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the etcd follower and the history compactor."""
         for t in self._threads:
             t.start()
 
     def close(self) -> None:
+        """Stop the follower and the compactor, ending the watch stream."""
         self._stop.set()
         with self._stream_lock:
             stream = self._stream

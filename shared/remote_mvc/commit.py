@@ -63,6 +63,7 @@ class Pending:
 
     @property
     def revision(self) -> int:
+        """The revision of the last applied change."""
         return self.event["revision"]
 
     def outcome(self) -> int:

@@ -110,6 +110,7 @@ class Election:
                 self._set(False, "the election key is not ours any more")
 
     def start(self) -> Election:
+        """Start campaigning (a background thread); returns self."""
         self._thread.start()
         return self
 

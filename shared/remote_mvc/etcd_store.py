@@ -59,6 +59,7 @@ def b64(data: str | bytes) -> str:
 
 
 def unb64(text: str | None) -> bytes:
+    """Decode an etcd base64 field (None: empty)."""
     return base64.b64decode(text) if text else b""
 
 
@@ -106,6 +107,7 @@ class WatchStream:
             raise ServiceUnavailable(f"etcd watch ended: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
+        """End the watch stream and its HTTP session."""
         try:
             self._response.close()
         finally:
@@ -139,12 +141,14 @@ class EtcdStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EtcdStore:
+        """The store ``settings`` name: endpoints, prefix, history limit, TLS files."""
         return cls(settings.etcd_endpoints(), settings.etcd_prefix, settings.history_limit,
                    timeout=max(0.2, settings.call_timeout / 3), ca=settings.etcd_ca, cert=settings.etcd_cert,
                    key=settings.etcd_key)
 
     # keys --------------------------------------------------------------------------
     def key(self, model: str, *parts: str) -> str:
+        """The etcd key of ``model``'s ``parts`` under this deployment's prefix."""
         return "/".join([self.prefix, model, *parts])
 
     # calls ---------------------------------------------------------------------------
@@ -212,6 +216,7 @@ class EtcdStore:
 
     def txn(self, compare: list[dict], success: list[dict], failure: list[dict],
             deadline: float | None = None) -> dict[str, Any]:
+        """One etcd transaction: ``success`` when every ``compare`` holds, else ``failure``."""
         return self.call("kv/txn", {"compare": compare, "success": success, "failure": failure}, deadline)
 
     def compact(self, revision: int) -> None:
@@ -238,6 +243,7 @@ class EtcdStore:
 
     # ReadableStore ----------------------------------------------------------------------
     def load(self, model: str) -> tuple[int, dict[str, Any] | None]:
+        """``model``'s head revision and values (None when it has none)."""
         value, _, _ = self.get(self.key(model, "head"))
         if value is None:
             return 0, None
@@ -245,11 +251,13 @@ class EtcdStore:
         return head["revision"], head["values"]
 
     def events(self, model: str, since_revision: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` of ``model``'s events after ``since_revision``."""
         start = self.key(model, "events", rev_key(since_revision + 1))
         kvs, _, _ = self.range(start, prefix_end(self.key(model, "events/")), limit=limit)
         return [json.loads(unb64(kv.get("value"))) for kv in kvs]
 
     def first_revision(self, model: str) -> int | None:
+        """The oldest revision ``model``'s history still holds, or None."""
         kvs, _, _ = self.range(self.key(model, "events/"), prefix_end(self.key(model, "events/")), limit=1,
                                keys_only=True)
         if not kvs:
@@ -257,5 +265,6 @@ class EtcdStore:
         return int(unb64(kvs[0]["key"]).decode().rsplit("/", 1)[1])
 
     def close(self) -> None:
+        """Close the HTTP sessions to the etcd endpoints."""
         for client in self._clients:
             client.session.close()

@@ -47,6 +47,7 @@ class Membership:
         self._thread = threading.Thread(target=self._run, name=f"replica-membership-{model}", daemon=True)
 
     def start(self) -> Membership:
+        """Start keeping this replica's liveness key (a background thread); returns self."""
         self._thread.start()
         return self
 
@@ -103,6 +104,7 @@ class Membership:
             ns._pyroRelease()
 
     def stop(self) -> None:
+        """Stop, revoking this replica's liveness key."""
         self._stop.set()
         self._thread.join(timeout=self.ttl)
         if self._lease:

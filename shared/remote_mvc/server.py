@@ -252,6 +252,7 @@ class ModelServer:
 
     @auth.remote(auth.READ)
     def whoami(self) -> dict[str, Any]:
+        """The caller's identity and role, as this server sees them."""
         identity, role, address = auth.caller()
         return {"identity": identity, "role": role, "address": address}
 
@@ -557,12 +558,14 @@ class ModelServer:
         return not self._closed.is_set() and self._reaper.is_alive() and self._fanout.healthy()
 
     def close(self) -> None:
+        """Stop the pipeline, the reaper and the fan-out."""
         self._closed.set()
         self._pipeline.close()
         self._fanout.close()
 
     @property
     def revision(self) -> int:
+        """The revision of the last applied change."""
         return self._revision
 
     @property
@@ -572,6 +575,7 @@ class ModelServer:
 
     @property
     def subscriber_count(self) -> int:
+        """How many viewers are subscribed."""
         return len(self._fanout)
 
 
@@ -625,6 +629,7 @@ class ModelService(Service):
         return self.server
 
     def start(self) -> ModelService:
+        """Start the model server, then serve it; returns self."""
         self.server.start()  # before the daemon takes calls for it
         super().start()
         if self.membership is not None:
@@ -632,6 +637,7 @@ class ModelService(Service):
         return self
 
     def healthy(self) -> bool:
+        """True while the service and its model server are healthy."""
         return super().healthy() and self.server.healthy()
 
     def _role_of(self, identity: str) -> str | None:

@@ -64,10 +64,12 @@ class Ticker:
         self._thread = threading.Thread(target=self._run, name="ticker-clock", daemon=True)
 
     def start(self) -> Ticker:
+        """Start the clock thread; returns self."""
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop the clock thread."""
         self._stop.set()
         self._thread.join(timeout=5)
 
@@ -132,6 +134,7 @@ class TickerService(ModelService):
                 log_event(log, "tick_failed", f"could not set the interval: {exc}", level=logging.WARNING)
 
     def start(self) -> TickerService:
+        """Serve the ticker model and start its clock (in cluster mode, its election); returns self."""
         super().start()
         if self.election is not None:
             self.election.start()

@@ -291,6 +291,7 @@ class ViewerHost(Service):
         self.on_stop(self._unsubscribe_all, early=True)
 
     def make_daemon(self) -> Pyro5.api.Daemon:
+        """The viewer host's daemon: notify calls take the short path."""
         s = self.settings
         servertype, pyro_config.SERVERTYPE = pyro_config.SERVERTYPE, s.viewer_server  # read by the constructor
         try:
@@ -318,6 +319,7 @@ class ViewerHost(Service):
         return self._clients[model]
 
     def start(self) -> ViewerHost:
+        """Serve the viewers and start the keeper that subscribes them; returns self."""
         super().start()
         self._spawn(self._keep_subscribed, "viewer-keeper")
         return self
@@ -334,9 +336,11 @@ class ViewerHost(Service):
         return min(self._granted.values(), default=self.settings.lease_seconds)
 
     def subscribed(self) -> int:
+        """How many viewers are subscribed now."""
         return len(self._subs)
 
     def wait_subscribed(self, timeout: float) -> bool:
+        """Wait until every viewer is subscribed, at most ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while len(self._subs) < len(self.viewers):
             if time.monotonic() > deadline:

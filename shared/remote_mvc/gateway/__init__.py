@@ -89,16 +89,19 @@ class Gateway(ViewerHost):
     # lifecycle -------------------------------------------------------------------------
     @property
     def http_port(self) -> int:
+        """The port the HTTP server listens on."""
         if self._socket is None:
             raise RuntimeError("the gateway is not started")
         return self._socket.getsockname()[1]
 
     @property
     def url(self) -> str:
+        """The gateway's base URL."""
         host = self.settings.host if self.settings.host not in ("0.0.0.0", "", "::") else "127.0.0.1"
         return f"http://{host}:{self.http_port}"
 
     def start(self) -> Gateway:
+        """Start the viewers and the HTTP server (returns once it listens); returns self."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.settings.host, self.settings.gateway_port))
@@ -133,6 +136,7 @@ class Gateway(ViewerHost):
         return self
 
     def healthy(self) -> bool:
+        """True while the service is healthy (its viewers subscribed) and the HTTP server runs."""
         return super().healthy() and self._server is not None and self._server.started and not self.closing
 
     def _stop_http(self) -> None:
