@@ -45,8 +45,9 @@ test-integration: venv ## integration tests against real daemons on 127.0.0.1
 test-e2e: venv ## end-to-end tests against real containers
 	$(PY) -m pytest tests/e2e
 
-lint: venv ## ruff
+lint: venv ## ruff on everything, mypy on the library
 	$(VENV)/bin/ruff check shared services tests bench
+	$(VENV)/bin/mypy shared/remote_mvc
 
 clean: ## remove the virtual environment, runtime state and caches
 	rm -rf $(VENV) $(RUNTIME) build .pytest_cache .ruff_cache

@@ -2,7 +2,7 @@
 #   make bench-quick                  CI smoke: N = 1, 10, every system, ~1.5 min; fails on any lost,
 #                                     duplicated or reordered delivery
 #   make bench                        full run: N = 1 ... 1000, paced + unpaced + slow viewer, < 15 min
-#   make bench BENCH_ARGS=--proto     also the prototyped library changes (bench/proto), same run
+#   make bench BENCH_ARGS=--ref=REF   also the library as committed at REF (system remote-mvc-ref), same run
 #   make bench-profile                py-spy profiles of the model server at N = 200
 #   make bench-commit                 concurrent controllers (group commit): changes/s with 1, 4, 16
 #   make bench-gateway                SSE clients of the web gateway beside direct viewers, N = 1, 100, 1000

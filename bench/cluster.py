@@ -77,7 +77,7 @@ class Deployment:
         return {f"MVC_{k.upper()}": str(v) for k, v in vars(settings).items() if v != defaults.get(k)}
 
     def wait_registered(self, count: int) -> None:
-        from remote_mvc.controller import resolve_all
+        from remote_mvc.client import resolve_all
 
         deadline = time.monotonic() + 60
         while True:

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from bench import libs as libs_mod
 from bench.machine import machine_facts
-from bench.proto import build as libs_mod
 from bench.systems import ROOT, RemoteMVC
 
 

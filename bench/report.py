@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-MVC = ("remote-mvc", "remote-mvc-proto", "remote-mvc-ref")
+MVC = ("remote-mvc", "remote-mvc-proto", "remote-mvc-ref")  # -proto: results recorded before bench/proto went
 ORDER = {"remote-mvc-ref": 0, "remote-mvc": 1, "remote-mvc-proto": 2, "redis": 3, "naive-oneway": 4,
          "naive-twoway": 5}
 SCENARIOS = {"paced": 0, "unpaced": 1, "slow-baseline": 2, "slow-viewer": 3}

@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke run: small N, seconds per system")
     parser.add_argument("--systems", default=",".join(ALL_SYSTEMS),
-                        help=f"comma-separated, from {ALL_SYSTEMS + ['remote-mvc-proto']}")
+                        help=f"comma-separated, from {ALL_SYSTEMS}")
     parser.add_argument("--n", default="", help="comma-separated viewer counts (default: by mode)")
     parser.add_argument("--paced-seconds", type=float)
     parser.add_argument("--rate", type=float, help="paced changes per second (default 50)")
@@ -539,8 +539,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="", help="results file stem (default: latest, or quick with --quick)")
     parser.add_argument("--no-docs", action="store_true", help="do not refresh the results block of "
                         "docs/performance.md (a full run named latest refreshes it by default)")
-    parser.add_argument("--proto", action="store_true",
-                        help="also benchmark remote-mvc-proto: the library with the prototypes in bench/proto")
     parser.add_argument("--ref", default="", help="also benchmark the library as committed at this git ref "
                         "(system remote-mvc-ref), e.g. to measure a change before/after in one run")
     parser.add_argument("--dump", default="", help="directory: keep every measurement's raw data (the "
@@ -568,8 +566,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.viewer_server:
         cfg.viewer_server = args.viewer_server
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if args.proto and "remote-mvc-proto" not in systems:
-        systems.insert(1 if systems and systems[0] == "remote-mvc" else 0, "remote-mvc-proto")
     if args.ref and "remote-mvc-ref" not in systems:
         systems.insert(0, "remote-mvc-ref")
     out = Path(args.out)
@@ -579,14 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     facts = machine_facts(workdir)
     # one run measures one library version, even if the working tree changes meanwhile
-    from bench.proto import build as libs_mod
+    from bench import libs as libs_mod
     libs = {"remote-mvc": str(libs_mod.snapshot(workdir / "lib"))}
     facts["library"] = {"fingerprint": libs_mod.fingerprint(workdir / "lib" / "remote_mvc"),
                         "git_dirty": facts.pop("git_dirty", None)}
-    if "remote-mvc-proto" in systems:
-        path, parts = libs_mod.build(workdir / "protolib", workdir / "lib" / "remote_mvc")
-        libs["remote-mvc-proto"] = str(path)
-        facts["library"]["proto_parts"] = parts
     if "remote-mvc-ref" in systems:
         libs["remote-mvc-ref"] = str(libs_mod.from_ref(args.ref or "HEAD", workdir / "reflib"))
         libs["ref"] = args.ref or "HEAD"

@@ -148,13 +148,6 @@ class RemoteMVC(System):
             ns.stop()
 
 
-class RemoteMVCProto(RemoteMVC):
-    """remote-mvc run from a patched copy of the library (``--proto``): same harness, same model."""
-
-    name = "remote-mvc-proto"
-    label = "remote-mvc + proposals (prototype)"
-
-
 class RemoteMVCRef(RemoteMVC):
     """remote-mvc as committed at a git ref (``--ref``), e.g. before a change: same harness, same run."""
 
@@ -249,7 +242,7 @@ class Redis(System):
 def make(name: str, workdir: Path, libs: dict[str, str], viewer_server: str = "multiplex") -> System:
     """``libs``: system name -> directory holding the remote_mvc package it runs (a snapshot or a copy)."""
     if name.startswith("remote-mvc"):
-        cls = {"remote-mvc": RemoteMVC, "remote-mvc-proto": RemoteMVCProto, "remote-mvc-ref": RemoteMVCRef}[name]
+        cls = {"remote-mvc": RemoteMVC, "remote-mvc-ref": RemoteMVCRef}[name]
         system = cls(workdir, libs.get(name, ""))
         system.viewer_server = viewer_server
         if name == "remote-mvc-ref":

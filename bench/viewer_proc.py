@@ -186,7 +186,7 @@ STARTERS = {"remote-mvc": start_mvc, "naive-twoway": start_naive, "naive-oneway"
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--system", required=True, choices=sorted(STARTERS) + ["remote-mvc-proto", "remote-mvc-ref"])
+    parser.add_argument("--system", required=True, choices=sorted(STARTERS) + ["remote-mvc-ref"])
     parser.add_argument("--ids", required=True, help="first:count of the viewer ids this process hosts")
     parser.add_argument("--connect", default="", help="naive server URI, or the Redis port")
     args = parser.parse_args()

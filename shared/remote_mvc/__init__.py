@@ -7,8 +7,8 @@ of every change, in order, and catch up after any gap.
 
 from .audit import AuditLog, read_audit
 from .auth import Credentials, Identity, generate_credentials
+from .client import AuthProxy, ModelClient, connect, resolve
 from .config import Settings
-from .controller import AuthProxy, ModelClient, connect, resolve
 from .errors import (
     AuthenticationError,
     AuthError,

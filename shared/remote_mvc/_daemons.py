@@ -39,7 +39,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import Pyro5.api
 import Pyro5.core
@@ -96,7 +96,13 @@ for _name in ("registered", "info", "get_next_stream_item", "close_stream"):
     setattr(_SmallDaemonObject, _name, None)
 
 
-class GuardedDaemonMixin:
+if TYPE_CHECKING:  # the mixins below are only ever mixed into Pyro5 daemons
+    from Pyro5.server import Daemon as _DaemonBase
+else:
+    _DaemonBase = object
+
+
+class GuardedDaemonMixin(_DaemonBase):
     """The wire checks, TLS-in-the-worker, connection bounds and tracking (see the module doc)."""
 
     handshake_timeout: float | None = 10.0
@@ -112,7 +118,7 @@ class GuardedDaemonMixin:
         _small._pyroId = Pyro5.core.DAEMON_NAME
         listener = getattr(self.transportServer, "sock", None)
         if isinstance(listener, ssl.SSLSocket):
-            listener.do_handshake_on_connect = False  # accepted sockets shake hands in their worker
+            listener.do_handshake_on_connect = False  # type: ignore[attr-defined] # accepted sockets shake hands in their worker
         self._per_address: collections.Counter[str] = collections.Counter()
         self._per_address_lock = threading.Lock()
 

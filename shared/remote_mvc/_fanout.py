@@ -368,7 +368,7 @@ class Fanout:
             count = len(self._subs)
             self._gauge.set(count)
         sub.stop()
-        fields = {"reason": reason} if reason else {}
+        fields: dict[str, Any] = {"reason": reason} if reason else {}
         log_event(log, event, event.replace("_", " "), viewer_id=sub.viewer_id, subscription=sub.id,
                   viewers=count, model=self.model, **fields)
         return True
@@ -435,12 +435,12 @@ class Fanout:
         self._turned = self.clock()
         while self._connected:
             sub = self._connected.popleft()
-            sub.proxy._pyroClaimOwnership()  # handed over by the connector: this thread alone uses it now
+            sub.proxy._pyroClaimOwnership()  # type: ignore[union-attr] # handed over by the connector: this thread alone uses it now
             if not sub._stopped:
                 live.add(sub)
                 bisect.insort(self._in_order, sub, key=_by_destination)
                 pending.add(sub)
-                sel.register(sub.sock, selectors.EVENT_READ, sub)
+                sel.register(sub.sock, selectors.EVENT_READ, sub)  # type: ignore[arg-type]  # connected
             else:
                 sub._close()
         while self._stopped:
@@ -450,7 +450,7 @@ class Fanout:
             pending.discard(sub)
         if self._published:
             self._published = False  # before looking at the queues: a later publish sets it again
-            turn = list(self._in_order)  # every sender, kept in host order (a copy: _service may drop one)
+            turn: list[Subscriber] | set[Subscriber] = list(self._in_order)  # every sender, kept in host order (a copy: _service may drop one)
         else:
             turn = sorted(pending, key=_by_destination) if len(pending) > 1 else pending
         now = time.monotonic()
@@ -506,7 +506,7 @@ class Fanout:
                 sub._flush()
             interest = selectors.EVENT_READ | (selectors.EVENT_WRITE if sub._out else 0)
             if interest != sub._interest:
-                self._selector.modify(sub.sock, interest, sub)
+                self._selector.modify(sub.sock, interest, sub)  # type: ignore[arg-type]  # connected
                 sub._interest = interest
         except (OSError, PyroError, ValueError) as exc:
             self._fail(sub, live, "unreachable", f"{type(exc).__name__}: {exc}")
@@ -528,7 +528,7 @@ class Fanout:
             live.discard(sub)
             self._in_order.remove(sub)
         try:
-            self._selector.unregister(sub.sock)
+            self._selector.unregister(sub.sock)  # type: ignore[arg-type]  # None: refused below
         except (KeyError, ValueError, OSError):
             pass
         sub._close()

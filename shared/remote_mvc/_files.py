@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import TextIO
 
 __all__ = ["DIR_MODE", "FILE_MODE", "private_dir", "create_private", "open_private_append", "write_private"]
 
@@ -44,7 +45,7 @@ def create_private(path: str | Path) -> Path:
     return p
 
 
-def open_private_append(path: str | Path):  # noqa: ANN201 - a text file object
+def open_private_append(path: str | Path) -> TextIO:
     """Open ``path`` for appending text (UTF-8), created mode 0600 when new."""
     p = Path(path)
     private_dir(p.parent)

@@ -173,12 +173,12 @@ class Subscriber:
                             self._cursor = events[-1]["revision"]
                     return {"events": events}
                 if fanout.last_revision - self._cursor <= fanout.queue_limit:
-                    events = fanout.events_after(self._cursor)
-                    if events is not None:
-                        if not events:
+                    fresh = fanout.events_after(self._cursor)
+                    if fresh is not None:
+                        if not fresh:
                             return None
-                        self._cursor = events[-1]["revision"]
-                        return {"events": events}
+                        self._cursor = fresh[-1]["revision"]
+                        return {"events": fresh}
                 self._snapshot_due = "behind"
             reason, self._snapshot_due = self._snapshot_due, ""
         snap = fanout.snapshot()  # takes the publisher's lock: consistent with the event stream
@@ -258,7 +258,7 @@ class Subscriber:
     def _flush(self) -> None:
         while self._out:
             try:
-                sent = self.sock.send(self._out)
+                sent = self.sock.send(self._out)  # type: ignore[union-attr]  # connected: the loop owns it
             except _RETRY:
                 return
             del self._out[:sent]
@@ -267,7 +267,7 @@ class Subscriber:
         """Take the viewer's answers off the socket; each one completes the oldest call."""
         while True:
             try:
-                chunk = self.sock.recv(65536)
+                chunk = self.sock.recv(65536)  # type: ignore[union-attr]  # connected: the loop owns it
             except _RETRY:
                 break
             if not chunk:

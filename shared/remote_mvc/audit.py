@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ._files import open_private_append
 from .errors import PersistenceError
@@ -54,13 +54,13 @@ class AuditLog:
         self.refusal_burst = refusal_burst
         self.summary_interval = summary_interval
         self._lock = threading.Lock()
-        self._file = None
+        self._file: TextIO | None = None
         self.syncs = 0  # fsyncs made (one per record, or per group of records)
         self._throttle_lock = threading.Lock()
         self._buckets: dict[str, list[float]] = {}  # address -> [tokens, last refill]
         self._held: dict[str, _Held] = {}  # address -> refusals counted, not yet in a summary
 
-    def _open(self):
+    def _open(self) -> TextIO:
         if self._file is None:
             self._file = open_private_append(self.path)
             if self._file.tell() and not self._ends_a_line():
@@ -172,9 +172,9 @@ class AuditLog:
         last: dict[int, dict] = {}
         for record in self._modifies_after(model, revision):
             last[record["revision"]] = record
-        out = []
-        while (record := last.get(revision + 1 + len(out))) is not None and record["result"] == "accepted":
-            out.append(record)
+        out: list[dict] = []
+        while (nxt := last.get(revision + 1 + len(out))) is not None and nxt["result"] == "accepted":
+            out.append(nxt)
         return out
 
     def _modifies_after(self, model: str, revision: int, chunk: int = 1 << 20) -> list[dict]:
@@ -221,6 +221,7 @@ class AuditLog:
             self._file = None
 
     def close(self) -> None:
+        """Close the log file (a later write opens it again)."""
         try:
             self.flush_summaries(force=True)
         except PersistenceError:

@@ -79,6 +79,7 @@ ANONYMOUS = "anonymous"
 
 @dataclass(frozen=True)
 class Identity:
+    """One identity of the credentials table: its name, role and secrets (two during a rotation)."""
     name: str
     role: str
     secrets: tuple[str, ...] = field(repr=False, default=())
@@ -97,6 +98,7 @@ class Credentials:
         return len(self.by_name)
 
     def get(self, name: str) -> Identity | None:
+        """The identity called ``name``, or None."""
         return self.by_name.get(name)
 
     def allows(self, permission: str) -> bool:
@@ -116,6 +118,7 @@ class Credentials:
 
     @classmethod
     def load(cls, path: str | Path) -> Credentials:
+        """Read a credentials file written by :meth:`dump` (or :func:`generate_credentials`)."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             return cls(Identity(name, v["role"], tuple(v["secrets"])) for name, v in data["identities"].items())
@@ -132,6 +135,7 @@ class Credentials:
         return cls(table.values())
 
     def dump(self, path: str | Path) -> None:
+        """Write the table to ``path``, private (mode 0600) from its creation on."""
         data = {"identities": {i.name: {"role": i.role, "secrets": list(i.secrets)} for i in self.by_name.values()}}
         write_private(Path(path), (json.dumps(data, indent=2) + "\n").encode())
 
@@ -444,9 +448,9 @@ class AuthProxy(Pyro5.api.Proxy):
     def _pyroHandshake(self, value: Any) -> None:  # noqa: N802
         pass  # the token is made fresh at each connect
 
-    _pyroInvoke = _auth_errors(Pyro5.api.Proxy._pyroInvoke)
-    _pyroBind = _auth_errors(Pyro5.api.Proxy._pyroBind)
-    _pyroGetMetadata = _auth_errors(Pyro5.api.Proxy._pyroGetMetadata)
+    _pyroInvoke = _auth_errors(Pyro5.api.Proxy._pyroInvoke)  # noqa: N815 - Pyro5's names
+    _pyroBind = _auth_errors(Pyro5.api.Proxy._pyroBind)  # noqa: N815
+    _pyroGetMetadata = _auth_errors(Pyro5.api.Proxy._pyroGetMetadata)  # noqa: N815
 
 
 def client_credentials(settings: Any, default_identity: str = "") -> tuple[str, str]:

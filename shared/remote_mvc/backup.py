@@ -167,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``remote-mvc-backup``: parse ``argv`` and run the command; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()

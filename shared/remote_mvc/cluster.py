@@ -115,11 +115,13 @@ class EtcdPipeline(Pipeline):
     # state ----------------------------------------------------------------------------
     @property
     def stale(self) -> bool:
+        """True while this replica may be behind etcd (no contact for ``stale_after``, or failing)."""
         stale = self._failing or self.monotonic() - self._last_contact > self.stale_after
         self._stale_gauge.set(1 if stale else 0)
         return stale
 
     def wait_applied(self, revision: int, timeout: float) -> bool:
+        """Block until ``revision`` is applied here, at most ``timeout`` seconds; False on timeout."""
         with self._applied_cond:
             return self._applied_cond.wait_for(lambda: self.revision >= revision, timeout)
 
@@ -173,7 +175,7 @@ class EtcdPipeline(Pipeline):
     def _reload(self, epoch: str, reason: str) -> None:
         """Load head and history at one etcd revision; with a reason, viewers start over."""
         value, _, at = self.store.get(self.k_head)
-        head = json.loads(value) if value is not None else {"revision": 0, "values": {}}
+        head: dict[str, Any] = json.loads(value) if value is not None else {"revision": 0, "values": {}}
         first = max(0, head["revision"] - self.history_limit)
         events: list[dict[str, Any]] = []
         start = self.k_events + rev_key(first + 1)
@@ -254,6 +256,7 @@ class EtcdPipeline(Pipeline):
                 log_event(log, "watch_resync", f"reading back from etcd: {exc}", model=self.name)
             except Exception:  # a bug: logged with its traceback, counted, and the follower goes on
                 log.exception("etcd follower error")
+                self.metrics.loop_errors.labels("etcd-follower").inc()
                 self.metrics.cluster_resets.labels(self.name, "error").inc()
                 self._failing = True
                 self._resync = True
@@ -307,6 +310,7 @@ class EtcdPipeline(Pipeline):
 
     # commits ---------------------------------------------------------------------------
     def commit(self, pending: Pending) -> int:
+        """Write ``pending`` through etcd and wait until it is applied here; returns its revision."""
         with self.commit_lock:
             if not pending.done:
                 with self.lock:
@@ -328,6 +332,7 @@ class EtcdPipeline(Pipeline):
 
     def enqueue(self, normalized: dict[str, Any], identity: str, address: str | None, request_id: str | None,
                 audited: bool = True, expected_revision: int | None = None, via: str | None = None) -> Pending:
+        """Queue a validated change for the committer (answered within the call timeout)."""
         pending = super().enqueue(normalized, identity, address, request_id, audited, expected_revision, via)
         # answered within the caller's call timeout, however long the queue ahead of it
         pending.deadline = self.monotonic() + 0.7 * self.call_timeout
@@ -442,9 +447,10 @@ class EtcdPipeline(Pipeline):
             self._fail(todo, "unavailable", ServiceUnavailable(
                 "the model was re-created in etcd (a new epoch): change not applied; try again"))
             return []
-        fenced = self.fence is not None and any(not p.audited for p in todo)
-        if fenced:
-            fence, held = self.fence(), ranges.pop().get("kvs") or []
+        fence_of = self.fence
+        fenced = fence_of is not None and any(not p.audited for p in todo)
+        if fenced and fence_of is not None:
+            fence, held = fence_of(), ranges.pop().get("kvs") or []
             if not held or held[0].get("value") != fence["value"]:  # no longer the elected one
                 self._fail([p for p in todo if not p.audited], "unavailable",
                            ServiceUnavailable("this process is not the elected one (any more): not applied"))
@@ -524,8 +530,9 @@ class EtcdPipeline(Pipeline):
             except ServiceUnavailable as exc:
                 log_event(log, "prune_failed", "history pruning failed; next time", level=logging.WARNING,
                           model=self.name, error=str(exc))
-            except Exception:
+            except Exception:  # a bug: logged with its traceback, counted, and pruning goes on
                 log.exception("history pruning error")
+                self.metrics.loop_errors.labels("etcd-compactor").inc()
 
     def prune(self) -> int:
         """Prune what lies past the history limit now; return how many events went."""
@@ -554,10 +561,12 @@ class EtcdPipeline(Pipeline):
 
     # lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the etcd follower and the history compactor."""
         for t in self._threads:
             t.start()
 
     def close(self) -> None:
+        """Stop the follower and the compactor, ending the watch stream."""
         self._stop.set()
         with self._stream_lock:
             stream = self._stream

@@ -63,6 +63,7 @@ class Pending:
 
     @property
     def revision(self) -> int:
+        """The revision of the last applied change."""
         return self.event["revision"]
 
     def outcome(self) -> int:
@@ -320,4 +321,4 @@ class GroupCommit(Pipeline):
                           revision=p.revision, error=p.error)
             for p in behind:
                 if p.audited:  # its attempt is on record, as every attempt is
-                    self.refuse(p.identity, p.address, p.changes, result, p.error)
+                    self.refuse(p.identity, p.address, p.changes, result, p.error or error)  # set above

@@ -174,15 +174,18 @@ class Settings:
     # derived values -------------------------------------------------------
     @property
     def tls(self) -> bool:
+        """True when TLS is configured (``MVC_TLS_CA``)."""
         return bool(self.tls_ca)
 
     @property
     def gateway_model_names(self) -> list[str]:
+        """The models the gateway relays: ``gateway_models``, else the model and the ticker."""
         names = [n.strip() for n in self.gateway_models.split(",") if n.strip()]
         return names or [self.model_name, self.ticker_name]
 
     @property
     def watched_name(self) -> str:
+        """The model a viewer watches: ``watch``, else ``model_name``."""
         return self.watch or self.model_name
 
     def etcd_endpoints(self) -> list[str]:
@@ -192,18 +195,23 @@ class Settings:
         return [e.strip().rstrip("/") for e in self.store.split(",") if e.strip()]
 
     def replica_name(self) -> str:
+        """This replica's name: ``replica``, else host name and process id."""
         return self.replica or f"{socket.gethostname()}-{os.getpid()}"
 
     def state_file(self) -> Path:
+        """The SQLite state file: ``state_path``, else ``<state_dir>/<service>.sqlite3``."""
         return Path(self.state_path or Path(self.state_dir) / f"{self.service}.sqlite3")
 
     def audit_file(self) -> Path:
+        """The audit log: ``audit_path``, else ``<state_dir>/<service>-audit.jsonl``."""
         return Path(self.audit_path or Path(self.state_dir) / f"{self.service}-audit.jsonl")
 
     def credentials_path(self) -> Path:
+        """The credentials file: ``credentials_file``, else ``<state_dir>/credentials.json``."""
         return Path(self.credentials_file or Path(self.state_dir) / "credentials.json")
 
     def advertised_host(self) -> str:
+        """The host others reach us at: ``advertise_host``, else our own address when bound to all."""
         if self.advertise_host:
             return self.advertise_host
         if self.host in ("0.0.0.0", "", "::"):
@@ -211,6 +219,7 @@ class Settings:
         return self.host
 
     def default_viewer_id(self) -> str:
+        """A viewer's id: ``viewer_id``, else host name and process id."""
         return self.viewer_id or f"{socket.gethostname()}-{os.getpid()}"
 
 

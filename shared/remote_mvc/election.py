@@ -42,6 +42,7 @@ class Election:
         self.on_change = on_change or (lambda leading: None)
         self.monotonic = monotonic
         self._gauge = metrics.elected.labels(key)
+        self._loop_errors = metrics.loop_errors.labels("election")
         self._gauge.set(0)
         self._lease = 0
         self._renewed = 0.0  # when the lease was last renewed (monotonic)
@@ -78,8 +79,9 @@ class Election:
                 if self._leading:
                     self.leading  # noqa: B018 - steps down once the lease may have run out
                 log.debug("election step failed: %s", exc)
-            except Exception:  # a bug: logged, and the candidate goes on
+            except Exception:  # a bug: logged with its traceback, counted, and the candidate goes on
                 log.exception("election error")
+                self._loop_errors.inc()
             self._stop.wait(self.ttl / 4)
 
     def _step(self) -> None:
@@ -108,6 +110,7 @@ class Election:
                 self._set(False, "the election key is not ours any more")
 
     def start(self) -> Election:
+        """Start campaigning (a background thread); returns self."""
         self._thread.start()
         return self
 

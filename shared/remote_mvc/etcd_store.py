@@ -44,11 +44,7 @@ from etcd3gw.exceptions import Etcd3Exception
 from .errors import ServiceUnavailable
 
 if TYPE_CHECKING:
-    from .audit import AuditLog
-    from .cluster import EtcdPipeline
     from .config import Settings
-    from .metrics import Metrics
-    from .model import Model
 
 __all__ = ["EtcdStore", "WatchStream", "b64", "unb64", "rev_key"]
 
@@ -63,6 +59,7 @@ def b64(data: str | bytes) -> str:
 
 
 def unb64(text: str | None) -> bytes:
+    """Decode an etcd base64 field (None: empty)."""
     return base64.b64decode(text) if text else b""
 
 
@@ -83,7 +80,7 @@ class WatchStream:
     def __init__(self, base_url: str, key: str, range_end: str, start_revision: int, read_timeout: float,
                  connect_timeout: float, verify: str | bool = True, cert: tuple[str, str] | None = None) -> None:
         self._session = requests.Session()
-        body = {"create_request": {"key": b64(key), "range_end": b64(range_end),
+        body: dict[str, Any] = {"create_request": {"key": b64(key), "range_end": b64(range_end),
                                    "start_revision": start_revision}}
         try:
             self._response = self._session.post(base_url + API_PATH + "watch", json=body, stream=True,
@@ -98,7 +95,7 @@ class WatchStream:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         try:
-            for line in self._response.iter_lines(chunk_size=None):
+            for line in self._response.iter_lines(chunk_size=None):  # type: ignore[call-overload]  # None: as it arrives
                 if not line.strip():
                     continue
                 message = json.loads(line)
@@ -110,6 +107,7 @@ class WatchStream:
             raise ServiceUnavailable(f"etcd watch ended: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
+        """End the watch stream and its HTTP session."""
         try:
             self._response.close()
         finally:
@@ -118,6 +116,8 @@ class WatchStream:
 
 class EtcdStore:
     """The models of one deployment in an etcd cluster (implements ReadableStore)."""
+
+    backend = "etcd"  # ModelServer commits through cluster.EtcdPipeline for this store
 
     def __init__(self, endpoints: list[str], prefix: str = "/remote_mvc", history_limit: int = 10000,
                  timeout: float = 1.0, ca: str = "", cert: str = "", key: str = "") -> None:
@@ -141,21 +141,14 @@ class EtcdStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EtcdStore:
+        """The store ``settings`` name: endpoints, prefix, history limit, TLS files."""
         return cls(settings.etcd_endpoints(), settings.etcd_prefix, settings.history_limit,
                    timeout=max(0.2, settings.call_timeout / 3), ca=settings.etcd_ca, cert=settings.etcd_cert,
                    key=settings.etcd_key)
 
-    def pipeline(self, name: str, schema: type[Model], audit: AuditLog, metrics: Metrics, *,
-                 history_limit: int = 10000, clock: Any = None, call_timeout: float = 3.0) -> EtcdPipeline:
-        """The commit pipeline of a model kept here (ModelServer asks its store for it)."""
-        from .cluster import EtcdPipeline
-
-        kwargs = {"clock": clock} if clock is not None else {}
-        return EtcdPipeline(name, schema, self, audit, metrics, history_limit=history_limit,
-                            call_timeout=call_timeout, **kwargs)
-
     # keys --------------------------------------------------------------------------
     def key(self, model: str, *parts: str) -> str:
+        """The etcd key of ``model``'s ``parts`` under this deployment's prefix."""
         return "/".join([self.prefix, model, *parts])
 
     # calls ---------------------------------------------------------------------------
@@ -223,6 +216,7 @@ class EtcdStore:
 
     def txn(self, compare: list[dict], success: list[dict], failure: list[dict],
             deadline: float | None = None) -> dict[str, Any]:
+        """One etcd transaction: ``success`` when every ``compare`` holds, else ``failure``."""
         return self.call("kv/txn", {"compare": compare, "success": success, "failure": failure}, deadline)
 
     def compact(self, revision: int) -> None:
@@ -249,6 +243,7 @@ class EtcdStore:
 
     # ReadableStore ----------------------------------------------------------------------
     def load(self, model: str) -> tuple[int, dict[str, Any] | None]:
+        """``model``'s head revision and values (None when it has none)."""
         value, _, _ = self.get(self.key(model, "head"))
         if value is None:
             return 0, None
@@ -256,11 +251,13 @@ class EtcdStore:
         return head["revision"], head["values"]
 
     def events(self, model: str, since_revision: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` of ``model``'s events after ``since_revision``."""
         start = self.key(model, "events", rev_key(since_revision + 1))
         kvs, _, _ = self.range(start, prefix_end(self.key(model, "events/")), limit=limit)
         return [json.loads(unb64(kv.get("value"))) for kv in kvs]
 
     def first_revision(self, model: str) -> int | None:
+        """The oldest revision ``model``'s history still holds, or None."""
         kvs, _, _ = self.range(self.key(model, "events/"), prefix_end(self.key(model, "events/")), limit=1,
                                keys_only=True)
         if not kvs:
@@ -268,5 +265,6 @@ class EtcdStore:
         return int(unb64(kvs[0]["key"]).decode().rsplit("/", 1)[1])
 
     def close(self) -> None:
+        """Close the HTTP sessions to the etcd endpoints."""
         for client in self._clients:
             client.session.close()

@@ -16,6 +16,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import cast
 
 __all__ = ["ETCD", "EtcdCluster", "EtcdMember", "free_port"]
 
@@ -23,12 +24,14 @@ ETCD = shutil.which("etcd")
 
 
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a member about to bind it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 class EtcdMember:
+    """One etcd member on loopback: name, data directory, ports, process."""
     def __init__(self, name: str, data_dir: Path, scheme: str = "http") -> None:
         self.name = name
         self.scheme = scheme
@@ -40,10 +43,12 @@ class EtcdMember:
 
     @property
     def client_url(self) -> str:
+        """The member's client URL."""
         return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
+        """The member's peer URL."""
         return f"http://127.0.0.1:{self.peer_port}"
 
 
@@ -63,15 +68,17 @@ class EtcdCluster:
 
     @property
     def endpoints(self) -> list[str]:
+        """Every member's client URL."""
         return [m.client_url for m in self.members]
 
     @property
     def store_setting(self) -> str:
+        """The ``MVC_STORE`` value naming this cluster."""
         return ",".join(self.endpoints)
 
     def _argv(self, m: EtcdMember) -> list[str]:
         initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
-        return [ETCD, "--name", m.name, "--data-dir", str(m.data_dir),
+        return [str(ETCD), "--name", m.name, "--data-dir", str(m.data_dir),
                 "--listen-client-urls", m.client_url, "--advertise-client-urls", m.client_url,
                 "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
                 "--initial-cluster", initial, "--initial-cluster-token", self.token,
@@ -81,6 +88,7 @@ class EtcdCluster:
                    "--client-cert-auth"] if self.tls else [])]
 
     def start(self, index: int | None = None) -> None:
+        """Start member ``index``, or every member."""
         for m in self.members if index is None else [self.members[index]]:
             log = open(m.log_path, "ab")  # noqa: SIM115 - the child keeps it
             m.proc = subprocess.Popen(self._argv(m), stdout=log, stderr=subprocess.STDOUT,
@@ -89,6 +97,7 @@ class EtcdCluster:
         self.wait_healthy(index)
 
     def healthy(self, index: int) -> bool:
+        """True when member ``index`` answers its health check."""
         context = None
         if self.tls:
             context = ssl.create_default_context(cafile=self.tls[0])
@@ -101,6 +110,7 @@ class EtcdCluster:
             return False
 
     def wait_healthy(self, index: int | None = None, timeout: float = 30.0) -> None:
+        """Wait until member ``index`` (or every member) is healthy."""
         indexes = range(len(self.members)) if index is None else [index]
         deadline = time.monotonic() + timeout
         for i in indexes:
@@ -110,16 +120,19 @@ class EtcdCluster:
                 time.sleep(0.1)
 
     def kill(self, index: int) -> None:
+        """Kill member ``index`` (SIGKILL)."""
         m = self.members[index]
         if m.proc is not None and m.proc.poll() is None:
             m.proc.send_signal(signal.SIGKILL)
             m.proc.wait(10)
 
     def pause(self, index: int) -> None:
-        self.members[index].proc.send_signal(signal.SIGSTOP)
+        """Freeze member ``index`` (SIGSTOP)."""
+        cast("subprocess.Popen", self.members[index].proc).send_signal(signal.SIGSTOP)
 
     def resume(self, index: int) -> None:
-        self.members[index].proc.send_signal(signal.SIGCONT)
+        """Let a frozen member ``index`` run again (SIGCONT)."""
+        cast("subprocess.Popen", self.members[index].proc).send_signal(signal.SIGCONT)
 
     def wipe(self) -> None:
         """Kill every member, delete the data and start a brand new cluster on the same addresses."""
@@ -131,6 +144,7 @@ class EtcdCluster:
         self.start()
 
     def stop(self) -> None:
+        """Stop every member."""
         for i, m in enumerate(self.members):
             if m.proc is not None and m.proc.poll() is None:
                 try:

@@ -64,6 +64,7 @@ class GatewayClient:
         return headers
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
+        """One HTTP request; the JSON answer, or the error it maps to."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
             data = None if body is None else json.dumps(body).encode()
@@ -84,6 +85,7 @@ class GatewayClient:
         return "/models/" + urllib.parse.quote(name, safe="")
 
     def models(self) -> list[dict[str, Any]]:
+        """The models the gateway relays."""
         return self.request("GET", "/models")["models"]
 
     def snapshot(self, model: str) -> dict[str, Any]:
@@ -91,18 +93,21 @@ class GatewayClient:
         return self.request("GET", self._model(model))
 
     def history(self, model: str, since: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """Up to ``limit`` of ``model``'s change events after ``since``."""
         return self.request("GET", f"{self._model(model)}/history?since={int(since)}&limit={int(limit)}")["events"]
 
     def viewers(self, model: str) -> list[dict[str, Any]]:
+        """``model``'s subscribed viewers."""
         return self.request("GET", f"{self._model(model)}/viewers")["viewers"]
 
     def whoami(self) -> dict[str, Any]:
+        """The identity and role the gateway sees."""
         return self.request("GET", "/whoami")
 
     def modify(self, model: str, changes: dict[str, Any], expected_revision: int | None = None,
                request_id: str | None = None) -> int:
         """Change ``model``; the same request id (one is made when not given) never applies twice."""
-        body = {"changes": changes, "request_id": request_id or uuid.uuid4().hex}
+        body: dict[str, Any] = {"changes": changes, "request_id": request_id or uuid.uuid4().hex}
         if expected_revision is not None:
             body["expected_revision"] = expected_revision
         return self.request("POST", self._model(model), body)["revision"]
@@ -144,7 +149,8 @@ class EventStream:
         when the gateway ends the stream."""
         if timeout is not None and self._conn.sock is not None:
             self._conn.sock.settimeout(timeout)
-        kind, data, ident = "message", [], None
+        kind, ident = "message", None
+        data: list[str] = []
         while True:
             line = self._reply.readline()  # through the chunked transfer decoding
             if not line:
@@ -172,6 +178,7 @@ class EventStream:
             yield self.next()
 
     def close(self) -> None:
+        """Close the stream's connection."""
         try:
             if self._conn.sock is not None:
                 self._conn.sock.shutdown(socket.SHUT_RDWR)

@@ -48,6 +48,7 @@ def configure_logging(service: str, level: str = "INFO", stream: IO[str] | None 
 
 
 def get_logger(name: str) -> logging.Logger:
+    """The logger ``name`` (a child of ``remote_mvc``'s)."""
     return logging.getLogger(name)
 
 

@@ -147,6 +147,7 @@ class Metrics:
             ["route", "status"], registry=r)
 
     def exposition(self) -> bytes:
+        """The registry in Prometheus' text format."""
         return generate_latest(self.registry)
 
 
@@ -226,6 +227,7 @@ class MetricsServer:
 
     @property
     def port(self) -> int:
+        """The port the server listens on."""
         return self._server.server_address[1]
 
     @property
@@ -239,10 +241,12 @@ class MetricsServer:
         return self._server.timed_out
 
     def start(self) -> MetricsServer:
+        """Serve ``/metrics`` and ``/healthz`` from a background thread; returns self."""
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop serving and close the socket."""
         self._server.shutdown()
         self._server.server_close()
 

@@ -57,7 +57,7 @@ class Field:
                 raise ValidationError(f"{label}: {str(value)[:40]}... is too large for a float") from None
         if not isinstance(value, t) or (t is int and isinstance(value, bool)):
             raise ValidationError(f"{label}: expected {t.__name__}, got {type(value).__name__} {value!r:.80}")
-        if t is float and not math.isfinite(value):
+        if t is float and not math.isfinite(value):  # type: ignore[arg-type]  # value is a float here
             raise ValidationError(f"{label}: must be a finite number, got {value!r}")
         for validator in self.validators:
             try:
@@ -97,6 +97,7 @@ class Model:
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
+        """Every field's default value."""
         return {name: f.default for name, f in cls.fields.items()}
 
     @classmethod
@@ -139,6 +140,7 @@ def between(low: float | None = None, high: float | None = None) -> Validator:
 
 
 def max_length(n: int) -> Validator:
+    """A validator refusing strings longer than ``n``."""
     def max_length_(value: str) -> None:
         if len(value) > n:
             raise ValueError(f"longer than {n} characters ({len(value)})")
@@ -146,11 +148,13 @@ def max_length(n: int) -> Validator:
 
 
 def non_empty(value: str) -> None:
+    """Refuse an empty (or blank) string."""
     if not value.strip():
         raise ValueError("must not be empty")
 
 
 def one_of(*choices: Any) -> Validator:
+    """A validator refusing values other than ``choices``."""
     def one_of_(value: Any) -> None:
         if value not in choices:
             raise ValueError(f"{value!r} is not one of {choices!r}")

@@ -123,14 +123,17 @@ class GuardedNameServer(_DeclaredNameServer):
 
     @auth.remote(auth.REGISTER)
     def register(self, name: str, uri: Any, safe: bool = False, metadata: Any = None) -> None:
+        """Register ``name`` (needs the register permission)."""
         return self._register(name, uri, safe, metadata)
 
     @auth.remote(auth.REGISTER)
     def remove(self, name: str | None = None, prefix: str | None = None, regex: str | None = None) -> int:
+        """Remove entries by name, prefix or regex (needs the register permission)."""
         return self._remove(name, prefix, regex)
 
     @auth.remote(auth.REGISTER)
     def set_metadata(self, name: str, metadata: Any) -> None:
+        """Set ``name``'s metadata (needs the register permission)."""
         return self._set_metadata(name, metadata)
 
 
@@ -141,14 +144,17 @@ class OpenNameServer(_DeclaredNameServer):
 
     @auth.remote(auth.READ)
     def register(self, name: str, uri: Any, safe: bool = False, metadata: Any = None) -> None:
+        """Register ``name`` (open to every identity)."""
         return self._register(name, uri, safe, metadata)
 
     @auth.remote(auth.READ)
     def remove(self, name: str | None = None, prefix: str | None = None, regex: str | None = None) -> int:
+        """Remove entries by name or prefix (open); by regex it needs the register permission."""
         return self._remove(name, prefix, regex)
 
     @auth.remote(auth.READ)
     def set_metadata(self, name: str, metadata: Any) -> None:
+        """Set ``name``'s metadata (open to every identity)."""
         return self._set_metadata(name, metadata)
 
 
@@ -169,6 +175,7 @@ class NameServer(Service):
         self.on_stop(self.audit.close)
 
     def start(self) -> NameServer:
+        """Start serving (and log a warning when unprotected); returns self."""
         super().start()
         self._spawn(self._flush_audit_summaries, "audit-summaries")
         return self
@@ -187,6 +194,7 @@ class NameServer(Service):
                               loop="audit-summaries")
 
     def make_daemon(self) -> Pyro5.api.Daemon:
+        """The name server's daemon: guarded, authenticating."""
         s = self.settings
         daemon = AuthNameServerDaemon(host=s.host, port=s.ns_port, storage=self.storage,
                                       nathost=s.advertised_host(), natport=0)
@@ -201,12 +209,15 @@ class NameServer(Service):
 
     @property
     def protected(self) -> bool:
+        """True when changing entries needs the register permission."""
         return self.credentials.allows(auth.REGISTER)
 
     def healthy(self) -> bool:
+        """True while the daemon serves."""
         return self.daemon is not None and not self._stopping.is_set()
 
     @property
     def port(self) -> int:
         """The port the name server listens on (useful when started on port 0)."""
+        assert self.daemon is not None, "the name server is started"
         return int(self.daemon.locationStr.rsplit(":", 1)[1])

@@ -1,7 +1,7 @@
 """Cluster mode's replica membership: who is alive, in etcd; the name server kept in step.
 
 Each model-server replica registers ``<model>.replica.<replica>`` with the name server (with the
-group's metadata, see :func:`~remote_mvc.controller.resolve_all`) and keeps a key
+group's metadata, see :func:`~remote_mvc.client.resolve_all`) and keeps a key
 ``<prefix>/<model>/replicas/<replica>`` alive in etcd under a lease of ``ttl`` seconds. A replica
 that is SIGKILLed cannot unregister; its lease runs out instead, and the other replicas remove its
 name from the name server (after two rounds without its key, so a slow lease renewal is not
@@ -16,11 +16,12 @@ import threading
 from Pyro5.errors import CommunicationError, NamingError, PyroError
 
 from .auth import client_credentials
+from .client import group_tag
 from .config import Settings
-from .controller import group_tag
 from .errors import MVCError, ServiceUnavailable
 from .etcd_store import EtcdStore, b64, prefix_end, unb64
 from .logs import log_event
+from .metrics import Metrics
 from .service import locate_ns
 
 __all__ = ["Membership"]
@@ -31,8 +32,10 @@ log = logging.getLogger("remote_mvc.replicas")
 class Membership:
     """This replica's liveness key in etcd, and the removal of dead siblings' names."""
 
-    def __init__(self, store: EtcdStore, settings: Settings, model: str, replica: str, ttl: int = 5) -> None:
+    def __init__(self, store: EtcdStore, settings: Settings, model: str, replica: str, ttl: int = 5,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
+        self._loop_errors = (metrics or Metrics()).loop_errors.labels("replica-membership")
         self.settings = settings
         self.model = model
         self.replica = replica
@@ -44,6 +47,7 @@ class Membership:
         self._thread = threading.Thread(target=self._run, name=f"replica-membership-{model}", daemon=True)
 
     def start(self) -> Membership:
+        """Start keeping this replica's liveness key (a background thread); returns self."""
         self._thread.start()
         return self
 
@@ -59,8 +63,9 @@ class Membership:
                 self._sweep()
             except (ServiceUnavailable, CommunicationError, PyroError, OSError, MVCError) as exc:
                 log.debug("membership round failed: %s", exc)
-            except Exception:  # a bug: logged, and the loop goes on
+            except Exception:  # a bug: logged with its traceback, counted, and the loop goes on
                 log.exception("membership error")
+                self._loop_errors.inc()
 
     def _keep_alive(self) -> None:
         if self._lease:
@@ -99,6 +104,7 @@ class Membership:
             ns._pyroRelease()
 
     def stop(self) -> None:
+        """Stop, revoking this replica's liveness key."""
         self._stop.set()
         self._thread.join(timeout=self.ttl)
         if self._lease:

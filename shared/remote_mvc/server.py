@@ -51,9 +51,9 @@ from . import auth
 from ._fanout import Fanout
 from ._sender import Subscriber
 from .audit import AuditLog
+from .client import group_tag
 from .commit import GroupCommit, Pending, Pipeline
 from .config import Settings
-from .controller import group_tag
 from .errors import (
     ConflictError,
     HistoryCompacted,
@@ -146,15 +146,18 @@ class ModelServer:
         self._metrics = metrics
         self._clock = clock
         self._monotonic = monotonic
-        self._fanout_settings = {"lease_seconds": lease_seconds, "call_timeout": call_timeout,
+        self._fanout_settings: dict[str, Any] = {"lease_seconds": lease_seconds, "call_timeout": call_timeout,
                                  "queue_limit": queue_limit, "batch_max": batch_max}
-        # the commit path: a store that brings its own (etcd) makes it, else SQLite's group commit
-        make = getattr(store, "pipeline", None)
-        self._pipeline: Pipeline = (
-            make(name, schema, audit, metrics, history_limit=history_limit, clock=clock,
-                 call_timeout=call_timeout)
-            if make is not None else
-            GroupCommit(name, schema, store, audit, metrics, history_limit=history_limit, clock=clock))  # type: ignore[arg-type]
+        # the commit path: etcd's pipeline for a store in etcd (cluster mode), else SQLite's group commit
+        self._pipeline: Pipeline
+        if getattr(store, "backend", "sqlite") == "etcd":
+            from .cluster import EtcdPipeline  # only cluster mode needs the etcd client
+
+            self._pipeline = EtcdPipeline(name, schema, store, audit, metrics,  # type: ignore[arg-type]
+                                          history_limit=history_limit, call_timeout=call_timeout, clock=clock)
+        else:
+            self._pipeline = GroupCommit(name, schema, store, audit, metrics,  # type: ignore[arg-type]
+                                         history_limit=history_limit, clock=clock)
         self._lock = self._pipeline.lock
         self._requests = self._pipeline.requests
         self._inflight = self._pipeline.inflight
@@ -164,10 +167,27 @@ class ModelServer:
         self._pipeline.on_reset = self._reset_fanout
         self._closed = threading.Event()
         self._reaper_errors = metrics.loop_errors.labels("reaper")
-        self._pipeline.start()
         self._reaper = threading.Thread(target=self._reap, name=f"lease-reaper-{name}", daemon=True)
-        self._reaper.start()
-        log_event(log, "model_loaded", "model loaded", model=name, revision=self._revision, values=self._values)
+        self._started = False
+
+    def start(self) -> ModelServer:
+        """Start the commit pipeline's background work and the lease reaper (once; returns self).
+
+        Nothing runs before: a constructed server holds no thread, so building one (a test, a
+        service being wired) never leaves work behind; :meth:`close` ends what this started."""
+        if not self._started:
+            self._started = True
+            self._pipeline.start()
+            self._reaper.start()
+            log_event(log, "model_loaded", "model loaded", model=self._name, revision=self._revision,
+                      values=self._values)
+        return self
+
+    def __enter__(self) -> ModelServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _new_fanout(self) -> Fanout:
         return Fanout(self._name, self.snapshot, self._metrics, revision=self._revision,
@@ -232,6 +252,7 @@ class ModelServer:
 
     @auth.remote(auth.READ)
     def whoami(self) -> dict[str, Any]:
+        """The caller's identity and role, as this server sees them."""
         identity, role, address = auth.caller()
         return {"identity": identity, "role": role, "address": address}
 
@@ -296,7 +317,7 @@ class ModelServer:
                                         expected_revision=expected_revision, via=via)
         return self._commit(pending)
 
-    def _modify_local(self, changes: dict[str, Any], identity: str, expected_revision: int | None = None) -> int:
+    def modify_local(self, changes: dict[str, Any], identity: str, expected_revision: int | None = None) -> int:
         """An in-process change (the ticker's clock): validated and durable, not audited.
         ``expected_revision``: refused with ConflictError unless the model is still there."""
         with self._lock:
@@ -477,7 +498,8 @@ class ModelServer:
             raise ValidationError("renew takes a list of subscription ids (strings)")
         identity, role, address = auth.caller()
         host = _host(address)
-        mine, foreign = [], []
+        mine: list[str] = []
+        foreign: list[str] = []
         for sid in subscription_ids:
             sub = self._fanout.get(sid)
             (foreign if sub is not None and not self._owns(sub, identity, role, host) else mine).append(sid)
@@ -536,12 +558,14 @@ class ModelServer:
         return not self._closed.is_set() and self._reaper.is_alive() and self._fanout.healthy()
 
     def close(self) -> None:
+        """Stop the pipeline, the reaper and the fan-out."""
         self._closed.set()
         self._pipeline.close()
         self._fanout.close()
 
     @property
     def revision(self) -> int:
+        """The revision of the last applied change."""
         return self._revision
 
     @property
@@ -551,11 +575,16 @@ class ModelServer:
 
     @property
     def subscriber_count(self) -> int:
+        """How many viewers are subscribed."""
         return len(self._fanout)
 
 
 class ModelService(Service):
-    """A process serving one model: store, audit log, model server, daemon, metrics."""
+    """A process serving one model: store, audit log, model server, daemon, metrics.
+
+    ``server`` is the :class:`ModelServer` this process serves (the remote object); ``model``
+    is kept as an alias of it for code written before the name was clarified.
+    """
 
     def __init__(self, settings: Settings, schema: type[Model] | None = None, name: str | None = None,
                  metrics: Metrics | None = None, clock: Callable[[], float] = time.time) -> None:
@@ -571,7 +600,7 @@ class ModelService(Service):
         self.audit = AuditLog(audit_path, self.metrics, clock=clock,
                               refusals_per_second=settings.audit_refusals_per_second,
                               refusal_burst=settings.audit_refusal_burst)
-        self.model = ModelServer(
+        self.server = ModelServer(
             name, schema or ExampleModel, self.store, self.audit, self.metrics,
             lease_seconds=settings.lease_seconds, call_timeout=settings.call_timeout,
             queue_limit=settings.queue_limit, batch_max=settings.batch_max,
@@ -584,23 +613,32 @@ class ModelService(Service):
         if is_etcd(settings.store):  # cluster mode: one name per replica, found through the group's metadata
             from .replicas import Membership
 
-            self.serve(self.model, f"{name}.replica.{self.replica}", object_id=name, metadata={group_tag(name)})
-            self.membership = Membership(self.store, settings, name, self.replica)  # type: ignore[arg-type]
+            self.serve(self.server, f"{name}.replica.{self.replica}", object_id=name, metadata={group_tag(name)})
+            self.membership = Membership(self.store, settings, name, self.replica,  # type: ignore[arg-type]
+                                         metrics=self.metrics)
             self.on_stop(self.membership.stop, early=True)
         else:
-            self.serve(self.model, name)
-        self.on_stop(self.model.close)
+            self.serve(self.server, name)
+        self.on_stop(self.server.close)
         self.on_stop(self.store.close)
         self.on_stop(self.audit.close)
 
+    @property
+    def model(self) -> ModelServer:
+        """Alias of :attr:`server` (the served :class:`ModelServer`, not a :class:`Model`)."""
+        return self.server
+
     def start(self) -> ModelService:
+        """Start the model server, then serve it; returns self."""
+        self.server.start()  # before the daemon takes calls for it
         super().start()
         if self.membership is not None:
             self.membership.start()
         return self
 
     def healthy(self) -> bool:
-        return super().healthy() and self.model.healthy()
+        """True while the service and its model server are healthy."""
+        return super().healthy() and self.server.healthy()
 
     def _role_of(self, identity: str) -> str | None:
         """The role of ``identity`` in this service's credentials table (for delegated modifies)."""

@@ -133,6 +133,7 @@ class Service:
         (self._early_closers if early else self._closers).append(closer)
 
     def make_daemon(self) -> Pyro5.api.Daemon:
+        """The daemon this service serves its objects on."""
         s = self.settings
         return self.authenticate(AuthDaemon(host=s.host, port=s.port, nathost=s.advertised_host(), natport=0))
 
@@ -174,6 +175,7 @@ class Service:
 
     # lifecycle ---------------------------------------------------------------
     def start(self) -> Service:
+        """Serve the registered objects, keep their names registered, serve metrics; returns at once."""
         self.daemon = self.make_daemon()
         for obj, name, object_id in self._objects:
             uri = self.daemon.register(obj, objectId=object_id or name)
@@ -196,10 +198,12 @@ class Service:
         self._threads.append(t)
 
     def healthy(self) -> bool:
+        """True while the daemon serves and every name is registered."""
         return (self.daemon is not None and not self._stopping.is_set()
                 and self._registered >= set(self._names))
 
     def uri(self, name: str) -> Pyro5.api.URI:
+        """The URI ``name`` is served at."""
         return self._names[name]
 
     def wait_registered(self, timeout: float) -> bool:

@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
+from .client import ModelClient
 from .config import Settings
-from .controller import ModelClient
 from .metrics import Metrics
 from .nameserver import NameServer
 from .server import ModelService
@@ -93,17 +93,21 @@ class ServiceProcess:
                 self._cond.wait(min(left, 0.1))
 
     def events(self, name: str) -> list[dict[str, Any]]:
+        """The JSON log lines of event ``name`` seen so far."""
         with self._cond:
             return [line for line in self.lines if line.get("event") == name]
 
     @property
     def pid(self) -> int:
+        """The process id."""
         return self.proc.pid
 
     def signal(self, sig: int) -> None:
+        """Send the process ``sig``."""
         self.proc.send_signal(sig)
 
     def kill(self) -> None:
+        """Kill the process (SIGKILL) unless it has ended."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
@@ -157,6 +161,7 @@ class Stack:
         return self._track(ModelService(self.settings.replace(service=service, **overrides)))
 
     def ticker(self, interval: float = 0.1, **overrides: Any) -> TickerService:
+        """Start a ticker service in this process."""
         return self._track(TickerService(self.settings.replace(service="ticker", ticker_interval=interval,
                                                                **overrides)))
 
@@ -210,6 +215,7 @@ class Stack:
         return p
 
     def close(self) -> None:
+        """Close this stack's clients, then stop its processes and services, latest first."""
         for c in self._clients:
             c.close()
         for p in reversed(self._processes):
@@ -231,4 +237,5 @@ def mvc_stack(tmp_path: Path) -> Iterator[Stack]:
 
 @pytest.fixture
 def mvc_settings(mvc_stack: Stack) -> Settings:
+    """The settings of the ``mvc_stack`` fixture."""
     return mvc_stack.settings

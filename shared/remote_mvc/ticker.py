@@ -52,8 +52,10 @@ class Ticker:
     """Drive a :class:`ModelServer` holding a :class:`TickerModel` from a clock thread."""
 
     def __init__(self, server: ModelServer, *, monotonic: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, seed: int | None = None) -> None:
+                 wall: Callable[[], float] = time.time, seed: int | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.server = server
+        self._loop_errors = (metrics or Metrics()).loop_errors.labels("ticker-clock")
         self.monotonic = monotonic
         self.wall = wall
         self.rng = random.Random(seed)
@@ -62,10 +64,12 @@ class Ticker:
         self._thread = threading.Thread(target=self._run, name="ticker-clock", daemon=True)
 
     def start(self) -> Ticker:
+        """Start the clock thread; returns self."""
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop the clock thread."""
         self._stop.set()
         self._thread.join(timeout=5)
 
@@ -80,7 +84,7 @@ class Ticker:
         price = max(0.01, round(values["price"] * (1 + self.rng.gauss(0, 0.002)), 4))
         # based on the revision it read: a tick computed from a state that is not the latest (a replica
         # just elected, not caught up yet) is refused, never a tick number twice
-        return self.server._modify_local(
+        return self.server.modify_local(
             {"tick": values["tick"] + 1, "price": price, "time": self.wall()}, "ticker",
             expected_revision=snap["revision"])
 
@@ -95,6 +99,9 @@ class Ticker:
                 self.step()
             except MVCError as exc:
                 log_event(log, "tick_failed", f"tick failed: {exc}", level=logging.ERROR)
+            except Exception:  # a bug: logged with its traceback, counted, and the clock goes on
+                log.exception("ticker clock error")
+                self._loop_errors.inc()
             current = self.server.snapshot()["values"]["interval"]
             if current != interval:  # re-anchor so the new interval counts from this tick
                 interval, anchor = current, due
@@ -105,32 +112,33 @@ class TickerService(ModelService):
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None, seed: int | None = None) -> None:
         super().__init__(settings, TickerModel, settings.ticker_name, metrics)
-        self.ticker = Ticker(self.model, seed=seed)
+        self.ticker = Ticker(self.server, seed=seed, metrics=self.metrics)
         self.election: Election | None = None
         if is_etcd(settings.store):  # cluster mode: every replica serves the model, one ticks
             from .election import Election
 
-            self.election = Election(self.store, self.store.key(settings.ticker_name, "leader"),  # type: ignore[attr-defined]
+            self.election = Election(self.store, self.store.key(settings.ticker_name, "leader"),  # type: ignore[attr-defined, arg-type]
                                      settings.replica_name(), self.metrics, on_change=self._elected)
             self.ticker.active = lambda: self.election is not None and self.election.leading
-            self.model.pipeline.fence = self.election.fence  # type: ignore[attr-defined]
+            self.server.pipeline.fence = self.election.fence  # type: ignore[attr-defined]
             self.on_stop(self.election.stop, early=True)
         self.on_stop(self.ticker.stop, early=True)
 
     def _elected(self, leading: bool) -> None:
         """The first leader of a new ticker model sets its interval from the settings."""
-        snap = self.model.snapshot()
+        snap = self.server.snapshot()
         if leading and snap["revision"] == 0 and snap["values"]["interval"] != self.settings.ticker_interval:
             try:
-                self.model._modify_local({"interval": self.settings.ticker_interval}, "ticker", expected_revision=0)
+                self.server.modify_local({"interval": self.settings.ticker_interval}, "ticker", expected_revision=0)
             except MVCError as exc:
                 log_event(log, "tick_failed", f"could not set the interval: {exc}", level=logging.WARNING)
 
     def start(self) -> TickerService:
+        """Serve the ticker model and start its clock (in cluster mode, its election); returns self."""
         super().start()
         if self.election is not None:
             self.election.start()
-        elif self.model.revision == 0 and self.model.query()["interval"] != self.settings.ticker_interval:
-            self.model._modify_local({"interval": self.settings.ticker_interval}, "ticker")
+        elif self.server.revision == 0 and self.server.query()["interval"] != self.settings.ticker_interval:
+            self.server.modify_local({"interval": self.settings.ticker_interval}, "ticker")
         self.ticker.start()
         return self

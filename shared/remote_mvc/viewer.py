@@ -39,8 +39,8 @@ from Pyro5.errors import TimeoutError as PyroTimeout
 from . import auth
 from ._backoff import Backoff
 from ._daemons import ViewerDaemon
+from .client import ModelClient
 from .config import Settings
-from .controller import ModelClient
 from .errors import HistoryCompacted, MVCError, PermissionDenied, SubscriptionError, ValidationError
 from .logs import log_event, log_exception
 from .metrics import Metrics
@@ -291,6 +291,7 @@ class ViewerHost(Service):
         self.on_stop(self._unsubscribe_all, early=True)
 
     def make_daemon(self) -> Pyro5.api.Daemon:
+        """The viewer host's daemon: notify calls take the short path."""
         s = self.settings
         servertype, pyro_config.SERVERTYPE = pyro_config.SERVERTYPE, s.viewer_server  # read by the constructor
         try:
@@ -318,6 +319,7 @@ class ViewerHost(Service):
         return self._clients[model]
 
     def start(self) -> ViewerHost:
+        """Serve the viewers and start the keeper that subscribes them; returns self."""
         super().start()
         self._spawn(self._keep_subscribed, "viewer-keeper")
         return self
@@ -334,9 +336,11 @@ class ViewerHost(Service):
         return min(self._granted.values(), default=self.settings.lease_seconds)
 
     def subscribed(self) -> int:
+        """How many viewers are subscribed now."""
         return len(self._subs)
 
     def wait_subscribed(self, timeout: float) -> bool:
+        """Wait until every viewer is subscribed, at most ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while len(self._subs) < len(self.viewers):
             if time.monotonic() > deadline:
@@ -402,6 +406,7 @@ class ViewerHost(Service):
     def _readvertise(self) -> None:
         """Follow a change of our own address (a container reconnected to its network
         with a new IP): later subscriptions must carry a callback URI that reaches us."""
+        assert self.daemon is not None, "the host is started"
         port = self.daemon.locationStr.rsplit(":", 1)[1]
         location = f"{self.settings.advertised_host()}:{port}"
         if self.daemon.natLocationStr != location:
@@ -415,6 +420,7 @@ class ViewerHost(Service):
         for viewer in self.viewers:
             if viewer in self._subs:
                 continue
+            assert self.daemon is not None, "the host is started"
             uri = self.daemon.uriFor(viewer)
             since = viewer.revision if viewer.synced else None
             client = self._client(viewer.model)

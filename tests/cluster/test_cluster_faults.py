@@ -15,7 +15,7 @@ from kit import CuttableProxy, all_history, etcd_cluster, retrying
 from scenario import Scenario, viewer_replica_spread
 
 from remote_mvc import ServiceUnavailable
-from remote_mvc.controller import resolve_all
+from remote_mvc.client import resolve_all
 from remote_mvc.testing import wait_until
 
 pytestmark = pytest.mark.slow

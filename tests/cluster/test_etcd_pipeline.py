@@ -43,7 +43,7 @@ def replica(etcd, prefix, tmp_path, name="a", history_limit=10000, metrics=None)
     store = EtcdStore(etcd.endpoints, prefix, history_limit, timeout=0.5)
     metrics = metrics or Metrics()
     return ModelServer("m", ExampleModel, store, AuditLog(tmp_path / f"audit-{name}.jsonl", metrics), metrics,
-                       history_limit=history_limit, call_timeout=3.0)
+                       history_limit=history_limit, call_timeout=3.0).start()
 
 
 def test_a_change_on_one_replica_reaches_the_other_with_one_gap_free_sequence(etcd, prefix, tmp_path):

@@ -43,7 +43,7 @@ def test_replicas_work_over_https_with_client_certificates(etcd, certs, tmp_path
                         etcd_key=str(out / "model.key"), etcd_prefix="/tls")
     assert settings.etcd_endpoints()[0].startswith("https://")
     servers = [ModelServer("m", ExampleModel, EtcdStore.from_settings(settings),
-                           AuditLog(tmp_path / f"a{i}.jsonl"), Metrics()) for i in range(2)]
+                           AuditLog(tmp_path / f"a{i}.jsonl"), Metrics()).start() for i in range(2)]
     try:
         assert servers[0].modify({"value": 5}) == 1
         wait_until(lambda: servers[1].snapshot()["revision"] == 1, message="the watch works over TLS too")

@@ -70,11 +70,11 @@ def test_stream_and_modify_through_the_gateway(stack, gateway):
 
 def test_ctl_on_the_host_through_the_gateway(stack, gateway):
     env = {"PATH": "/usr/bin:/bin", "MVC_IDENTITY": "controller", "MVC_SECRET": secret_of(stack, "controller")}
-    out = subprocess.run([sys.executable, "-m", "remote_mvc._cli", "--json", "--gateway", gateway, "query"],
+    out = subprocess.run([sys.executable, "-m", "remote_mvc.cli", "--json", "--gateway", gateway, "query"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["revision"] == stack.snapshot()["revision"]
-    out = subprocess.run([sys.executable, "-m", "remote_mvc._cli", "--gateway", gateway, "set", "value=13"],
+    out = subprocess.run([sys.executable, "-m", "remote_mvc.cli", "--gateway", gateway, "set", "value=13"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("revision "), out.stderr
     assert stack.snapshot()["values"]["value"] == 13

@@ -14,7 +14,7 @@ from remote_mvc.testing import wait_until
 
 def ctl(stack, *args, identity="controller", stdin=None, **overrides):
     env = stack.env("ctl", identity=identity, **overrides)
-    return subprocess.run([sys.executable, "-m", "remote_mvc._cli", *args], env=env, input=stdin,
+    return subprocess.run([sys.executable, "-m", "remote_mvc.cli", *args], env=env, input=stdin,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -119,13 +119,13 @@ def test_cli_watch_since_and_changes_only(mvc_stack):
     rm = mvc_stack.client()
     for i in range(1, 6):
         rm.modify({"value": i})
-    out = subprocess.run([sys.executable, "-m", "remote_mvc._cli", "watch", "--since", "2", "--count", "3",
+    out = subprocess.run([sys.executable, "-m", "remote_mvc.cli", "watch", "--since", "2", "--count", "3",
                           "--changes-only", "-o", "json"], env=mvc_stack.env("ctl", identity=""),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     got = [json.loads(line) for line in out.stdout.splitlines()]
     assert got == [{"revision": r, "changes": {"value": {"old": r - 1, "new": r}}} for r in (3, 4, 5)]
-    text = subprocess.run([sys.executable, "-m", "remote_mvc._cli", "watch", "--since", "4", "--count", "1",
+    text = subprocess.run([sys.executable, "-m", "remote_mvc.cli", "watch", "--since", "4", "--count", "1",
                            "--changes-only"], env=mvc_stack.env("ctl", identity=""),
                           capture_output=True, text=True, timeout=60).stdout
     assert text == "revision 5: value: 4 -> 5\n"
@@ -143,7 +143,7 @@ def test_cli_shell_has_line_editing_and_keeps_its_history(mvc_stack, tmp_path):
     def session(keys: bytes) -> str:
         pid, fd = pty.fork()
         if pid == 0:  # the child: the CLI on the pty
-            os.execve(sys.executable, [sys.executable, "-m", "remote_mvc._cli", "shell"], env)
+            os.execve(sys.executable, [sys.executable, "-m", "remote_mvc.cli", "shell"], env)
         out = b""
         sent = False
         while True:
@@ -181,7 +181,7 @@ def test_cli_shell_binds_rm(mvc_stack):
 def test_cli_watch_prints_changes(mvc_stack):
     mvc_stack.model()
     env = mvc_stack.env("ctl", identity="")
-    proc = subprocess.Popen([sys.executable, "-m", "remote_mvc._cli", "--json", "watch", "--count", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "remote_mvc.cli", "--json", "watch", "--count", "2"],
                             env=env, stdout=subprocess.PIPE, text=True)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
@@ -224,7 +224,7 @@ def test_ticker_ticks_reach_viewers_and_obey_controllers(mvc_stack):
     after = [e for e in tc.history(paused_at) if "tick" in e["changes"]]
     assert after[0]["changes"]["tick"] == {"old": frozen, "new": frozen + 1}  # no ticks while paused
     assert after[0]["revision"] > resumed_at
-    assert ticker.model.query()["interval"] == 0.02
+    assert ticker.server.query()["interval"] == 0.02
     with pytest.raises(PermissionDenied):
         mvc_stack.client(None, model=mvc_stack.settings.ticker_name).modify({"paused": True})
 
@@ -248,7 +248,7 @@ def test_services_stop_cleanly_and_leave_no_threads(mvc_stack):
         assert v.wait_for(1, 5)
     rm.close()
     host.stop()
-    assert model.model.subscriber_count == 0
+    assert model.server.subscriber_count == 0
     model.stop()
     wait_until(lambda: not [t for t in threading.enumerate() if t.ident not in before and t.is_alive()
                             and not t.name.startswith("Pyro-Worker")], 10, message="service threads to end")

@@ -17,7 +17,7 @@ def test_killed_viewer_is_dropped_and_others_keep_receiving(mvc_stack):
     host, views = mvc_stack.viewers(3)
     doomed = mvc_stack.process("viewer", viewer_id="doomed")
     doomed.wait_for_log(lambda r: r.get("event") == "subscribed", 15)
-    wait_until(lambda: model.model.subscriber_count == 4)
+    wait_until(lambda: model.server.subscriber_count == 4)
     doomed.kill()
     rm = mvc_stack.client("controller")
     for i in range(1, 11):
@@ -25,7 +25,7 @@ def test_killed_viewer_is_dropped_and_others_keep_receiving(mvc_stack):
     for v in views:
         assert v.wait_for(10, 5)
         assert v.received == list(range(0, 11))
-    wait_until(lambda: model.model.subscriber_count == 3, 10, message="the dead viewer to be dropped")
+    wait_until(lambda: model.server.subscriber_count == 3, 10, message="the dead viewer to be dropped")
     assert dropped(model, "unreachable") + dropped(model, "lease_expired") == 1
 
 
@@ -34,21 +34,21 @@ def test_stalled_viewer_does_not_hold_the_others_back(mvc_stack):
     host, views = mvc_stack.viewers(3)
     stalled = mvc_stack.process("viewer", viewer_id="stalled")
     stalled.wait_for_log(lambda r: r.get("event") == "values", 15)  # connected: its snapshot arrived
-    wait_until(lambda: model.model.subscriber_count == 4)
+    wait_until(lambda: model.server.subscriber_count == 4)
     stalled.signal(signal.SIGSTOP)
     rm = mvc_stack.client("controller")
     for i in range(1, 21):
         rev = rm.modify({"value": i})
         for v in views:  # each change reaches the healthy viewers while the stalled one is still subscribed
             assert v.wait_for(rev, 5)
-    assert "stalled" in {d["viewer_id"] for d in model.model.viewers()}
-    wait_until(lambda: model.model.subscriber_count == 3, 15, message="the stalled viewer to be dropped")
+    assert "stalled" in {d["viewer_id"] for d in model.server.viewers()}
+    wait_until(lambda: model.server.subscriber_count == 3, 15, message="the stalled viewer to be dropped")
     assert dropped(model, "timeout") + dropped(model, "lease_expired") == 1
     for v in views:
         assert v.received == list(range(0, 21))
     # resumed, it finds its subscription gone, re-subscribes and catches up
     stalled.signal(signal.SIGCONT)
-    wait_until(lambda: model.model.subscriber_count == 4, 15, message="the resumed viewer to re-subscribe")
+    wait_until(lambda: model.server.subscriber_count == 4, 15, message="the resumed viewer to re-subscribe")
     last = rm.modify({"value": 100})
     line = stalled.wait_for_log(lambda r: r.get("event") == "values" and r.get("revision") == last, 10)
     assert line["values"]["value"] == 100
@@ -58,9 +58,9 @@ def test_idle_stalled_viewer_loses_its_lease(mvc_stack):
     model = mvc_stack.model(lease_seconds=1.0, call_timeout=5.0)
     stalled = mvc_stack.process("viewer", viewer_id="idle", lease_seconds=1.0)
     stalled.wait_for_log(lambda r: r.get("event") == "values", 15)  # its first snapshot is delivered
-    wait_until(lambda: model.model.subscriber_count == 1)
+    wait_until(lambda: model.server.subscriber_count == 1)
     stalled.signal(signal.SIGSTOP)  # no changes flow: only the lease can notice
-    wait_until(lambda: model.model.subscriber_count == 0, 10, message="the lease to expire")
+    wait_until(lambda: model.server.subscriber_count == 0, 10, message="the lease to expire")
     assert dropped(model, "lease_expired") == 1
 
 
@@ -81,7 +81,7 @@ def test_lagging_viewer_gets_batches_then_a_snapshot(mvc_stack):
     receive = lagging.notify
     lagging.notify = lambda batch: (batches.append(len(batch.get("events", ()))), receive(batch))[1]
     host.add(lagging)
-    wait_until(lambda: model.model.subscriber_count == 2)
+    wait_until(lambda: model.server.subscriber_count == 2)
     wait_until(lambda: lagging.synced)
     rm = mvc_stack.client("controller")
     # 12 changes while it works on the first: more than its window of calls in flight (8), fewer
@@ -171,4 +171,4 @@ def test_a_viewer_whose_handler_raises_is_kept_and_the_failure_counted(mvc_stack
     view.on_change = None
     assert rm.modify({"value": 6}) == 6
     assert view.wait_for(6, 5)
-    assert model.model.subscriber_count == 1 and dropped(model, "unreachable") == 0
+    assert model.server.subscriber_count == 1 and dropped(model, "unreachable") == 0

@@ -106,7 +106,7 @@ def test_stream_relays_changes_with_revision_ids_one_subscription(gw_stack):
         s.close()
     # five stream clients, one subscription from the gateway for this model
     assert [v["viewer_id"] for v in stack.client().viewers()].count(gw.viewers[0].viewer_id) == 1
-    assert len(model.model.viewers()) == 1
+    assert len(model.server.viewers()) == 1
 
 
 def test_resume_from_ring_last_event_id_and_since(gw_stack):
@@ -392,10 +392,10 @@ def test_ctl_read_commands_and_set_through_the_gateway(gw_stack):
     env = stack.env("ctl", identity="controller", ns_port=1, ns_host="127.0.0.1")
 
     def ctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "remote_mvc._cli", "--gateway", gw.url, *args], env=env,
+        return subprocess.run([sys.executable, "-m", "remote_mvc.cli", "--gateway", gw.url, *args], env=env,
                               capture_output=True, text=True, timeout=timeout)
 
-    watcher = subprocess.Popen([sys.executable, "-m", "remote_mvc._cli", "--gateway", gw.url, "--json", "watch",
+    watcher = subprocess.Popen([sys.executable, "-m", "remote_mvc.cli", "--gateway", gw.url, "--json", "watch",
                                 "--count", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = json.loads(watcher.stdout.readline())  # the initial snapshot: the stream is open
     assert first["snapshot"] is True and first["revision"] == 0
@@ -417,7 +417,7 @@ def test_ctl_read_commands_and_set_through_the_gateway(gw_stack):
     assert conflict.returncode == 1 and conflict.stderr.startswith("error: ConflictError:")
     missing = ctl("--model", "nope", "query")
     assert missing.returncode == 1 and "404" in missing.stderr
-    down = subprocess.run([sys.executable, "-m", "remote_mvc._cli", "--gateway", "http://127.0.0.1:1", "query"],
+    down = subprocess.run([sys.executable, "-m", "remote_mvc.cli", "--gateway", "http://127.0.0.1:1", "query"],
                           env=env, capture_output=True, text=True, timeout=30)
     assert down.returncode == 69 and "ServiceUnavailable" in down.stderr
 

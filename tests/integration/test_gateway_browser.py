@@ -154,7 +154,7 @@ class Lab:
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess:
         env = self.stack.env("ctl", identity="controller")
-        done = subprocess.run([sys.executable, "-m", "remote_mvc._cli", *args], env=env, capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "remote_mvc.cli", *args], env=env, capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         return done

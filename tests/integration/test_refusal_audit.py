@@ -122,7 +122,7 @@ def test_healthz_says_unhealthy_once_the_fanout_is_closed(mvc_stack):
     model = mvc_stack.model(metrics_port=0)
     url = f"http://127.0.0.1:{model.metrics_server.port}/healthz"
     assert urllib.request.urlopen(url, timeout=5).status == 200
-    model.model.close()  # what an anonymous close() did before (no longer remote)
+    model.server.close()  # what an anonymous close() did before (no longer remote)
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(url, timeout=5)
     assert err.value.code == 503

@@ -2,7 +2,7 @@
 group's metadata, clients take them in turn and pass over one that just failed; a model registered
 under its plain name (the single server) resolves as before."""
 
-from remote_mvc.controller import group_tag, resolve, resolve_all
+from remote_mvc.client import group_tag, resolve, resolve_all
 from remote_mvc.service import locate_ns
 
 

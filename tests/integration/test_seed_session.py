@@ -26,7 +26,7 @@ def test_seed_sequence_reaches_every_viewer_in_order(mvc_stack):
         assert v.wait_for(3, 5)
         assert v.received == [0, 1, 2, 3]  # the subscribe snapshot, then each change once, in order
         assert v.values == {"name": "both", "value": 7}
-    assert model.model.subscriber_count == 3
+    assert model.server.subscriber_count == 3
     assert {d["viewer_id"] for d in rm.viewers()} == {"h0-0", "h1-0", "h2-0"}
 
 
@@ -41,7 +41,7 @@ def test_multiplexed_viewer_host_serves_many_viewers_on_one_thread(mvc_stack):
         assert v.wait_for(30, 5)
         assert v.received == list(range(0, 31))
     host.stop()  # unsubscribes every viewer first
-    wait_until(lambda: model.model.subscriber_count == 0, 5, message="the host's viewers to unsubscribe")
+    wait_until(lambda: model.server.subscriber_count == 0, 5, message="the host's viewers to unsubscribe")
 
 
 def test_viewer_process_logs_each_refresh_with_the_values(mvc_stack):
@@ -105,12 +105,12 @@ def test_sigterm_and_sigint_unsubscribe_first(mvc_stack):
     b = mvc_stack.process("viewer", viewer_id="vb")
     for p in (a, b):
         p.wait_for_log(lambda r: r.get("event") == "subscribed", 15)
-    wait_until(lambda: model.model.subscriber_count == 2)
+    wait_until(lambda: model.server.subscriber_count == 2)
     a.signal(signal.SIGTERM)
     assert a.proc.wait(10) == 0
-    assert model.model.subscriber_count == 1
+    assert model.server.subscriber_count == 1
     b.signal(signal.SIGINT)
     assert b.proc.wait(10) == 0
-    assert model.model.subscriber_count == 0
+    assert model.server.subscriber_count == 0
     assert model.metrics.registry.get_sample_value(
         "remote_mvc_viewers_connected", {"model": "remote_mvc.model"}) == 0

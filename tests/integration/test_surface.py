@@ -87,7 +87,7 @@ def test_each_daemon_serves_its_table_and_no_lifecycle(stack):
             p._pyroBind()
             assert p._pyroMethods == set(cls.SURFACE) and p._pyroAttrs == set(), uri
     rm = AuthProxy(model.uri(stack.settings.model_name))
-    for name in ("close", "_reap", "_modify_local", "revision", "subscriber_count", "healthy", "on_refusal"):
+    for name in ("close", "_reap", "modify_local", "revision", "subscriber_count", "healthy", "on_refusal"):
         with pytest.raises(AttributeError):
             getattr(rm, name)()
     # the anonymous close() of finding 4 is refused: viewers are still notified afterwards

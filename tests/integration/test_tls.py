@@ -40,7 +40,7 @@ def tls_stack(tmp_path):
 
 def ctl(stack, *args, **overrides):
     env = stack.env("ctl", **overrides)
-    return subprocess.run([sys.executable, "-m", "remote_mvc._cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "remote_mvc.cli", *args], env=env, capture_output=True,
                           text=True, timeout=60)
 
 

@@ -334,7 +334,7 @@ def test_a_viewer_answering_with_a_huge_header_is_dropped_not_buffered(mvc_stack
     # sockets' buffers took before the server hung up
     assert pushed[0] < 32 * 1024 * 1024
     assert not dropped("remote_mvc_viewers_dropped_total", {**labels, "reason": "timeout"})
-    assert service.model.subscriber_count == 0
+    assert service.server.subscriber_count == 0
     listener.close()
 
 

@@ -24,7 +24,7 @@ from remote_mvc.testing import wait_until
 def make(tmp_path, metrics=None):
     metrics = metrics or Metrics()
     return ModelServer("m", ExampleModel, Store(tmp_path / "state.sqlite3"), AuditLog(tmp_path / "audit.jsonl", metrics),
-                       metrics, clock=lambda: 123.0)
+                       metrics, clock=lambda: 123.0).start()
 
 
 class Gate:

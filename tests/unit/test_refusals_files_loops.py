@@ -235,7 +235,7 @@ def test_reaper_survives_an_unexpected_error(tmp_path):
 
     store = Store(tmp_path / "s.sqlite3")
     audit = AuditLog(tmp_path / "a.jsonl")
-    server = ModelServer("m", ExampleModel, store, audit, metrics, lease_seconds=0.2, monotonic=monotonic)
+    server = ModelServer("m", ExampleModel, store, audit, metrics, lease_seconds=0.2, monotonic=monotonic).start()
     try:
         server.subscribe("PYRO:viewer.v@127.0.0.1:9", "v")  # in-process: no connection made before it expires
         fail.set()
@@ -303,3 +303,59 @@ def test_without_a_reply_the_wait_ends_and_the_notification_is_refused():
     with pytest.raises(PermissionDenied):  # the subscription never answered: refused after admit_wait
         view.notify({"capability": "x", "events": [event(1, 1)]})
     assert view.refused == 2 and not view.synced
+
+
+def test_ticker_clock_survives_an_unexpected_error(tmp_path):
+    from remote_mvc import ModelServer
+    from remote_mvc.ticker import Ticker, TickerModel
+
+    metrics = Metrics()
+    store, audit = Store(tmp_path / "t.sqlite3"), AuditLog(tmp_path / "a.jsonl")
+    server = ModelServer("t", TickerModel, store, audit, metrics).start()
+    server.modify_local({"interval": 0.02}, "test")
+    failed = []
+
+    def wall():
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("injected: the wall clock failed once, in a tick")
+        return 42.0
+
+    ticker = Ticker(server, wall=wall, seed=1, metrics=metrics).start()
+    try:
+        wait_until(lambda: metrics.registry.get_sample_value("remote_mvc_loop_errors_total",
+                                                             {"loop": "ticker-clock"}) == 1, 10, message="the error")
+        wait_until(lambda: server.query()["tick"] >= 2, 10, message="ticks after the error")
+    finally:
+        ticker.stop()
+        server.close()
+        store.close()
+        audit.close()
+
+
+def test_gateway_tender_survives_an_unexpected_error():
+    import asyncio
+
+    from remote_mvc.gateway._relay import tend
+
+    metrics = Metrics()
+    sweeps = []
+
+    class Feed:  # the tender reads only a feed's clients
+        @property
+        def clients(self):
+            sweeps.append(1)
+            if len(sweeps) == 1:
+                raise RuntimeError("injected: a feed failed once, in a sweep")
+            return []
+
+    async def run():
+        task = asyncio.create_task(tend([Feed()], heartbeat=0.2, send_timeout=0.2, metrics=metrics))
+        while len(sweeps) < 3 and not task.done():
+            await asyncio.sleep(0.01)  # polling the sweeps the tender makes, at its 50 ms period
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    assert len(sweeps) >= 3  # it went on after the error
+    assert metrics.registry.get_sample_value("remote_mvc_loop_errors_total", {"loop": "gateway-tender"}) == 1

@@ -14,13 +14,14 @@ from remote_mvc import (
     read_audit,
 )
 from remote_mvc._store import Store
+from remote_mvc.store import SQLiteStore
 
 
 def make(tmp_path, metrics=None, **kw):
     metrics = metrics or Metrics()
     store = Store(tmp_path / "state.sqlite3", kw.get("history_limit", 10000))
     audit = AuditLog(tmp_path / "audit.jsonl", metrics)
-    return ModelServer("m", ExampleModel, store, audit, metrics, clock=lambda: 123.0, **kw)
+    return ModelServer("m", ExampleModel, store, audit, metrics, clock=lambda: 123.0, **kw).start()
 
 
 def test_modify_bumps_revision_and_records_an_event(tmp_path):
@@ -221,3 +222,20 @@ def test_an_audited_change_that_cannot_be_applied_at_start_up_is_recorded_as_fai
     m3 = _restart(m2, tmp_path)  # whose record is the last of revision 2: nothing to roll forward
     assert m3.snapshot()["revision"] == 2 and m3.query()["value"] == 5
     m3.close()
+
+
+def test_a_constructed_server_runs_nothing_until_started_and_a_with_block_closes_it(tmp_path):
+    import threading
+
+    metrics = Metrics()
+    store, audit = SQLiteStore(tmp_path / "state.sqlite3"), AuditLog(tmp_path / "audit.jsonl", metrics)
+    before = set(threading.enumerate())
+    server = ModelServer("m", ExampleModel, store, audit, metrics)
+    assert set(threading.enumerate()) - before == set()  # no thread from the constructor
+    assert not server.healthy()  # its reaper is not running yet
+    with server as same:
+        assert same is server and server.healthy()
+        assert any(t.name == "lease-reaper-m" for t in threading.enumerate())
+        assert server.start() is server  # idempotent
+        assert server.modify({"value": 3}) == 1
+    assert not server.healthy()

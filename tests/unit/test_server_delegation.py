@@ -33,7 +33,7 @@ def calling_as(identity: str, role: str):
 def make(tmp_path, role_of=ROLES.get):
     metrics = Metrics()
     return ModelServer("m", ExampleModel, Store(tmp_path / "s.sqlite3", 100), AuditLog(tmp_path / "a.jsonl", metrics),
-                       metrics, role_of=role_of)
+                       metrics, role_of=role_of).start()
 
 
 def test_delegated_modify_is_checked_against_and_recorded_as_the_real_identity(tmp_path):

@@ -21,7 +21,7 @@ def test_next_due_does_not_drift():
 
 
 def test_ticker_steps_and_pauses(tmp_path):
-    m = ModelServer("t", TickerModel, Store(tmp_path / "t.db"), AuditLog(tmp_path / "a"), Metrics())
+    m = ModelServer("t", TickerModel, Store(tmp_path / "t.db"), AuditLog(tmp_path / "a"), Metrics()).start()
     t = Ticker(m, wall=lambda: 42.0, seed=1)
     assert t.step() == 1
     v = m.query()

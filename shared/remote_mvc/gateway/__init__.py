@@ -20,8 +20,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..audit import AuditLog
 from ..auth import Throttle
+from ..client import ModelClient
 from ..config import Settings
-from ..controller import ModelClient
 from ..errors import PersistenceError
 from ..logs import log_event
 from ..metrics import Metrics
@@ -42,6 +42,8 @@ def _header_timeout_protocol(timeout: float) -> type[H11Protocol]:
     stream) is never cut: the timer only closes a connection with no request in progress."""
 
     class HeaderTimeoutH11(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
@@ -51,15 +53,13 @@ def _header_timeout_protocol(timeout: float) -> type[H11Protocol]:
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            timer = getattr(self, "_head_timer", None)
-            if timer is not None:
-                timer.cancel()
+            if self._head_timer is not None:
+                self._head_timer.cancel()
             super().connection_lost(exc)
 
         def _arm(self) -> None:
-            timer = getattr(self, "_head_timer", None)
-            if timer is not None:
-                timer.cancel()
+            if self._head_timer is not None:
+                self._head_timer.cancel()
             self._head_timer = self.loop.call_later(timeout, self._expire)
 
         def _expire(self) -> None:
@@ -127,16 +127,19 @@ class Gateway(ViewerHost):
     # lifecycle -------------------------------------------------------------------------
     @property
     def http_port(self) -> int:
+        """The port the HTTP server listens on."""
         if self._socket is None:
             raise RuntimeError("the gateway is not started")
         return self._socket.getsockname()[1]
 
     @property
     def url(self) -> str:
+        """The gateway's base URL."""
         host = self.settings.host if self.settings.host not in ("0.0.0.0", "", "::") else "127.0.0.1"
         return f"http://{host}:{self.http_port}"
 
     def start(self) -> Gateway:
+        """Start the viewers and the HTTP server (returns once it listens); returns self."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.settings.host, self.settings.gateway_port))
@@ -156,7 +159,7 @@ class Gateway(ViewerHost):
             asyncio.set_event_loop(self._loop)
             self._loop.call_soon(started.set)
             tender = self._loop.create_task(tend(list(self.feeds.values()), self.settings.gateway_heartbeat,
-                                                 self.settings.gateway_send_timeout))
+                                                 self.settings.gateway_send_timeout, self.metrics))
             try:
                 self._loop.run_until_complete(self._server.serve(sockets=[sock]))
                 tender.cancel()
@@ -173,6 +176,7 @@ class Gateway(ViewerHost):
         return self
 
     def healthy(self) -> bool:
+        """True while the service is healthy (its viewers subscribed) and the HTTP server runs."""
         return super().healthy() and self._server is not None and self._server.started and not self.closing
 
     def _stop_http(self) -> None:

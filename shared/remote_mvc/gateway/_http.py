@@ -90,7 +90,7 @@ class _Api:
         self.gw = gateway
         self.settings = gateway.settings
         self.metrics = gateway.metrics
-        self.static = {path: (resources.files(__package__).joinpath("static", fname).read_bytes(), ctype)
+        self.static = {path: (resources.files(__package__).joinpath("static").joinpath(fname).read_bytes(), ctype)
                        for path, (fname, ctype) in _STATIC.items()}
 
     # helpers -----------------------------------------------------------------------
@@ -248,7 +248,7 @@ class _Api:
         except MVCError as exc:
             raise HTTPError(400, type(exc).__name__, str(exc)) from None
 
-    async def events(self, request: Request) -> Response:
+    async def events(self, request: Request) -> Response | _EventStream:
         feed = self.feed(request)
         header = request.headers.get("last-event-id")
         since = _int_param(request.query_params.get("since", header), "since (or Last-Event-ID)", None)
@@ -290,7 +290,8 @@ class _EventStream:
             client.buffer.clear()
             client.sent = feed.revision
             return feed.snapshot_frame(reason), 0
-        parts, count = [], 0
+        parts: list[bytes] = []
+        count = 0
         while client.buffer:
             revision, frame = client.buffer.popleft()
             if revision <= client.sent:

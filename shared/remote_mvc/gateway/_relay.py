@@ -15,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 from typing import Any
 
 from ..metrics import Metrics
+
+log = logging.getLogger("remote_mvc.gateway")
 
 __all__ = ["Feed", "StreamClient", "sse_frame", "tend"]
 
@@ -195,22 +198,31 @@ class Feed:
             client.close()
 
 
-async def tend(feeds: list[Feed], heartbeat: float, send_timeout: float) -> None:
+async def tend(feeds: list[Feed], heartbeat: float, send_timeout: float, metrics: Metrics | None = None) -> None:
     """One task for all streams, instead of two timers per write: every so often, mark streams
     idle for ``heartbeat`` for a keep-alive, and cancel streams whose write has been in
     progress for longer than ``send_timeout`` (a client that does not read)."""
     loop = asyncio.get_running_loop()
     interval = max(0.05, min(heartbeat, send_timeout) / 4)
+    errors = (metrics or Metrics()).loop_errors.labels("gateway-tender")
     while True:
         await asyncio.sleep(interval)  # a periodic sweep, not a wait for a condition
-        now = loop.time()
-        for feed in feeds:
-            for client in list(feed.clients):
-                if client.writing_since is not None:
-                    if now - client.writing_since > send_timeout and client.task is not None and not client.stuck:
-                        client.stuck = True
-                        client.closed = True
-                        client.task.cancel()
-                elif now - client.last_write >= heartbeat and not client.beat:
-                    client.beat = True
-                    client.wake.set()
+        try:
+            _sweep(feeds, loop.time(), heartbeat, send_timeout)
+        except Exception:  # a bug: logged with its traceback, counted, and the next sweep runs
+            log.exception("gateway stream tender error")
+            errors.inc()
+
+
+def _sweep(feeds: list[Feed], now: float, heartbeat: float, send_timeout: float) -> None:
+    """One pass of :func:`tend` over every stream."""
+    for feed in feeds:
+        for client in list(feed.clients):
+            if client.writing_since is not None:
+                if now - client.writing_since > send_timeout and client.task is not None and not client.stuck:
+                    client.stuck = True
+                    client.closed = True
+                    client.task.cancel()
+            elif now - client.last_write >= heartbeat and not client.beat:
+                client.beat = True
+                client.wake.set()
