@@ -50,20 +50,28 @@ from Pyro5 import protocol
 from Pyro5 import serializers as pyro_serializers
 from Pyro5.callcontext import current_context
 
-from ._wire import HEADER_SIZE, Limits, WireRefused, check, parse_header, read_exactly, read_header
+from ._wire import (
+    ALLOWED_SERIALIZERS,
+    HEADER_SIZE,
+    WIRE_REFUSAL,
+    Limits,
+    WireRefused,
+    check,
+    parse_header,
+    read_exactly,
+    read_header,
+)
 from .auth import ANONYMOUS, address_of
 from .errors import AuthenticationError
 from .logs import log_event
 
 __all__ = [
-    "Refusal", "GuardedDaemonMixin", "TrackedDaemonMixin", "AuthMixin", "TrackedDaemon", "ViewerDaemon",
+    "Refusal", "GuardedDaemonMixin", "AuthMixin", "TrackedDaemon", "ViewerDaemon",
     "AuthDaemon", "AuthNameServerDaemon", "certificate_name",
 ]
 
 _log = logging.getLogger("remote_mvc.wire")
 _JSON_ID = pyro_serializers.serializers["json"].serializer_id
-_SERPENT_ID = pyro_serializers.serializers["serpent"].serializer_id
-WIRE_REFUSAL = "refused on the wire: "  # how a handshake refused for its shape (not its credentials) begins
 _CONNECT = frozenset({protocol.MSG_CONNECT})
 _CALLS = frozenset({protocol.MSG_INVOKE, protocol.MSG_PING})
 
@@ -234,7 +242,7 @@ class GuardedDaemonMixin(_DaemonBase):
             return False
         except WireRefused as exc:
             self.refuse(Refusal(address, "handshake", str(exc)))
-            if serializer_id not in (_SERPENT_ID, _JSON_ID):
+            if serializer_id not in ALLOWED_SERIALIZERS:
                 serializer_id = _JSON_ID
             reply = pyro_serializers.serializers_by_id[serializer_id].dumps(f"{WIRE_REFUSAL}{exc}")
             msgtype = protocol.MSG_CONNECTFAIL
@@ -273,7 +281,7 @@ class GuardedDaemonMixin(_DaemonBase):
         """
         identity = getattr(conn, "mvc_identity", ANONYMOUS)
         self.refuse(Refusal(address_of(conn), "call", str(exc), identity))
-        if header.serializer_id not in (_SERPENT_ID, _JSON_ID) or header.flags & protocol.FLAGS_ONEWAY:
+        if header.serializer_id not in ALLOWED_SERIALIZERS or header.flags & protocol.FLAGS_ONEWAY:
             return False
         keep = (drain and identity != ANONYMOUS and header.size <= _DRAIN_MAX and header.type in _CALLS
                 and not header.flags & ~(protocol.FLAGS_CORR_ID))
@@ -290,9 +298,6 @@ class GuardedDaemonMixin(_DaemonBase):
 
 _DRAIN_MAX = 16 * 1024 * 1024  # Pyro5's own message bound (clients check it before sending)
 _READ_SIZE = 65536  # larger reads cost more than they save: recv allocates the whole size first
-
-# the name of the mixin before the wire checks were added
-TrackedDaemonMixin = GuardedDaemonMixin
 
 
 def _host_of(conn: Any) -> str:

@@ -31,7 +31,7 @@ from Pyro5 import errors as pyro_errors
 from Pyro5 import protocol
 from Pyro5.serializers import serializers
 
-__all__ = ["HEADER_SIZE", "Limits", "WireRefused", "Header", "check", "read_header", "read_exactly"]
+__all__ = ["ALLOWED_SERIALIZERS", "HEADER_SIZE", "WIRE_REFUSAL", "Limits", "WireRefused", "Header", "check", "read_header", "read_exactly"]
 
 HEADER_SIZE: int = protocol._header_size
 _HEADER = struct.Struct(protocol._header_format)
@@ -44,6 +44,10 @@ _NAMES = {
     protocol.FLAGS_BATCH: "batch", protocol.FLAGS_ITEMSTREAMRESULT: "stream", protocol.FLAGS_KEEPSERIALIZED:
     "keep-serialized",
 }
+
+
+# how a connect refusal for the message's shape (not its credentials) begins, so that clients tell the two apart
+WIRE_REFUSAL = "refused on the wire: "
 
 
 class WireRefused(pyro_errors.SecurityError):

@@ -43,6 +43,7 @@ from Pyro5.api import current_context
 from Pyro5.errors import CommunicationError
 
 from ._files import write_private
+from ._wire import WIRE_REFUSAL
 from .errors import (
     AuthenticationError,
     ConfigError,
@@ -424,7 +425,7 @@ def _auth_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, *args, **kwargs)
         except CommunicationError as exc:
             reason = str(exc).split(" rejected: ", 1)[1] if " rejected: " in str(exc) else None
-            if reason is not None and not reason.startswith("refused on the wire: "):
+            if reason is not None and not reason.startswith(WIRE_REFUSAL):
                 raise AuthenticationError(reason) from None
             raise
     return wrapper
