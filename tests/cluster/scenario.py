@@ -84,10 +84,15 @@ class Scenario:
         refused = [e for c in self.controllers for e in c.refused]
         if not allow_refusals:
             assert not refused, f"a controller that retries as documented saw errors: {refused[:5]}"
-        head = retrying(lambda: self.reader.snapshot())
-        events = retrying(lambda: all_history(self.reader))
+        def agreed() -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+            # the reader's calls may land on different replicas, one of them still catching up
+            # (a replica just reconnected to etcd): read until a head and a history agree
+            head = retrying(lambda: self.reader.snapshot())
+            events = retrying(lambda: all_history(self.reader))
+            return (head, events) if events and events[-1]["revision"] == head["revision"] else None
+
+        head, events = wait_until(agreed, 60, interval=0.2, message="a head and a history that agree")
         counts = check_history(events, self.controllers)
-        assert events[-1]["revision"] == head["revision"]
         for v in self.viewers:
             assert v.wait_for(head["revision"], 60), f"{v.viewer_id} stuck at {v.revision} of {head['revision']}"
             assert v.values == head["values"], f"{v.viewer_id} did not converge"
