@@ -43,7 +43,6 @@ from Pyro5.api import current_context
 from Pyro5.errors import CommunicationError
 
 from ._files import write_private
-from ._wire import WIRE_REFUSAL
 from .errors import (
     AuthenticationError,
     ConfigError,
@@ -56,6 +55,8 @@ from .errors import (
     ServiceUnavailable,
     ValidationError,
 )
+from .pyro.exposed import exposed_members
+from .pyro.wire import WIRE_REFUSAL
 
 __all__ = [
     "ROLES", "READ", "MODIFY", "DROP", "REGISTER", "Identity", "Credentials", "Authenticator", "Throttle",
@@ -406,11 +407,9 @@ def declared(cls: C) -> C:
     """Give ``cls`` its ``SURFACE`` table and check that it is all Pyro5 exposes of it: a
     class-level ``@expose`` (its own or a base class's) would make lifecycle methods and
     properties remote too; that fails here, at import, instead of on the network."""
-    from Pyro5.server import _get_exposed_members  # noqa: PLC0415 - Pyro5's own view of a class
-
     table = surface(cls)
     cls.SURFACE = MappingProxyType(table)  # type: ignore[attr-defined]
-    exposed = _get_exposed_members(cls)
+    exposed = exposed_members(cls)
     if set(exposed["methods"]) != set(table) or exposed["attrs"]:
         extra = sorted((set(exposed["methods"]) - set(table)) | set(exposed["attrs"]))
         raise TypeError(f"{cls.__name__} exposes {extra} without declaring them with remote()")

@@ -76,7 +76,7 @@ def load(a: argparse.Namespace) -> int:
 def state(a: argparse.Namespace) -> int:
     from remote_mvc import ModelClient, Settings
     from remote_mvc.errors import HistoryCompacted
-    from remote_mvc.service import locate_ns
+    from remote_mvc.pyro.naming import locate_ns
 
     settings = Settings.from_env()
     rm = ModelClient(settings=settings, retry_seconds=a.retry)
