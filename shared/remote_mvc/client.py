@@ -22,10 +22,11 @@ import Pyro5.api
 from Pyro5.errors import CommunicationError, NamingError
 
 from ._backoff import Backoff
-from .auth import AuthProxy, client_credentials
+from .auth import client_credentials
 from .config import Settings
 from .errors import ServiceUnavailable
 from .pyro.naming import locate_ns
+from .pyro.proxy import AuthProxy
 from .pyro.setup import require_setup
 
 __all__ = ["AuthProxy", "connect", "resolve", "resolve_all", "group_tag", "ModelClient", "client_credentials"]

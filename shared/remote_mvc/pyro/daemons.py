@@ -124,7 +124,7 @@ class GuardedDaemonMixin(_DaemonBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.objectsById[Pyro5.core.DAEMON_NAME] = _small = _SmallDaemonObject(self)
-        _small._pyroId = Pyro5.core.DAEMON_NAME
+        _small._pyroId = Pyro5.core.DAEMON_NAME  # noqa: SLF001 - Pyro5 internal (this package owns them)
         listener = getattr(self.transportServer, "sock", None)
         if isinstance(listener, ssl.SSLSocket):
             listener.do_handshake_on_connect = False  # type: ignore[attr-defined] # accepted sockets shake hands in their worker

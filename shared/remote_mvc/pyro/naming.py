@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import Pyro5.core
 
-from ..auth import AuthProxy
 from ..config import Settings
+from .proxy import AuthProxy
 
 __all__ = ["locate_ns", "ns_uri"]
 
