@@ -62,7 +62,7 @@ class AuthProxy(Pyro5.api.Proxy):
         pass  # the token is made fresh at each connect
 
     _pyroInvoke = _auth_errors(Pyro5.api.Proxy._pyroInvoke)  # noqa: SLF001, N815 - Pyro5's names
-    _pyroBind = _auth_errors(Pyro5.api.Proxy._pyroBind)  # noqa: SLF001, N815
+    _pyroBind = _auth_errors(Pyro5.api.Proxy._pyroBind)  # noqa: N815
     _pyroGetMetadata = _auth_errors(Pyro5.api.Proxy._pyroGetMetadata)  # noqa: SLF001, N815
 
 
@@ -80,28 +80,28 @@ class ViewerConnection:
     def __init__(self, proxy: Proxy) -> None:
         self._proxy = proxy
         self.sock: socket.socket = proxy._pyroConnection.sock  # noqa: SLF001 - Pyro5 internal (this package owns them)
-        self.object_id: str = proxy._pyroUri.object  # noqa: SLF001 - Pyro5 internal (this package owns them)
+        self.object_id: str = proxy._pyroUri.object
 
     def claim(self) -> None:
         """The calling thread (the loop) owns the connection from now on (Pyro5 checks proxy ownership)."""
-        self._proxy._pyroClaimOwnership()  # noqa: SLF001 - Pyro5 internal (this package owns them)
+        self._proxy._pyroClaimOwnership()
 
     def close(self) -> None:
         """Release the proxy, closing the socket."""
-        self._proxy._pyroRelease()  # noqa: SLF001 - Pyro5 internal (this package owns them)
+        self._proxy._pyroRelease()
 
 
 def connect_viewer(uri: str, timeout: float) -> ViewerConnection:
     """Connect and shake hands (blocking); the socket comes back non-blocking. ConnectFailed if not."""
     proxy = Proxy(uri)
-    proxy._pyroTimeout = timeout  # noqa: SLF001 - Pyro5 internal (this package owns them)
-    proxy._pyroSerializer = "json"  # noqa: SLF001 - Pyro5 internal (this package owns them)
+    proxy._pyroTimeout = timeout
+    proxy._pyroSerializer = "json"
     try:
-        proxy._pyroBind()  # noqa: SLF001 - Pyro5 internal (this package owns them)
+        proxy._pyroBind()
         conn = ViewerConnection(proxy)
         conn.sock.setblocking(False)
     except (CommunicationError, PyroError, OSError) as exc:
-        proxy._pyroRelease()  # noqa: SLF001 - Pyro5 internal (this package owns them)
+        proxy._pyroRelease()
         raise ConnectFailed("timeout" if isinstance(exc, PyroTimeout) else "unreachable",
                             f"{type(exc).__name__}: {exc}") from exc
     return conn
