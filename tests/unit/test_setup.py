@@ -78,3 +78,18 @@ def test_a_client_with_other_tls_settings_than_setup_is_refused():
             print(json.dumps({"error": str(exc)}))
     """)
     assert "TLS settings differ" in result["error"]
+
+
+def test_a_viewer_daemon_gets_its_server_type_and_the_process_keeps_its_own():
+    from Pyro5 import config
+
+    from remote_mvc.pyro.daemons import ViewerDaemon, make_viewer_daemon
+
+    before = config.SERVERTYPE
+    for servertype, server in (("multiplex", "SocketServer_Multiplex"), ("thread", "SocketServer_Threadpool")):
+        daemon = make_viewer_daemon(servertype, host="127.0.0.1", port=0)
+        try:
+            assert isinstance(daemon, ViewerDaemon) and type(daemon.transportServer).__name__ == server
+            assert config.SERVERTYPE == before
+        finally:
+            daemon.close()
