@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from bench.common import setup_library
 from bench.machine import machine_facts
 from bench.systems import ROOT
 
@@ -61,6 +62,7 @@ class Deployment:
         base = {"state_dir": str(workdir / "state"), "ns_port": 0, "port": 0, "metrics_port": -1,
                 "register_interval": 2.0, "credentials": f"controller:controller:{self.secret}",
                 "model_name": MODEL, "viewer_server": "multiplex", "log_level": "WARNING"}
+        setup_library(Settings(service="nameserver", **base))
         self.ns = NameServer(Settings(service="nameserver", **base)).start()
         self.settings = Settings(service="model", store=store, **{**base, "ns_port": self.ns.port})
         self.procs: list[subprocess.Popen] = []

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from bench import libs as libs_mod
+from bench.common import setup_library
 from bench.machine import machine_facts
 from bench.systems import ROOT, RemoteMVC
 
@@ -31,6 +32,7 @@ def worker(seconds: float) -> None:
     from remote_mvc import ModelClient, Settings
 
     settings = Settings.from_env()
+    setup_library(settings)
     client = ModelClient(settings.model_name, settings, retry_seconds=0)
     client.modify({"seq": 0, "t0": time.time()})  # connect and authenticate first
     print(json.dumps({"ready": True}), flush=True)

@@ -28,3 +28,13 @@ def reply(obj: dict[str, Any]) -> None:
     """One JSON line to the orchestrator (our stdout is its pipe)."""
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
+
+
+def setup_library(settings: Any) -> None:
+    """``remote_mvc.setup(settings)``, the process-wide Pyro5 configuration every program using the
+    library makes once; a library at an older ``--ref`` has none (it configured Pyro5 by itself)."""
+    import remote_mvc
+
+    setup = getattr(remote_mvc, "setup", None)
+    if setup is not None:
+        setup(settings)

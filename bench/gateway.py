@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import setup_library
+
 MODEL = "remote_mvc.model"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,6 +103,7 @@ def _pyro_viewers(args: argparse.Namespace, recs: list[Rec], ready: threading.Ev
     from remote_mvc import Settings, Viewer, ViewerHost
 
     settings = Settings.from_env()
+    setup_library(settings)
     host = ViewerHost(settings)
     viewers = []
     for i, rec in enumerate(recs):

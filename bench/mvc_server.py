@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from bench.common import setup_library
 from remote_mvc import Field, Model, ModelService, Settings, between, configure_logging
 
 
@@ -19,6 +20,7 @@ class BenchModel(Model):
 
 def main() -> int:
     settings = Settings.from_env()
+    setup_library(settings)
     configure_logging(settings.service, settings.log_level)
     ModelService(settings, BenchModel).run()
     return 0

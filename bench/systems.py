@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import CHANNEL, NAIVE_OBJECT
+from bench.common import CHANNEL, NAIVE_OBJECT, setup_library
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,6 +102,7 @@ class RemoteMVC(System):
         base = {"state_dir": str(self.workdir / "state"), "ns_port": 0, "port": 0, "metrics_port": -1,
                 "register_interval": 2.0, "credentials": f"controller:controller:{self.secret}",
                 "model_name": "bench.model", "viewer_server": self.viewer_server}
+        setup_library(Settings(service="nameserver", **base))
         self.ns = NameServer(Settings(service="nameserver", **base)).start()
         self.settings = Settings(service="model", **{**base, "ns_port": self.ns.port})
         log = open(self.workdir / "model-server.log", "ab")  # noqa: SIM115 - the process keeps it

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.common import CHANNEL, configure_naive_pyro, reply
+from bench.common import CHANNEL, configure_naive_pyro, reply, setup_library
 
 
 class Rec:
@@ -61,6 +61,7 @@ def start_mvc(recs: list[Rec], args: argparse.Namespace) -> Callable[[], None]:
     from remote_mvc import Settings, Viewer, ViewerHost
 
     settings = Settings.from_env()
+    setup_library(settings)
     host = ViewerHost(settings)
     viewers = []
     for rec in recs:

@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from remote_mvc import ConfigError, Service, ServiceUnavailable, Settings, configure_logging, log_event
+from remote_mvc import ConfigError, Service, ServiceUnavailable, Settings, configure_logging, log_event, setup
 
 
 def run(default_service: str, build: Callable[[Settings], Service]) -> int:
@@ -18,6 +18,7 @@ def run(default_service: str, build: Callable[[Settings], Service]) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.service, settings.log_level)
+    setup(settings)  # Pyro5's process-wide configuration, once
     try:
         service = build(settings)
     except ServiceUnavailable as exc:  # cluster mode: etcd unreachable at start-up; the supervisor retries

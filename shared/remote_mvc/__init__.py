@@ -3,6 +3,9 @@
 A model server holds a typed, versioned, durable model; controllers change it
 through authenticated, audited calls; viewers anywhere on the network are told
 of every change, in order, and catch up after any gap.
+
+Call :func:`setup` once at the start of a process (before any client or
+service): it is the one place that configures Pyro5 process-wide.
 """
 
 from .audit import AuditLog, read_audit
@@ -21,6 +24,7 @@ from .errors import (
     PermissionDenied,
     PersistenceError,
     ServiceUnavailable,
+    SetupRequired,
     SubscriptionError,
     UsageError,
     ValidationError,
@@ -29,6 +33,7 @@ from .logs import configure_logging, log_event
 from .metrics import Metrics, MetricsServer
 from .model import ExampleModel, Field, Model, between, max_length, non_empty, one_of
 from .nameserver import NameServer
+from .pyro.setup import setup
 from .server import ModelServer, ModelService
 from .service import Service
 from .ticker import Ticker, TickerModel, TickerService
@@ -43,11 +48,12 @@ __all__ = [
     "AuthProxy", "ModelClient", "connect", "resolve",
     "MVCError", "ConfigError", "UsageError", "ValidationError", "ConflictError", "AuthError", "AuthenticationError",
     "PermissionDenied", "PersistenceError", "SubscriptionError", "LimitExceeded", "HistoryCompacted",
-    "ServiceUnavailable", "GatewayError",
+    "ServiceUnavailable", "GatewayError", "SetupRequired",
     "configure_logging", "log_event",
     "Metrics", "MetricsServer",
     "Model", "Field", "ExampleModel", "between", "max_length", "non_empty", "one_of",
     "NameServer",
+    "setup",
     "ModelServer", "ModelService",
     "Service",
     "Ticker", "TickerModel", "TickerService",

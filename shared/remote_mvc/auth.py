@@ -38,12 +38,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-import Pyro5.api
-from Pyro5.api import current_context
-from Pyro5.errors import CommunicationError
+from Pyro5.api import current_context, expose
 
 from ._files import write_private
-from ._wire import WIRE_REFUSAL
 from .errors import (
     AuthenticationError,
     ConfigError,
@@ -56,10 +53,11 @@ from .errors import (
     ServiceUnavailable,
     ValidationError,
 )
+from .pyro.exposed import exposed_members
 
 __all__ = [
     "ROLES", "READ", "MODIFY", "DROP", "REGISTER", "Identity", "Credentials", "Authenticator", "Throttle",
-    "AuthProxy", "client_credentials", "DELEGATE", "CAPABILITY", "Refusal", "remote", "declared", "surface",
+    "client_credentials", "DELEGATE", "CAPABILITY", "Refusal", "remote", "declared", "surface",
     "mark_audited", "client_token", "require", "caller", "generate_credentials",
 ]
 
@@ -383,9 +381,8 @@ def remote(permission: str) -> Callable[[F], F]:
                 _audited.exc = None
                 raise
 
-        wrapper._pyroExposed = True  # type: ignore[attr-defined]  # Pyro5's mark of an exposed method
         wrapper.mvc_permission = permission  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]
+        return expose(wrapper)
     return decorate
 
 
@@ -406,52 +403,13 @@ def declared(cls: C) -> C:
     """Give ``cls`` its ``SURFACE`` table and check that it is all Pyro5 exposes of it: a
     class-level ``@expose`` (its own or a base class's) would make lifecycle methods and
     properties remote too; that fails here, at import, instead of on the network."""
-    from Pyro5.server import _get_exposed_members  # noqa: PLC0415 - Pyro5's own view of a class
-
     table = surface(cls)
     cls.SURFACE = MappingProxyType(table)  # type: ignore[attr-defined]
-    exposed = _get_exposed_members(cls)
+    exposed = exposed_members(cls)
     if set(exposed["methods"]) != set(table) or exposed["attrs"]:
         extra = sorted((set(exposed["methods"]) - set(table)) | set(exposed["attrs"]))
         raise TypeError(f"{cls.__name__} exposes {extra} without declaring them with remote()")
     return cls
-
-
-def _auth_errors(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn Pyro5's 'connection rejected' into AuthenticationError."""
-    @functools.wraps(method)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except CommunicationError as exc:
-            reason = str(exc).split(" rejected: ", 1)[1] if " rejected: " in str(exc) else None
-            if reason is not None and not reason.startswith(WIRE_REFUSAL):
-                raise AuthenticationError(reason) from None
-            raise
-    return wrapper
-
-
-class AuthProxy(Pyro5.api.Proxy):
-    """A Pyro5 proxy that sends a fresh credentials token in every handshake."""
-
-    def __init__(self, uri: Any, identity: str = "", secret: str = "", timeout: float | None = None) -> None:
-        object.__setattr__(self, "_mvc_credentials", (identity, secret))
-        super().__init__(uri)
-        if timeout:
-            self._pyroTimeout = timeout
-
-    @property
-    def _pyroHandshake(self) -> Any:  # noqa: N802 - Pyro5's name
-        identity, secret = self._mvc_credentials
-        return client_token(identity, secret, self._pyroUri.object) if identity and secret else "hello"
-
-    @_pyroHandshake.setter
-    def _pyroHandshake(self, value: Any) -> None:  # noqa: N802
-        pass  # the token is made fresh at each connect
-
-    _pyroInvoke = _auth_errors(Pyro5.api.Proxy._pyroInvoke)  # noqa: N815 - Pyro5's names
-    _pyroBind = _auth_errors(Pyro5.api.Proxy._pyroBind)  # noqa: N815
-    _pyroGetMetadata = _auth_errors(Pyro5.api.Proxy._pyroGetMetadata)  # noqa: N815
 
 
 def client_credentials(settings: Any, default_identity: str = "") -> tuple[str, str]:

@@ -39,6 +39,7 @@ from .errors import ConfigError, MVCError, ServiceUnavailable, UsageError, Valid
 from .logs import configure_logging
 from .metrics import Metrics
 from .model import Field
+from .pyro.setup import setup
 from .viewer import Viewer, ViewerHost
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 69
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     client: CtlClient | None = None
     try:
         settings = _settings(args)
+        setup(settings)  # Pyro5's process-wide configuration, once (this is the program's entry point)
         if args.command in LOCAL:
             return LOCAL[args.command](args, settings)
         name = _name(args.model, settings)

@@ -22,10 +22,12 @@ import Pyro5.api
 from Pyro5.errors import CommunicationError, NamingError
 
 from ._backoff import Backoff
-from .auth import AuthProxy, client_credentials
+from .auth import client_credentials
 from .config import Settings
 from .errors import ServiceUnavailable
-from .service import configure_pyro, locate_ns
+from .pyro.naming import locate_ns
+from .pyro.proxy import AuthProxy
+from .pyro.setup import require_setup
 
 __all__ = ["AuthProxy", "connect", "resolve", "resolve_all", "group_tag", "ModelClient", "client_credentials"]
 
@@ -70,7 +72,7 @@ def connect(name: str | None = None, settings: Settings | None = None, *, identi
             secret: str | None = None, default_identity: str = "") -> AuthProxy:
     """An authenticated proxy to the object registered as ``name`` (default: the model)."""
     settings = settings or Settings.from_env()
-    configure_pyro(settings)
+    require_setup(settings, "connect()")
     if identity is None:
         identity, secret = client_credentials(settings, default_identity)
     return AuthProxy(resolve(name or settings.model_name, settings), identity or "", secret or "",
@@ -94,7 +96,7 @@ class ModelClient:
                  identity: str | None = None, secret: str | None = None, default_identity: str = "",
                  retry_seconds: float = 10.0) -> None:
         self.settings = settings or Settings.from_env()
-        configure_pyro(self.settings)
+        require_setup(self.settings, "ModelClient")
         self.name = name or self.settings.model_name
         if identity is None:
             identity, secret = client_credentials(self.settings, default_identity)

@@ -9,7 +9,8 @@ serializer, so a client catches ``ValidationError`` rather than a generic error.
 
     MVCError
     ├── ConfigError            bad or unknown settings (MVC_* variables)
-    │   └── UsageError            a command-line argument a tool cannot use (remote-mvc-ctl exits 2)
+    │   ├── UsageError            a command-line argument a tool cannot use (remote-mvc-ctl exits 2)
+    │   └── SetupRequired         remote_mvc.setup() was not called (or with other TLS settings)
     ├── ValidationError        a change that the model's schema refuses
     ├── ConflictError          expected_revision did not match (optimistic concurrency)
     ├── AuthError
@@ -32,6 +33,7 @@ __all__ = [
     "MVCError",
     "ConfigError",
     "UsageError",
+    "SetupRequired",
     "ValidationError",
     "ConflictError",
     "AuthError",
@@ -56,6 +58,11 @@ class ConfigError(MVCError):
 
 class UsageError(ConfigError):
     """A command-line argument the tool accepted syntactically but cannot use (e.g. ``--ns`` without a port)."""
+
+
+class SetupRequired(ConfigError):
+    """A client or service was used before ``remote_mvc.setup()`` configured Pyro5 for this process
+    (or with TLS settings other than those it applied)."""
 
 
 class ValidationError(MVCError):

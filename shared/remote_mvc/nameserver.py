@@ -23,13 +23,13 @@ import Pyro5.api
 import Pyro5.nameserver
 
 from . import auth
-from ._daemons import AuthNameServerDaemon
 from ._files import create_private
 from .audit import AuditLog
 from .config import Settings
 from .errors import PersistenceError
 from .logs import log_event, log_exception
 from .metrics import Metrics
+from .pyro.daemons import AuthNameServerDaemon
 from .service import Service
 
 __all__ = ["NameServer", "GuardedNameServer", "OpenNameServer"]

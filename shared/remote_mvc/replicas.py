@@ -22,7 +22,7 @@ from .errors import MVCError, ServiceUnavailable
 from .etcd_store import EtcdStore, b64, prefix_end, unb64
 from .logs import log_event
 from .metrics import Metrics
-from .service import locate_ns
+from .pyro.naming import locate_ns
 
 __all__ = ["Membership"]
 

@@ -48,8 +48,6 @@ from Pyro5.core import URI
 from Pyro5.errors import PyroError
 
 from . import auth
-from ._fanout import Fanout
-from ._sender import Subscriber
 from .audit import AuditLog
 from .client import group_tag
 from .commit import GroupCommit, Pending, Pipeline
@@ -64,6 +62,8 @@ from .errors import (
     ServiceUnavailable,
     ValidationError,
 )
+from .fanout import Fanout
+from .fanout import Subscription as Subscriber
 from .logs import log_event, log_exception
 from .metrics import Metrics
 from .model import Model

@@ -11,95 +11,35 @@ from __future__ import annotations
 
 import logging
 import signal
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import Pyro5.api
-import Pyro5.core
-from Pyro5 import config as pyro_config
-from Pyro5 import socketutil
 from Pyro5.errors import CommunicationError, NamingError, PyroError
 
 from ._backoff import Backoff
-from ._daemons import AuthDaemon, GuardedDaemonMixin, Refusal
-from ._hardening import harden_pyro
-from ._wire import Limits
 from .audit import AuditLog
-from .auth import Authenticator, AuthProxy, Credentials, client_credentials
+from .auth import Authenticator, Credentials, client_credentials
 from .config import Settings
 from .errors import MVCError
 from .logs import log_event, log_exception
 from .metrics import Metrics, MetricsServer
+from .pyro.daemons import AuthDaemon, GuardedDaemonMixin, Refusal
+from .pyro.naming import locate_ns
+from .pyro.setup import require_setup
+from .pyro.wire import Limits
 
-__all__ = ["Service", "configure_pyro", "configure_tls", "locate_ns"]
+__all__ = ["Service"]
 
 log = logging.getLogger("remote_mvc.service")
-
-MAX_MESSAGE_SIZE = 16 * 1024 * 1024
-
-
-def configure_pyro(settings: Settings) -> None:
-    """Apply the process-wide Pyro5 settings remote-mvc relies on."""
-    cfg = pyro_config
-    cfg.SERVERTYPE = "thread"
-    cfg.THREADPOOL_SIZE = settings.threadpool_size
-    cfg.THREADPOOL_SIZE_MIN = min(4, settings.threadpool_size)
-    cfg.SERIALIZER = "serpent"
-    cfg.DETAILED_TRACEBACK = False
-    cfg.MAX_MESSAGE_SIZE = MAX_MESSAGE_SIZE
-    cfg.SOCK_NODELAY = True
-    cfg.MAX_RETRIES = 0
-    harden_pyro()
-    configure_tls(settings)
-
-
-def configure_tls(settings: Settings) -> None:
-    """Turn Pyro5's two-way TLS on (or off) for this process.
-
-    Every connection, in either direction, needs a certificate signed by the
-    private CA. Host names are not checked (viewer replicas have addresses no
-    certificate can name in advance): the CA signature authenticates the peer,
-    and the certificate's common name is its identity (see ``auth``).
-    """
-    cfg = pyro_config
-    wanted = (settings.tls, settings.tls_cert, settings.tls_key, settings.tls_ca)
-    current = (cfg.SSL, cfg.SSL_SERVERCERT, cfg.SSL_SERVERKEY, cfg.SSL_CACERTS)
-    if wanted == current:
-        return
-    cfg.SSL = settings.tls
-    cfg.SSL_REQUIRECLIENTCERT = settings.tls
-    cfg.SSL_SERVERCERT = cfg.SSL_CLIENTCERT = settings.tls_cert
-    cfg.SSL_SERVERKEY = cfg.SSL_CLIENTKEY = settings.tls_key
-    cfg.SSL_CACERTS = settings.tls_ca
-    for cache in ("__ssl_client_context", "__ssl_server_context"):  # Pyro5 caches one of each
-        setattr(socketutil, cache, None)
-    if settings.tls:
-        client = socketutil.get_ssl_context(clientcert=settings.tls_cert, clientkey=settings.tls_key,
-                                            cacerts=settings.tls_ca)
-        client.check_hostname = False
-        client.minimum_version = ssl.TLSVersion.TLSv1_2
-
-
-def locate_ns(settings: Settings, timeout: float | None = None, identity: str = "",
-              secret: str = "") -> AuthProxy:
-    """A proxy to the name server at the configured host and port (never a broadcast).
-
-    With an identity, the proxy authenticates (needed to register with a
-    protected name server); lookups need none.
-    """
-    uri = f"PYRO:{Pyro5.core.NAMESERVER_NAME}@{settings.ns_host}:{settings.ns_port}"
-    return AuthProxy(uri, identity, secret, timeout=timeout or settings.call_timeout)
-
 
 class Service:
     """One process's Pyro5 daemon with registered names, metrics and signal handling."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None,
                  credentials: Credentials | None = None) -> None:
-        configure_pyro(settings)
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.credentials = credentials if credentials is not None else Credentials.from_settings(settings)
@@ -175,7 +115,10 @@ class Service:
 
     # lifecycle ---------------------------------------------------------------
     def start(self) -> Service:
-        """Serve the registered objects, keep their names registered, serve metrics; returns at once."""
+        """Serve the registered objects, keep their names registered, serve metrics; returns at once.
+
+        SetupRequired when ``remote_mvc.setup()`` did not configure Pyro5 for these settings."""
+        require_setup(self.settings, f"{type(self).__name__}.start()")
         self.daemon = self.make_daemon()
         for obj, name, object_id in self._objects:
             uri = self.daemon.register(obj, objectId=object_id or name)

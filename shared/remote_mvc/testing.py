@@ -7,6 +7,10 @@ Installed as a pytest plugin (entry point ``remote_mvc``), it offers:
   stopped at teardown;
 * ``mvc_settings`` – the :class:`~remote_mvc.Settings` the stack's parts share.
 
+Like any program using remote-mvc, a test process calls ``remote_mvc.setup()``:
+the plugin does so once at start (default settings), and a :class:`Stack` again
+for its own settings (a TLS stack turns TLS on; ``setup(Settings())`` turns it off).
+
 :class:`ServiceProcess` runs a service as a real subprocess (for SIGKILL and
 SIGSTOP tests) and collects its JSON log lines so a test can wait on them.
 """
@@ -17,6 +21,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,12 +36,13 @@ from .client import ModelClient
 from .config import Settings
 from .metrics import Metrics
 from .nameserver import NameServer
+from .pyro.setup import setup
 from .server import ModelService
 from .service import Service
 from .ticker import TickerService
 from .viewer import Viewer, ViewerHost
 
-__all__ = ["Stack", "ServiceProcess", "wait_until", "mvc_settings", "mvc_stack"]
+__all__ = ["Stack", "ServiceProcess", "SocketPairs", "wait_until", "mvc_settings", "mvc_stack"]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
@@ -126,6 +132,77 @@ class ServiceProcess:
         return self.proc.returncode
 
 
+class _RecordingSocket(socket.socket):
+    """A socket that reports every non-empty send (to tell the order of sends across sockets)."""
+
+    def __init__(self, sock: socket.socket, on_send: Callable[[socket.socket], None]) -> None:
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self._on_send = on_send
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        """Report, then send."""
+        if data:
+            self._on_send(self)
+        return super().send(data, flags)
+
+
+class _PairConnection:
+    """One end of a socket pair, as a fan-out connection (see ``remote_mvc.fanout.loop.Connection``)."""
+
+    def __init__(self, sock: socket.socket, object_id: str) -> None:
+        self.sock = sock
+        self.object_id = object_id
+
+    def claim(self) -> None:
+        """Nothing to claim: no proxy."""
+
+    def close(self) -> None:
+        """Close our end."""
+        self.sock.close()
+
+
+class SocketPairs:
+    """A fan-out ``connect`` for tests: each viewer's connection is one end of a socket pair.
+
+    ``Fanout(..., connect=pairs)`` drives its real loop over them; the test holds
+    the other ends (:meth:`peer`, by the viewer's object id, non-blocking) and
+    speaks the viewer's side of the notify protocol. ``on_send(object_id)`` is
+    told of every write the loop makes, in order.
+    """
+
+    def __init__(self, on_send: Callable[[str], None] | None = None) -> None:
+        self._peers: dict[str, socket.socket] = {}
+        self._cond = threading.Condition()
+        self._on_send = on_send
+
+    def __call__(self, uri: str, timeout: float) -> _PairConnection:
+        """Connect the viewer at ``uri`` (``PYRO:<object id>@<host>:<port>``)."""
+        object_id = uri.partition(":")[2].rpartition("@")[0]
+        ours, peer = socket.socketpair()
+        if self._on_send is not None:
+            on_send = self._on_send
+            ours = _RecordingSocket(ours, lambda _sock: on_send(object_id))
+        ours.setblocking(False)
+        peer.setblocking(False)
+        with self._cond:
+            self._peers[object_id] = peer
+            self._cond.notify_all()
+        return _PairConnection(ours, object_id)
+
+    def peer(self, object_id: str, timeout: float = 10.0) -> socket.socket:
+        """The viewer's end of the connection to ``object_id``, once made."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: object_id in self._peers, timeout):
+                raise AssertionError(f"no connection to {object_id} within {timeout}s")
+            return self._peers[object_id]
+
+    def close(self) -> None:
+        """Close the viewers' ends."""
+        with self._cond:
+            for peer in self._peers.values():
+                peer.close()
+
+
 class Stack:
     """A name server plus whatever a test starts; everything stops at :meth:`close`."""
 
@@ -143,6 +220,7 @@ class Stack:
                 "lease_seconds": 2.0, "call_timeout": 1.0, "register_interval": 0.5,
                 "credentials": self.credentials, **overrides}
         ns_settings = Settings(service="nameserver", **base)
+        setup(ns_settings)  # Pyro5's process-wide configuration, for this stack's settings (TLS or not)
         self.nameserver = NameServer(ns_settings).start()
         self.settings = ns_settings.replace(ns_port=self.nameserver.port)
         self._services: list[Service] = []
@@ -223,6 +301,11 @@ class Stack:
         for s in reversed(self._services):
             s.stop()
         self.nameserver.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Configure Pyro5 for remote-mvc once, as every program using it does (``remote_mvc.setup``)."""
+    setup(Settings())
 
 
 @pytest.fixture

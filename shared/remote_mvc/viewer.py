@@ -32,18 +32,17 @@ from collections.abc import Callable
 from typing import Any
 
 import Pyro5.api
-from Pyro5 import config as pyro_config
 from Pyro5.errors import CommunicationError, PyroError
 from Pyro5.errors import TimeoutError as PyroTimeout
 
 from . import auth
 from ._backoff import Backoff
-from ._daemons import ViewerDaemon
 from .client import ModelClient
 from .config import Settings
 from .errors import HistoryCompacted, MVCError, PermissionDenied, SubscriptionError, ValidationError
 from .logs import log_event, log_exception
 from .metrics import Metrics
+from .pyro.daemons import make_viewer_daemon
 from .service import Service
 
 __all__ = ["Viewer", "ViewerHost"]
@@ -57,7 +56,7 @@ ChangeHandler = Callable[["Viewer", dict[str, Any] | None], None]
 class Viewer:
     """Mirror of one model, kept current by the server's notifications."""
 
-    _mvc_notify = True  # ViewerDaemon may hand notify calls over directly
+    _mvc_notify = True  # notify.NOTIFY_MARKER: ViewerDaemon may hand notify calls over directly
 
     def __init__(self, viewer_id: str, model: str, *, on_change: ChangeHandler | None = None,
                  metrics: Metrics | None = None, log_values: bool = True, record: bool = False,
@@ -293,11 +292,7 @@ class ViewerHost(Service):
     def make_daemon(self) -> Pyro5.api.Daemon:
         """The viewer host's daemon: notify calls take the short path."""
         s = self.settings
-        servertype, pyro_config.SERVERTYPE = pyro_config.SERVERTYPE, s.viewer_server  # read by the constructor
-        try:
-            daemon = ViewerDaemon(host=s.host, port=s.port, nathost=s.advertised_host(), natport=0)
-        finally:
-            pyro_config.SERVERTYPE = servertype
+        daemon = make_viewer_daemon(s.viewer_server, host=s.host, port=s.port, nathost=s.advertised_host(), natport=0)
         return self.guard(daemon)  # a connection idles without limit once its notify was accepted
 
     def add(self, viewer: Viewer) -> Viewer:

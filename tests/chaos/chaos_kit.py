@@ -82,7 +82,7 @@ _METRICS = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen
 _LOOKUP = r"""
 import json
 from remote_mvc import Settings
-from remote_mvc.service import locate_ns
+from remote_mvc.pyro.naming import locate_ns
 ns = locate_ns(Settings.from_env(), timeout=2)
 print(json.dumps({k: str(v) for k, v in ns.list().items()}))
 """

@@ -29,12 +29,14 @@ def out(obj: dict) -> None:
 
 
 def load(a: argparse.Namespace) -> int:
-    from remote_mvc import ModelClient, Settings
+    from remote_mvc import ModelClient, Settings, setup
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    rm = ModelClient(settings=Settings.from_env(), retry_seconds=a.retry)
+    settings = Settings.from_env()
+    setup(settings)  # a program of its own: it configures Pyro5 once, as every one does
+    rm = ModelClient(settings=settings, retry_seconds=a.retry)
     period = 1.0 / a.rate
     started = time.monotonic()
     due = started
@@ -74,11 +76,12 @@ def load(a: argparse.Namespace) -> int:
 
 
 def state(a: argparse.Namespace) -> int:
-    from remote_mvc import ModelClient, Settings
+    from remote_mvc import ModelClient, Settings, setup
     from remote_mvc.errors import HistoryCompacted
-    from remote_mvc.service import locate_ns
+    from remote_mvc.pyro.naming import locate_ns
 
     settings = Settings.from_env()
+    setup(settings)
     rm = ModelClient(settings=settings, retry_seconds=a.retry)
     snapshot = rm.snapshot()
     history: list[dict] = []

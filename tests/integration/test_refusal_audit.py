@@ -139,7 +139,7 @@ class BrokenNameServer:
 def test_the_name_registrar_survives_a_broken_name_server(mvc_stack, tmp_path):
     import threading
 
-    from remote_mvc._daemons import TrackedDaemon
+    from remote_mvc.pyro.daemons import TrackedDaemon
 
     daemon = TrackedDaemon(host="127.0.0.1", port=0)
     daemon.register(BrokenNameServer(), objectId="Pyro.NameServer")
@@ -189,7 +189,7 @@ def test_a_running_stack_creates_its_state_private(tmp_path):
 
 def test_name_server_refusal_floods_are_summarized_soon_after_they_stop(tmp_path):
     from remote_mvc import NameServer, Settings
-    from remote_mvc.service import locate_ns
+    from remote_mvc.pyro.naming import locate_ns
 
     settings = Settings(service="nameserver", state_dir=str(tmp_path), ns_port=0, metrics_port=-1,
                         credentials="service:service:s3cret", audit_refusal_burst=5)

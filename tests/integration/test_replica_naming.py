@@ -3,7 +3,7 @@ group's metadata, clients take them in turn and pass over one that just failed; 
 under its plain name (the single server) resolves as before."""
 
 from remote_mvc.client import group_tag, resolve, resolve_all
-from remote_mvc.service import locate_ns
+from remote_mvc.pyro.naming import locate_ns
 
 
 def register(stack, name, uri, metadata=None):

@@ -9,7 +9,7 @@ from Pyro5 import protocol
 from Pyro5.errors import CommunicationError, PyroError, SecurityError
 
 from remote_mvc import AuthProxy, PermissionDenied, read_audit
-from remote_mvc.service import locate_ns
+from remote_mvc.pyro.naming import locate_ns
 from remote_mvc.testing import wait_until
 
 

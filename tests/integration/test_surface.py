@@ -5,12 +5,12 @@ import secrets
 
 import pytest
 from Pyro5.api import Proxy
-from Pyro5.server import _get_exposed_members
 
 from remote_mvc import AuthProxy, PermissionDenied, Viewer, auth, read_audit
 from remote_mvc.nameserver import GuardedNameServer, OpenNameServer
+from remote_mvc.pyro.exposed import exposed_members
+from remote_mvc.pyro.naming import locate_ns
 from remote_mvc.server import ModelServer
-from remote_mvc.service import locate_ns
 from remote_mvc.testing import Stack, wait_until
 
 ROLES = ("anonymous", "viewer", "controller", "admin", "service", "gateway")
@@ -45,7 +45,7 @@ def test_roles_and_permissions_are_the_agreed_names():
 
 def test_surface_tables_are_exactly_what_pyro5_exposes():
     for cls in (ModelServer, Viewer, GuardedNameServer, OpenNameServer):
-        exposed = _get_exposed_members(cls)
+        exposed = exposed_members(cls)
         assert exposed["methods"] == set(cls.SURFACE), cls
         assert exposed["attrs"] == set(), cls  # no properties
     assert dict(ModelServer.SURFACE) == {

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_mvc import Settings
-from remote_mvc.service import configure_tls
+from remote_mvc import Settings, setup
 from remote_mvc.testing import Stack
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +34,7 @@ def tls_stack(tmp_path):
         yield stack, certs
     finally:
         stack.close()
-        configure_tls(Settings())  # this test process goes back to plaintext
+        setup(Settings())  # this test process goes back to plaintext
 
 
 def ctl(stack, *args, **overrides):

@@ -7,7 +7,7 @@ import pytest
 from Pyro5.api import Proxy
 
 from remote_mvc import PermissionDenied, Viewer, auth
-from remote_mvc._daemons import ViewerDaemon
+from remote_mvc.pyro.daemons import ViewerDaemon
 
 CAPABILITY = "the-subscription-capability"
 

@@ -263,8 +263,7 @@ def tls_stack(tmp_path):
     import subprocess
     from pathlib import Path
 
-    from remote_mvc import Settings
-    from remote_mvc.service import configure_tls
+    from remote_mvc import Settings, setup
     from remote_mvc.testing import Stack
 
     repo = Path(__file__).resolve().parents[2]
@@ -276,7 +275,7 @@ def tls_stack(tmp_path):
         yield stack
     finally:
         stack.close()
-        configure_tls(Settings())
+        setup(Settings())
 
 
 def test_silent_tcp_connections_do_not_stall_a_tls_daemon(tls_stack):

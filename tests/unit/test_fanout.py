@@ -1,7 +1,21 @@
-"""Per-viewer queues: order, batching, snapshot past the bound, leases (with a fake clock)."""
+"""The fan-out: cursors and windows (pure), then the registry and the real loop over socket pairs."""
+
+import json
+import threading
+
+import pytest
+from Pyro5 import protocol
+from Pyro5.serializers import serializers
 
 from remote_mvc import Metrics
-from remote_mvc._fanout import Fanout
+from remote_mvc.fanout import Fanout
+from remote_mvc.fanout.cursor import Cursor
+from remote_mvc.fanout.stream import Stream
+from remote_mvc.fanout.window import ACK_INTERVAL, MAX_IN_FLIGHT, ONEWAY_WINDOW, UnexpectedAnswer, Window
+from remote_mvc.pyro import notify
+from remote_mvc.testing import SocketPairs, wait_until
+
+HEADER = 40  # Pyro5's message header (tests/unit/test_pyro_internals.py pins it)
 
 
 class Clock:
@@ -16,77 +30,254 @@ def ev(r):
     return {"revision": r, "values": {"value": r}, "time": 0.0}
 
 
-def make(**kw):
-    state = {"revision": 0}
-    clock = Clock()
-    f = Fanout("m", lambda: {"revision": state["revision"], "values": {}}, Metrics(), clock=clock, **kw)
-    return f, clock, state
+def revisions(batch):
+    return [e["revision"] for e in batch["events"]]
+
+
+# cursors (pure) ----------------------------------------------------------------------------
+def cursor(stream, state=None, backlog=()):
+    state = state if state is not None else {"revision": 0}
+    c = Cursor(stream, lambda: {"revision": state["revision"], "values": {}})
+    if backlog is None:
+        c.offer_snapshot()
+    else:
+        c.offer_backlog(list(backlog))
+    return c
 
 
 def test_events_are_batched_in_order_up_to_batch_max():
-    f, _, _ = make(batch_max=3)
-    sub = f.add("v", "PYRO:x@127.0.0.1:1", backlog=[], start=False)
+    stream = Stream("m", queue_limit=1000, batch_max=3)
+    c = cursor(stream)
     for r in range(1, 6):
-        f.publish(ev(r))
-    assert [e["revision"] for e in sub._next_batch()["events"]] == [1, 2, 3]
-    assert [e["revision"] for e in sub._next_batch()["events"]] == [4, 5]
+        stream.publish(ev(r))
+    assert revisions(c.next_batch()) == [1, 2, 3]
+    assert revisions(c.next_batch()) == [4, 5]
 
 
 def test_backlog_first_then_live_events():
-    f, _, _ = make()
-    sub = f.add("v", "u", backlog=[ev(1), ev(2)], start=False)
-    f.publish(ev(3))
-    assert [e["revision"] for e in sub._next_batch()["events"]] == [1, 2, 3]
+    stream = Stream("m", queue_limit=1000, batch_max=500)
+    c = cursor(stream, backlog=[ev(1), ev(2)])
+    stream.publish(ev(3))
+    assert revisions(c.next_batch()) == [1, 2, 3]
 
 
-def test_one_shared_log_read_by_every_sender_from_its_own_cursor():
-    f, _, _ = make(batch_max=4, queue_limit=10)
-    early = f.add("early", "u", backlog=[], start=False)
-    f.publish(ev(1))
-    f.publish(ev(2))
-    assert f._log[-1]["revision"] == 2 and early.queued == 2
-    late = f.add("late", "u", backlog=[ev(1), ev(2)], start=False)  # resubscribed from revision 0
+def test_one_shared_log_read_by_every_cursor_from_its_own_place():
+    stream = Stream("m", queue_limit=10, batch_max=4)
+    early = cursor(stream)
+    stream.publish(ev(1))
+    stream.publish(ev(2))
+    assert stream.kept == 2 and early.queued == 2
+    late = cursor(stream, backlog=[ev(1), ev(2)])  # resubscribed from revision 0
     for r in range(3, 6):
-        f.publish(ev(r))
-    assert [e["revision"] for e in early._next_batch()["events"]] == [1, 2, 3, 4]
-    assert [e["revision"] for e in late._next_batch()["events"]] == [1, 2, 3, 4]  # backlog, then live
-    assert [e["revision"] for e in late._next_batch()["events"]] == [5]
-    assert late._next_batch() is None and not late.has_work() and early.has_work()
-    assert [e["revision"] for e in early._next_batch()["events"]] == [5]
+        stream.publish(ev(r))
+    assert revisions(early.next_batch()) == [1, 2, 3, 4]
+    assert revisions(late.next_batch()) == [1, 2, 3, 4]  # backlog, then live
+    assert revisions(late.next_batch()) == [5]
+    assert late.next_batch() is None and not late.has_work() and early.has_work()
+    assert revisions(early.next_batch()) == [5]
     for r in range(6, 30):
-        f.publish(ev(r))
-    assert len(f._log) == 14  # queue_limit + batch_max events kept, whatever the number of viewers
-    assert f.events_after(5) is None  # no longer kept: the reader takes a snapshot
+        stream.publish(ev(r))
+    assert stream.kept == 14  # queue_limit + batch_max events kept, whatever the number of viewers
+    assert stream.events_after(5) is None  # no longer kept: the reader takes a snapshot
 
 
 def test_past_the_bound_a_snapshot_replaces_the_queue():
-    f, _, state = make(queue_limit=4)
-    sub = f.add("v", "u", backlog=[], start=False)
+    stream = Stream("m", queue_limit=4, batch_max=500)
+    state = {"revision": 0}
+    c = cursor(stream, state)
     for r in range(1, 9):
-        f.publish(ev(r))
+        stream.publish(ev(r))
         state["revision"] = r
-    assert sub.queued == 8  # more than queue_limit behind: the next call is a snapshot
-    batch = sub._next_batch()
-    assert batch == {"snapshot": {"revision": 8, "values": {}}, "reason": "behind"}
-    f.publish(ev(9))
-    assert [e["revision"] for e in sub._next_batch()["events"]] == [9]
+    assert c.queued == 8  # more than queue_limit behind: the next call is a snapshot
+    assert c.next_batch() == {"snapshot": {"revision": 8, "values": {}}, "reason": "behind"}
+    stream.publish(ev(9))
+    assert revisions(c.next_batch()) == [9]
+
+
+def test_a_backlog_past_the_bound_is_a_snapshot_too():
+    stream = Stream("m", queue_limit=2, batch_max=500)
+    c = cursor(stream, backlog=[ev(1), ev(2), ev(3)])
+    assert c.next_batch()["reason"] == "behind"
 
 
 def test_snapshot_skips_events_it_already_covers():
-    f, _, state = make()
-    sub = f.add("v", "u", backlog=None, start=False)  # new viewer: snapshot first
-    f.publish(ev(1))
+    stream = Stream("m", queue_limit=1000, batch_max=500)
+    state = {"revision": 0}
+    c = cursor(stream, state, backlog=None)  # new viewer: snapshot first
+    stream.publish(ev(1))
     state["revision"] = 1
-    batch = sub._next_batch()
+    batch = c.next_batch()
     assert batch["snapshot"]["revision"] == 1 and batch["reason"] == "subscribe"
-    f.publish(ev(2))
-    assert [e["revision"] for e in sub._next_batch()["events"]] == [2]
+    stream.publish(ev(2))
+    assert revisions(c.next_batch()) == [2]
 
 
-def test_leases_expire_unless_renewed_and_the_gauge_follows():
-    f, clock, _ = make(lease_seconds=10)
-    a = f.add("a", "u", [], start=False)
-    b = f.add("b", "u", [], start=False)
+def test_a_stopped_cursor_hands_out_nothing():
+    stream = Stream("m", queue_limit=1000, batch_max=500)
+    c = cursor(stream)
+    stream.publish(ev(1))
+    c.stop()
+    assert c.stopped and not c.has_work() and c.next_batch() is None
+
+
+def test_a_batch_is_encoded_once_for_every_viewer_in_step():
+    stream = Stream("m", queue_limit=1000, batch_max=500)
+    batch = [ev(1), ev(2)]
+    text = stream.encoded_batch(batch)
+    assert stream.encoded_batch([ev(1), ev(2)]) is text  # the next viewer's call reuses it
+    assert json.loads(text) == {"model": "m", "events": batch}
+    assert json.loads(stream.encoded_batch([ev(2)])) == {"model": "m", "events": [ev(2)]}
+    assert stream.is_encoded(1) and stream.is_encoded(2) and not stream.is_encoded(3)
+
+
+# windows (pure) ----------------------------------------------------------------------------
+class Pipe:
+    """A cursor and a window, filled the way the loop fills them: the calls as (oneway?, revisions)."""
+
+    def __init__(self, stream, oneway, size=None):
+        self.stream = stream
+        self.cursor = cursor(stream)
+        self.window = Window(oneway=oneway, event_limit=stream.queue_limit, size=size)
+
+    def fill(self, now):
+        calls = []
+        while self.window.has_room() and self.cursor.has_work():
+            batch = self.cursor.next_batch()
+            if batch is None:
+                break
+            two_way = self.window.next_is_two_way(now)
+            self.window.sent(now, batch["events"][-1]["revision"], len(batch["events"]), two_way)
+            calls.append((not two_way, revisions(batch)))
+        return calls
+
+
+def test_an_ordered_oneway_viewer_answers_one_call_per_window_and_that_acknowledges_the_rest():
+    stream = Stream("m", queue_limit=1000, batch_max=500)
+    assert Window(oneway=True, event_limit=10).size == ONEWAY_WINDOW
+    assert Window(oneway=False, event_limit=10).size == MAX_IN_FLIGHT
+    p = Pipe(stream, oneway=True, size=4)  # the sequence below is written for a window of 4 calls
+    w = p.window
+    now = 100.0
+    stream.publish(ev(1))
+    assert p.fill(now) == [(False, [1])]  # the first answer asked for at once (none for ACK_INTERVAL)
+    calls = []
+    for r in (2, 3):
+        stream.publish(ev(r))
+        calls += p.fill(now + 0.01)
+    assert calls == [(True, [2]), (True, [3])]  # an answer is awaited: these go oneway
+    assert w.in_flight == 3
+    calls = []
+    for r in (4, 5):
+        stream.publish(ev(r))
+        calls += p.fill(now + 0.02)
+    assert calls == [(True, [4])]  # the window (4 calls) is full: 5 waits, and will go in a batch
+    assert w.acknowledge(now + 0.03, raised=False) == 1
+    assert w.delivered_revision == 1 and w.in_flight == 3 and not w.asking
+    stream.publish(ev(6))
+    assert p.fill(now + 0.04) == [(False, [5, 6])]  # the last slot before a full window asks for an answer
+    assert w.acknowledge(now + 0.05, raised=False) == 4  # ...which acknowledges 2, 3, 4 too
+    assert w.delivered_revision == 6 and w.in_flight == 0 and w.events_in_flight == 0
+    stream.publish(ev(7))
+    assert p.fill(now + 0.06) == [(True, [7])]  # within ACK_INTERVAL of the last answer asked for: oneway
+    assert w.sync_due(now + 0.07) is None
+    assert w.sync_due(now + 0.05 + ACK_INTERVAL) == 7  # then an empty call asks, up to revision 7
+    w.sent(now + 0.05 + ACK_INTERVAL, 7, 0, True)
+    assert not w.stalled(now + 0.05 + ACK_INTERVAL + 3.0, 3.0)
+    assert w.stalled(now + 0.05 + ACK_INTERVAL + 3.01, 3.0)  # unanswered: a stall
+
+
+def test_an_answer_nobody_asked_for_is_refused():
+    w = Window(oneway=True, event_limit=10)
+    with pytest.raises(UnexpectedAnswer):
+        w.acknowledge(1.0, raised=False)
+    w.sent(1.0, 1, 1, False)  # a oneway call: no answer is due either
+    with pytest.raises(UnexpectedAnswer):
+        w.acknowledge(1.0, raised=False)
+
+
+def test_a_raising_two_way_call_makes_the_window_ask_again_for_the_oneway_failures():
+    w = Window(oneway=True, event_limit=10)
+    w.sent(1.0, 1, 1, True)
+    w.acknowledge(1.1, raised=True)
+    assert w.in_flight == 0
+    assert w.sync_due(1.0 + ACK_INTERVAL + 0.01) == 1  # nothing in flight, yet a report is due
+
+
+def test_events_in_flight_are_bounded_too():
+    w = Window(oneway=True, event_limit=5)
+    w.sent(0.0, 5, 5, True)
+    assert not w.has_room() and w.in_flight == 1
+
+
+def test_viewers_in_step_do_not_all_ask_for_an_answer_on_the_same_change():
+    """Every viewer asks about every ACK_INTERVAL, but at its own moments: if all asked on the same
+    change, that change would carry N answers on top of its N deliveries."""
+    stream = Stream("m", queue_limit=1000, batch_max=500)
+    n, step = 60, 0.02  # 60 viewers, a change every 20 ms (50 changes/s)
+    pipes = [Pipe(stream, oneway=True) for _ in range(n)]
+    askers, last_ask = [], dict.fromkeys(range(n), 0.0)
+    for k in range(1, 101):
+        now = 100.0 + k * step
+        stream.publish(ev(k))
+        asked = 0
+        for i, p in enumerate(pipes):
+            calls = p.fill(now)
+            assert [revs for _, revs in calls] == [[k]]
+            if not calls[0][0]:  # two-way: answer it at once
+                asked += 1
+                assert k == 1 or now - last_ask[i] >= ACK_INTERVAL / 2 - 1e-9
+                last_ask[i] = now
+                p.window.acknowledge(now, raised=False)
+                assert p.window.delivered_revision == k and not p.window.in_flight
+            else:
+                assert now - last_ask[i] < ACK_INTERVAL + 1e-9  # nobody goes longer without asking
+        askers.append(asked)
+    assert askers[0] == n  # the first change after a quiet spell: everyone asks
+    # after that, about a fifth of the viewers ask on each change (intervals of 50-100 ms)
+    assert max(askers[10:]) <= n // 2 and min(askers[10:]) >= 1
+    assert 0.1 * n <= sum(askers[10:]) / len(askers[10:]) <= 0.5 * n
+
+
+def test_a_viewer_that_did_not_ask_for_oneway_answers_every_call():
+    stream = Stream("m", queue_limit=1000, batch_max=500)
+    p = Pipe(stream, oneway=False)
+    calls = []
+    for r in (1, 2, 3):
+        stream.publish(ev(r))
+        calls += p.fill(0.0)
+    assert calls == [(False, [1]), (False, [2])]  # two calls in flight at most, each answered
+    assert p.cursor.queued == 1
+
+
+# the registry (a real loop, over socket pairs) ----------------------------------------------
+@pytest.fixture
+def pairs():
+    p = SocketPairs()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def made(pairs):
+    made = []
+
+    def make(**kw):
+        state = {"revision": 0}
+        clock = Clock()
+        f = Fanout("m", lambda: {"revision": state["revision"], "values": {}}, Metrics(), clock=clock,
+                   connect=pairs, **kw)
+        made.append(f)
+        return f, clock, state
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def test_leases_expire_unless_renewed_and_the_gauge_follows(made):
+    f, clock, _ = made(lease_seconds=10)
+    a = f.add("a", "PYRO:viewer.a@127.0.0.1:9", [])
+    b = f.add("b", "PYRO:viewer.b@127.0.0.1:9", [])
     gauge = lambda: f.metrics.registry.get_sample_value("remote_mvc_viewers_connected", {"model": "m"})  # noqa: E731
     assert gauge() == 2
     clock.now = 8
@@ -97,247 +288,145 @@ def test_leases_expire_unless_renewed_and_the_gauge_follows():
     assert gauge() == 1
     assert f.metrics.registry.get_sample_value(
         "remote_mvc_viewers_dropped_total", {"model": "m", "reason": "lease_expired"}) == 1
-    assert f.renew([b.id]) == [b.id]
+    assert f.renew([b.id]) == [b.id] and b.stopped
 
 
-def test_resubscribing_viewer_replaces_its_old_subscription():
-    f, _, _ = make()
-    old = f.add("v", "u1", [], start=False)
-    new = f.add("v", "u2", [], start=False)
+def test_resubscribing_viewer_replaces_its_old_subscription(made):
+    f, _, _ = made()
+    old = f.add("v", "PYRO:viewer.v@127.0.0.1:9", [])
+    new = f.add("v", "PYRO:viewer.v@127.0.0.1:8", [])
     assert len(f) == 1 and f.renew([old.id]) == [old.id] and f.renew([new.id]) == []
+    assert old.stopped and f.of_viewer("v") is new
     assert f.remove(new.id) and not f.remove(new.id) and len(f) == 0
 
 
-def test_calls_are_valid_pyro5_json_messages_with_each_event_encoded_once():
-
-    from Pyro5 import protocol
-    from Pyro5.serializers import serializers
-
-    f, _, state = make(batch_max=10)
-    sub = f.add("v", "u", backlog=[], start=False)
-    sub.set_object("viewer.v")
-    events = [{"revision": r, "values": {"name": 'q"u\\o\u2028te', "value": r}, "time": 1.5} for r in (1, 2, 3)]
-    for e in events:
-        f.publish(e)
-    data, revision, count = sub._encode(sub._next_batch())
-    assert (revision, count) == (3, 3)
-    header = protocol.ReceivingMessage(data[:protocol._header_size])
-    assert header.type == protocol.MSG_INVOKE and header.serializer_id == serializers["json"].serializer_id
-    assert data == protocol.SendingMessage(protocol.MSG_INVOKE, 0, header.seq, header.serializer_id,
-                                           data[protocol._header_size:]).data  # byte for byte what Pyro5 makes
-    obj, method, vargs, kwargs = serializers["json"].loadsCall(data[protocol._header_size:])
-    assert (obj, method, kwargs) == ("viewer.v", "notify", {})
-    assert vargs == [{"capability": sub.capability, "model": "m", "events": events}]  # every call carries it
-    assert set(f._encoded) == {1, 2, 3}  # encoded once, shared by every subscriber's calls
-    state["revision"] = 3
-    sub.offer_snapshot("behind")
-    data, revision, count = sub._encode(sub._next_batch())
-    _, _, vargs, _ = serializers["json"].loadsCall(data[protocol._header_size:])
-    assert vargs[0]["snapshot"]["revision"] == 3 and vargs[0]["reason"] == "behind" and count == 1
-    assert vargs[0]["capability"] == sub.capability
-    other = f.add("w", "u", backlog=[], start=False)
-    assert other.capability != sub.capability and len(sub.capability) >= 32  # one secret per subscription
+def test_owned_counts_identities_and_anonymous_addresses(made):
+    f, _, _ = made()
+    f.add("a", "PYRO:viewer.a@127.0.0.1:9", [], identity="controller")
+    f.add("b", "PYRO:viewer.b@127.0.0.1:9", [], identity="anonymous", host="10.0.0.1")
+    f.add("c", "PYRO:viewer.c@127.0.0.1:9", [], identity="anonymous", host="10.0.0.1")
+    assert f.owned("controller") == (1, 0)
+    assert f.owned("anonymous", "10.0.0.1") == (2, 2) and f.owned("anonymous", "10.0.0.2") == (2, 0)
+    f.drop_viewer("b")
+    assert f.owned("anonymous", "10.0.0.1") == (1, 1)
 
 
-def test_a_batch_is_encoded_once_for_every_viewer_in_step():
-    import json
-
-    f, _, _ = make()
-    batch = [ev(1), ev(2)]
-    text = f.encoded_batch(batch)
-    assert f.encoded_batch([ev(1), ev(2)]) is text  # the next viewer's call reuses it
-    assert json.loads(text) == {"model": "m", "events": batch}
-    assert json.loads(f.encoded_batch([ev(2)])) == {"model": "m", "events": [ev(2)]}
-
-
-def _calls(peer):
-    """The Pyro5 messages sent so far: (oneway?, events) each."""
-    import json
-
-    from Pyro5 import protocol
-
-    data, out = b"", []
+def _messages(peer, timeout=10.0):
+    """Every whole Pyro5 message the peer has received so far, waiting for at least one."""
+    data = b""
+    wait_until(lambda: _has_message(peer), timeout, message="a call")
     try:
         while chunk := peer.recv(65536):
             data += chunk
     except BlockingIOError:
         pass
+    out = []
     while data:
-        msg = protocol.ReceivingMessage(data[:protocol._header_size])
-        size = protocol._header_size + msg.annotations_size + msg.data_size
-        call = json.loads(data[protocol._header_size + msg.annotations_size:size])
-        out.append((bool(msg.flags & protocol.FLAGS_ONEWAY), [e["revision"] for e in call["params"][0]["events"]]))
+        msg = protocol.ReceivingMessage(data[:HEADER])
+        size = HEADER + msg.annotations_size + msg.data_size
+        out.append((msg, data[:size]))
         data = data[size:]
     return out
 
 
-def _answer(peer, seq, body=b"0"):
-    from Pyro5 import protocol
-
-    peer.send(protocol.SendingMessage(protocol.MSG_RESULT, 0, seq, 2, body).data)
-
-
-def test_an_ordered_oneway_viewer_answers_one_call_per_window_and_that_acknowledges_the_rest():
+def _has_message(peer):
     import socket
 
-    import remote_mvc._fanout as fo
+    try:
+        return len(peer.recv(HEADER, socket.MSG_PEEK)) == HEADER
+    except BlockingIOError:
+        return False
 
-    f, _, _ = make()
-    sub = f.add("v", "u", backlog=[], start=False, oneway=True)
-    assert sub._window == fo.ONEWAY_WINDOW
-    sub._window = 4  # the sequence below is written for a window of 4 calls
-    sub.set_object("viewer.v")
-    sub.sock, peer = socket.socketpair()
-    sub.sock.setblocking(False)
-    peer.setblocking(False)
-    now = 100.0
+
+def test_calls_are_pyro5_json_messages_with_the_capability_and_each_event_encoded_once(made, pairs):
+    f, _, state = made(batch_max=10)
+    sub = f.add("v", "PYRO:viewer.v@127.0.0.1:9", backlog=[])
+    peer = pairs.peer("viewer.v")
+    events = [{"revision": r, "values": {"name": 'q"u\\o\u2028te', "value": r}, "time": 1.5} for r in (1, 2, 3)]
+    for e in events:
+        f.publish(e)
+    got = []
+    while sum(len(c["params"][0]["events"]) for c in got) < 3:
+        for msg, data in _messages(peer):
+            assert msg.type == protocol.MSG_INVOKE and msg.serializer_id == serializers["json"].serializer_id
+            assert data == protocol.SendingMessage(protocol.MSG_INVOKE, msg.flags, msg.seq, msg.serializer_id,
+                                                   data[HEADER:]).data  # byte for byte what Pyro5 makes
+            obj, method, vargs, kwargs = serializers["json"].loadsCall(data[HEADER:])
+            assert (obj, method, kwargs) == ("viewer.v", "notify", {})
+            assert vargs[0]["capability"] == sub.capability and vargs[0]["model"] == "m"  # every call carries it
+            got.append({"params": vargs, "seq": msg.seq})
+            peer.send(protocol.SendingMessage(protocol.MSG_RESULT, 0, msg.seq, 3, b"0").data)
+    assert [e for c in got for e in c["params"][0]["events"]] == events
+    assert all(f.stream.is_encoded(r) for r in (1, 2, 3))  # encoded once, shared by every subscriber's calls
+    wait_until(lambda: sub.delivered_revision == 3, 10, message="acknowledged")
+    state["revision"] = 3
+    sub.cursor.offer_snapshot("behind")
+    f.publish(ev(4))  # wakes the loop: the snapshot goes first, and covers 3 (not 4)
+    (msg, data), *_ = _messages(peer)
+    _, _, vargs, _ = serializers["json"].loadsCall(data[HEADER:])
+    assert vargs[0]["snapshot"]["revision"] == 3 and vargs[0]["reason"] == "behind"
+    assert vargs[0]["capability"] == sub.capability
+    other = f.add("w", "PYRO:viewer.w@127.0.0.1:9", backlog=[])
+    assert other.capability != sub.capability and len(sub.capability) >= 32  # one secret per subscription
+
+
+def test_handler_failures_reported_in_answers_are_counted_and_the_viewer_kept(made, pairs):
+    f, _, _ = made()
+    sub = f.add("v", "PYRO:viewer.v@127.0.0.1:9", backlog=[])
+    peer = pairs.peer("viewer.v")
     f.publish(ev(1))
-    sub._fill(now)
-    sub._flush()
-    assert _calls(peer) == [(False, [1])]  # the first answer asked for at once (none for ACK_INTERVAL)
-    for r in (2, 3):
-        f.publish(ev(r))
-        sub._fill(now + 0.01)
-    sub._flush()
-    assert _calls(peer) == [(True, [2]), (True, [3])]  # an answer is awaited: these go oneway
-    assert len(sub._in_flight) == 3
-    for r in (4, 5):
-        f.publish(ev(r))
-        sub._fill(now + 0.02)
-    sub._flush()
-    assert _calls(peer) == [(True, [4])]  # the window (4 calls) is full: 5 waits, and will go in a batch
-    _answer(peer, 1)
-    sub._read(now + 0.03)
-    assert sub.delivered_revision == 1 and len(sub._in_flight) == 3 and not sub._asking
-    f.publish(ev(6))
-    sub._fill(now + 0.04)
-    sub._flush()
-    assert _calls(peer) == [(False, [5, 6])]  # the last slot before a full window asks for an answer
-    _answer(peer, 5, b"2")  # ...which acknowledges 2, 3, 4 too, and reports 2 handler failures
-    sub._read(now + 0.05)
-    assert sub.delivered_revision == 6 and not sub._in_flight and sub._in_flight_events == 0
-    assert f.metrics.registry.get_sample_value("remote_mvc_notifications_failed_total", {"model": "m"}) == 2
-    f.publish(ev(7))
-    sub._fill(now + 0.06)
-    sub._flush()
-    assert _calls(peer) == [(True, [7])]  # within ACK_INTERVAL of the last answer asked for: oneway
-    assert not sub._sync(now + 0.07) and sub._sync(now + 0.05 + fo.ACK_INTERVAL)  # then a sync call asks
-    sub._flush()
-    assert _calls(peer) == [(False, [])]
-    assert sub._stalled(now + 0.05 + fo.ACK_INTERVAL + f.call_timeout + 0.01)  # unanswered: a stall
-    sub.sock.close()
-    peer.close()
+    ((msg, _),) = _messages(peer)
+    peer.send(protocol.SendingMessage(protocol.MSG_RESULT, 0, msg.seq, 3, b"2").data)
+    failed = lambda: f.metrics.registry.get_sample_value("remote_mvc_notifications_failed_total", {"model": "m"})  # noqa: E731
+    wait_until(lambda: failed() == 2, 10, message="two failures counted")
+    assert sub.delivered_revision == 1 and f.get(sub.id) is sub
 
 
-def test_viewers_in_step_do_not_all_ask_for_an_answer_on_the_same_change():
-    """Every viewer asks about every ACK_INTERVAL, but at its own moments: if all asked on the same
-    change, that change would carry N answers on top of its N deliveries."""
-    import socket
-
-    import remote_mvc._fanout as fo
-
-    f, _, _ = make()
-    n, step = 60, 0.02  # 60 viewers, a change every 20 ms (50 changes/s)
-    subs, peers = [], []
-    for i in range(n):
-        sub = f.add(f"v{i}", "u", backlog=[], start=False, oneway=True)
-        sub.set_object(f"viewer.v{i}")
-        sub.sock, peer = socket.socketpair()
-        sub.sock.setblocking(False)
-        peer.setblocking(False)
-        subs.append(sub)
-        peers.append(peer)
-    askers, last_ask = [], dict.fromkeys(range(n), 0.0)
-    for k in range(1, 101):
-        now = 100.0 + k * step
-        f.publish(ev(k))
-        asked = 0
-        for i, (sub, peer) in enumerate(zip(subs, peers, strict=True)):
-            sub._fill(now)
-            sub._flush()
-            calls = _calls(peer)
-            assert [revs for _, revs in calls] == [[k]]
-            if not calls[0][0]:  # two-way: answer it at once
-                asked += 1
-                assert k == 1 or now - last_ask[i] >= fo.ACK_INTERVAL / 2 - 1e-9
-                last_ask[i] = now
-                _answer(peer, 0)
-                sub._read(now)
-                assert sub.delivered_revision == k and not sub._in_flight
-            else:
-                assert now - last_ask[i] < fo.ACK_INTERVAL + 1e-9  # nobody goes longer without asking
-        askers.append(asked)
-    assert askers[0] == n  # the first change after a quiet spell: everyone asks
-    # after that, about a fifth of the viewers ask on each change (intervals of 50-100 ms)
-    assert max(askers[10:]) <= n // 2 and min(askers[10:]) >= 1
-    assert 0.1 * n <= sum(askers[10:]) / len(askers[10:]) <= 0.5 * n
-    for sub, peer in zip(subs, peers, strict=True):
-        sub.sock.close()
-        peer.close()
-
-
-def test_a_viewer_that_did_not_ask_for_oneway_answers_every_call():
-    import socket
-
-    f, _, _ = make()
-    sub = f.add("v", "u", backlog=[], start=False)
-    sub.set_object("viewer.v")
-    sub.sock, peer = socket.socketpair()
-    sub.sock.setblocking(False)
-    peer.setblocking(False)
-    for r in (1, 2, 3):
-        f.publish(ev(r))
-        sub._fill(0.0)
-    sub._flush()
-    assert _calls(peer) == [(False, [1]), (False, [2])]  # two calls in flight at most, each answered
-    assert sub.queued == 1
-    sub.sock.close()
-    peer.close()
+def test_an_answer_to_no_call_drops_the_viewer(made, pairs):
+    f, _, _ = made()
+    f.add("v", "PYRO:viewer.v@127.0.0.1:9", backlog=[])
+    pairs.peer("viewer.v").send(protocol.SendingMessage(protocol.MSG_RESULT, 0, 1, 3, b"0").data)
+    wait_until(lambda: len(f) == 0, 10, message="dropped")
+    assert f.metrics.registry.get_sample_value(
+        "remote_mvc_viewers_dropped_total", {"model": "m", "reason": "unreachable"}) == 1
 
 
 def test_a_turn_sends_to_the_viewers_of_one_host_one_after_another():
     """Viewers hosted together (one daemon address) get a change back to back, so their host wakes
     once for all of them, not once per viewer interleaved with the other hosts."""
-    import socket
-    import threading
-
-    from remote_mvc.testing import wait_until
-
-    class Owned:  # stands in for the connected proxy the loop takes over
-        def _pyroClaimOwnership(self):
-            pass
-
-        def _pyroRelease(self):
-            pass
-
-    f, _, _ = make()
-    order, lock, peers = [], threading.Lock(), []
+    order, lock = [], threading.Lock()
     hosts = [f"10.0.0.{h}:900{h}" for h in range(4)]
-    for i in range(24):  # subscribed in an order that interleaves the hosts
-        sub = f.add(f"v{i}", f"PYRO:viewer.v{i}@{hosts[i % 4]}", backlog=[], start=False, oneway=True)
-        sub.set_object(f"viewer.v{i}")
-        sub.proxy = Owned()
-        sub.sock, peer = socket.socketpair()
-        sub.sock.setblocking(False)
-        peers.append(peer)
-        flush = sub._flush
+    destination = {}
 
-        def recorded(sub=sub, flush=flush):
-            if sub._out:
-                with lock:
-                    order.append(sub.destination)
-            flush()
+    def sent(object_id):
+        with lock:
+            order.append(destination[object_id])
 
-        sub._flush = recorded
-        f._connected.append(sub)
-    f._loop_started = True
-    f._loop.start()
+    pairs = SocketPairs(on_send=sent)
+    f = Fanout("m", lambda: {"revision": 0, "values": {}}, Metrics(), connect=pairs)
     try:
+        for i in range(24):  # subscribed in an order that interleaves the hosts
+            destination[f"viewer.v{i}"] = hosts[i % 4]
+            f.add(f"v{i}", f"PYRO:viewer.v{i}@{hosts[i % 4]}", backlog=[], oneway=True)
+        # every connection is the loop's before the change (else they would meet it in several turns)
+        wait_until(lambda: f.connected == 24, 10, message="every viewer connected")
         f.publish(ev(1))
         wait_until(lambda: len(order) == 24, timeout=10, message="a call to every viewer")
         runs = [d for k, d in enumerate(order) if k == 0 or order[k - 1] != d]
         assert sorted(runs) == hosts  # one run per host: 4 runs of 6
     finally:
         f.close()
-        for peer in peers:
-            peer.close()
+        pairs.close()
+
+
+def test_notify_frames_round_trip_through_pyro5():
+    """The sender's packing, checked against Pyro5's own parser and SendingMessage."""
+    env = notify.envelope("viewer.x", "secret")
+    body = b'{"model":"m","events":[]}'
+    for two_way in (True, False):
+        data = notify.pack_call(7, env, body, two_way)
+        msg = protocol.ReceivingMessage(data[:HEADER])
+        assert bool(msg.flags & protocol.FLAGS_ONEWAY) is not two_way
+        assert data == protocol.SendingMessage(protocol.MSG_INVOKE, msg.flags, 7, 3, data[HEADER:]).data
+        assert serializers["json"].loadsCall(data[HEADER:]) == \
+            ("viewer.x", "notify", [{"capability": "secret", "model": "m", "events": []}], {})

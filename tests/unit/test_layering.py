@@ -117,3 +117,64 @@ def test_the_checker_sees_deferred_imports_and_ignores_type_checking_ones() -> N
 def test_the_checker_reports_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+# Pyro5's private surface: module-level names with a leading underscore (``protocol._header_format``,
+# ``from Pyro5.server import _get_exposed_members``) and these members of its objects. The ``_pyro*``
+# proxy attributes Pyro5 documents for users (``_pyroTimeout``, ``_pyroBind``, ``_pyroRelease``,
+# ``_pyroHandshake``, ``_pyroSerializer``, ``_pyroClaimOwnership``, ``_pyroUri`` ...) are its public API.
+PYRO5_PRIVATE_MEMBERS = frozenset({
+    "_pyroConnection", "_pyroInvoke", "_pyroGetMetadata", "_handshake", "_sendExceptionResponse",
+    "_pyroExposed", "_header_format", "_header_size", "_magic_number", "_empty_correlation_id",
+})
+
+
+def pyro5_private_uses(source: str) -> list[str]:
+    """Where ``source`` reaches Pyro5's private surface (see PYRO5_PRIVATE_MEMBERS), as ``line: what``."""
+    tree = ast.parse(source)
+    pyro_names: set[str] = set()  # local names bound to Pyro5 modules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "Pyro5":
+                    pyro_names.add(alias.asname or "Pyro5")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "Pyro5" and not node.level:
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    found.append(f"{node.lineno}: from {node.module} import {alias.name}")
+                else:
+                    pyro_names.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if node.attr in PYRO5_PRIVATE_MEMBERS or (isinstance(root, ast.Name) and root.id in pyro_names):
+                found.append(f"{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.FunctionDef) and node.name in PYRO5_PRIVATE_MEMBERS:
+            found.append(f"{node.lineno}: def {node.name}")  # an override of a private hook
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found += [f"{node.lineno}: {t.id} =" for t in targets
+                      if isinstance(t, ast.Name) and t.id in PYRO5_PRIVATE_MEMBERS]
+    return sorted(set(found))
+
+
+def test_pyro5_internals_are_reached_only_from_remote_mvc_pyro() -> None:
+    outside = {name: path for name, path in _modules().items()
+               if name != "remote_mvc.pyro" and not name.startswith("remote_mvc.pyro.")}
+    uses = {name: found for name, path in sorted(outside.items()) if (found := pyro5_private_uses(path.read_text()))}
+    assert not uses, f"Pyro5 internals outside remote_mvc/pyro/: {uses}"
+    inside = [path for name, path in _modules().items() if name.startswith("remote_mvc.pyro.")]
+    assert any(pyro5_private_uses(path.read_text()) for path in inside)  # the check sees them where they are
+
+
+def test_the_private_name_checker_sees_each_way_in() -> None:
+    assert pyro5_private_uses("from Pyro5 import protocol\nx = protocol._header_size\n") == ["2: ._header_size"]
+    assert pyro5_private_uses("import Pyro5.protocol as p\nx = p._magic_number\n") == ["2: ._magic_number"]
+    assert pyro5_private_uses("from Pyro5.server import _get_exposed_members\n") == \
+        ["1: from Pyro5.server import _get_exposed_members"]
+    assert pyro5_private_uses("sock = proxy._pyroConnection.sock\n") == ["1: ._pyroConnection"]
+    assert pyro5_private_uses("class D:\n    def _handshake(self, conn): ...\n") == ["2: def _handshake"]
+    assert pyro5_private_uses("proxy._pyroTimeout = 3\nproxy._pyroRelease()\nself._lock = 1\n") == []

@@ -1,18 +1,17 @@
 """Refusal audit throttling, private file modes, and background loops that survive faults."""
 
 import os
-import socket
 import stat
 import threading
 
 import pytest
 
 from remote_mvc import AuditLog, Metrics, read_audit
-from remote_mvc._fanout import STUCK_AFTER, Fanout
 from remote_mvc._files import create_private, open_private_append, private_dir, write_private
 from remote_mvc._store import Store
 from remote_mvc.auth import Credentials, Identity, generate_credentials
-from remote_mvc.testing import wait_until
+from remote_mvc.fanout import STUCK_AFTER, Fanout
+from remote_mvc.testing import SocketPairs, wait_until
 
 
 class FakeClock:
@@ -141,25 +140,6 @@ def test_checkpointer_survives_an_unexpected_error(tmp_path):
         store.close()
 
 
-class Owned:  # stands in for the connected proxy the fan-out loop takes over
-    def _pyroClaimOwnership(self):
-        pass
-
-    def _pyroRelease(self):
-        pass
-
-
-def connected(f, viewer_id, peers, backlog=None):
-    sub = f.add(viewer_id, f"PYRO:viewer.{viewer_id}@127.0.0.1:9", backlog=backlog, start=False)
-    sub.set_object(f"viewer.{viewer_id}")
-    sub.proxy = Owned()
-    sub.sock, peer = socket.socketpair()
-    sub.sock.setblocking(False)
-    peers.append(peer)
-    f._connected.append(sub)
-    return sub
-
-
 def test_fanout_loop_survives_a_failing_sender_and_drops_only_it():
     metrics = Metrics()
     calls = {"n": 0}
@@ -170,26 +150,31 @@ def test_fanout_loop_survives_a_failing_sender_and_drops_only_it():
             raise RuntimeError("injected: the snapshot could not be made")
         return {"revision": 0, "values": {}}
 
-    f = Fanout("m", snapshot, metrics)
-    peers = []
-    bad = connected(f, "bad", peers)  # a snapshot is due first: it fails
-    f._loop_started = True
-    f._loop.start()
+    pairs = SocketPairs()
+    f = Fanout("m", snapshot, metrics, connect=pairs)
     try:
+        bad = f.add("bad", "PYRO:viewer.bad@127.0.0.1:9", backlog=None)  # a snapshot is due first: it fails
         wait_until(lambda: len(f) == 0, 10, message="the failing sender dropped")
-        good = connected(f, "good", peers, backlog=[])
-        f._wake()
+        good = f.add("good", "PYRO:viewer.good@127.0.0.1:9", backlog=[])
+        peer = pairs.peer("viewer.good")
+        wait_until(lambda: f.connected == 1, 10, message="the next viewer connected")
         f.publish({"revision": 1, "values": {"v": 1}, "time": 0.0})
-        wait_until(lambda: peers[1].recv(65536), 10, message="the next viewer served")
-        assert f.healthy() and f._loop.is_alive() and good.id in {s.id for s in [f.get(good.id)] if s}
+        wait_until(lambda: _received(peer), 10, message="the next viewer served")
+        assert f.healthy() and f.get(good.id) is good
         assert metrics.registry.get_sample_value("remote_mvc_loop_errors_total", {"loop": "fanout"}) == 1
         assert metrics.registry.get_sample_value("remote_mvc_viewers_dropped_total",
                                                  {"model": "m", "reason": "error"}) == 1
-        assert bad._stopped
+        assert bad.stopped
     finally:
         f.close()
-        for p in peers:
-            p.close()
+        pairs.close()
+
+
+def _received(peer):
+    try:
+        return peer.recv(65536)
+    except BlockingIOError:
+        return b""
 
 
 def test_fanout_is_unhealthy_when_its_loop_is_stuck():
@@ -201,12 +186,10 @@ def test_fanout_is_unhealthy_when_its_loop_is_stuck():
         release.wait(30)  # a snapshot that hangs: the loop is stuck in this turn
         return {"revision": 0, "values": {}}
 
-    f = Fanout("m", snapshot, Metrics(), clock=clock)
-    peers = []
-    connected(f, "v", peers)
-    f._loop_started = True
-    f._loop.start()
+    pairs = SocketPairs()
+    f = Fanout("m", snapshot, Metrics(), clock=clock, connect=pairs)
     try:
+        f.add("v", "PYRO:viewer.v@127.0.0.1:9", backlog=None)
         assert f.healthy()
         assert entered.wait(10)  # the loop is inside its turn, stuck
         clock.t += STUCK_AFTER + 1
@@ -216,8 +199,7 @@ def test_fanout_is_unhealthy_when_its_loop_is_stuck():
     finally:
         release.set()
         f.close()
-        for p in peers:
-            p.close()
+        pairs.close()
 
 
 def test_reaper_survives_an_unexpected_error(tmp_path):

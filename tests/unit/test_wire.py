@@ -4,7 +4,7 @@ import pytest
 from Pyro5 import protocol
 from Pyro5.errors import ProtocolError
 
-from remote_mvc._wire import HEADER_SIZE, Limits, WireRefused, check, parse_header
+from remote_mvc.pyro.wire import HEADER_SIZE, Limits, WireRefused, check, parse_header
 
 SERPENT, MARSHAL, JSON = 1, 2, 3  # Pyro5's serializer ids
 LIMITS = Limits(handshake=4096, anonymous=1000, authenticated=5000, annotations=64)

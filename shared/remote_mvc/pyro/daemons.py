@@ -2,7 +2,7 @@
 
 Every daemon here is a :class:`GuardedDaemonMixin` daemon:
 
-* **The wire is checked before it is parsed** (:mod:`remote_mvc._wire`): the
+* **The wire is checked before it is parsed** (:mod:`remote_mvc.pyro.wire`): the
   handshake is read and decoded here, not by Pyro5, and only after its header
   passed (connect message, serpent/JSON, no flags, at most ``limits.handshake``
   bytes); every later message's header is checked the same way before its
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import select
 import socket
@@ -46,11 +45,16 @@ import Pyro5.core
 import Pyro5.errors
 import Pyro5.nameserver
 import Pyro5.server
+from Pyro5 import config as pyro_config
 from Pyro5 import protocol
 from Pyro5 import serializers as pyro_serializers
 from Pyro5.callcontext import current_context
 
-from ._wire import (
+from ..auth import ANONYMOUS, address_of
+from ..errors import AuthenticationError
+from ..logs import log_event
+from . import notify
+from .wire import (
     ALLOWED_SERIALIZERS,
     HEADER_SIZE,
     WIRE_REFUSAL,
@@ -61,13 +65,10 @@ from ._wire import (
     read_exactly,
     read_header,
 )
-from .auth import ANONYMOUS, address_of
-from .errors import AuthenticationError
-from .logs import log_event
 
 __all__ = [
     "Refusal", "GuardedDaemonMixin", "AuthMixin", "TrackedDaemon", "ViewerDaemon",
-    "AuthDaemon", "AuthNameServerDaemon", "certificate_name",
+    "AuthDaemon", "AuthNameServerDaemon", "certificate_name", "make_viewer_daemon",
 ]
 
 _log = logging.getLogger("remote_mvc.wire")
@@ -123,7 +124,7 @@ class GuardedDaemonMixin(_DaemonBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.objectsById[Pyro5.core.DAEMON_NAME] = _small = _SmallDaemonObject(self)
-        _small._pyroId = Pyro5.core.DAEMON_NAME
+        _small._pyroId = Pyro5.core.DAEMON_NAME  # noqa: SLF001 - Pyro5 internal (this package owns them)
         listener = getattr(self.transportServer, "sock", None)
         if isinstance(listener, ssl.SSLSocket):
             listener.do_handshake_on_connect = False  # type: ignore[attr-defined] # accepted sockets shake hands in their worker
@@ -171,11 +172,13 @@ class GuardedDaemonMixin(_DaemonBase):
         return conns
 
     def clientDisconnect(self, conn: Any) -> None:  # noqa: N802 - Pyro5's name
+        """Pyro5's hook: the connection closed; it is no longer tracked."""
         self._tracked().discard(conn)
         self._release(conn)
         super().clientDisconnect(conn)
 
     def close_connections(self) -> None:
+        """Shut every established connection down (a stopped service answers nobody)."""
         for conn in list(self._tracked()):
             try:
                 conn.sock.shutdown(socket.SHUT_RDWR)
@@ -310,6 +313,7 @@ class AuthMixin(GuardedDaemonMixin):
     authenticator: Any = None
 
     def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 - Pyro5's name
+        """Pyro5's hook: authenticate the handshake's token and pin the identity on the connection."""
         if self.authenticator is None:
             return super().validateHandshake(conn, data)
         try:
@@ -370,7 +374,7 @@ class ViewerDaemon(TrackedDaemon):
     dispatch (a correlation UUID, ``getpeername``, the call context, the result
     serialized). A call that is exactly what the model server's sender makes (an
     invoke in JSON, no annotations, ``notify(<one JSON object>)`` to an object
-    that declares ``_mvc_notify``) is handed to the object directly. Anything
+    that declares :data:`~remote_mvc.pyro.notify.NOTIFY_MARKER`) is handed to the object directly. Anything
     else is replayed to Pyro5's own ``handleRequest``, within the anonymous size
     bound and never oneway.
 
@@ -390,6 +394,7 @@ class ViewerDaemon(TrackedDaemon):
     proven_limit = 16 * 1024 * 1024
 
     def call_limit(self, conn: Any) -> int:
+        """A message's size bound on ``conn``: larger once a notify on it was accepted."""
         return self.proven_limit if getattr(conn, "mvc_proven", False) else self.limits.authenticated
 
     def handleRequest(self, conn: Any) -> None:  # noqa: N802 - Pyro5's name
@@ -423,19 +428,11 @@ class ViewerDaemon(TrackedDaemon):
 
     def _handle(self, conn: Any, header: Any, message: bytes) -> None:
         """One whole message: a notify call of the model server's shape, or Pyro5's business."""
-        oneway = bool(header.flags & protocol.FLAGS_ONEWAY)
-        if header.type == protocol.MSG_INVOKE and header.serializer_id == _JSON_ID and not header.annotations_size:
-            try:
-                call = json.loads(message[HEADER_SIZE:])
-                obj = self.objectsById.get(call["object"])
-                params = call["params"]
-                fast = (call["method"] == "notify" and getattr(obj, "_mvc_notify", False) and not call["kwargs"]
-                        and len(params) == 1 and isinstance(params[0], dict))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                fast = False
-            if fast:
-                self._notify(conn, obj, params[0], header.seq, oneway)
-                return
+        oneway = notify.is_oneway(header)
+        fast = notify.parse_call(header, message, self.objectsById)
+        if fast is not None:
+            self._notify(conn, fast[0], fast[1], header.seq, oneway)
+            return
         if oneway or len(message) - HEADER_SIZE > self.limits.anonymous:
             exc = WireRefused("only notify calls may be oneway or large here")
             self._refuse_call(conn, header, exc)
@@ -447,19 +444,17 @@ class ViewerDaemon(TrackedDaemon):
             obj.notify(batch)
         except Exception as exc:  # noqa: BLE001 - reported to the caller, as Pyro5 does
             if oneway:
-                conn.mvc_failed = getattr(conn, "mvc_failed", 0) + 1
+                notify.record_oneway_failure(conn)
                 log_event(_vlog, "notify_error", f"viewer handler raised: {exc!r}", level=logging.WARNING,
                           viewer_id=getattr(obj, "viewer_id", None), revision=getattr(obj, "revision", None))
                 return
-            self._sendExceptionResponse(conn, seq, _JSON_ID, exc, Pyro5.errors.format_traceback(detailed=False))
+            self._sendExceptionResponse(conn, seq, notify.JSON_ID, exc, Pyro5.errors.format_traceback(detailed=False))
             return
         if not getattr(conn, "mvc_proven", False):
             conn.mvc_proven = True
             conn.sock.settimeout(None)
         if not oneway:
-            failed, conn.mvc_failed = getattr(conn, "mvc_failed", 0), 0
-            answer = b"0" if not failed else str(failed).encode()
-            conn.send(protocol.SendingMessage(protocol.MSG_RESULT, 0, seq, _JSON_ID, answer).data)
+            conn.send(notify.answer(conn, seq))
 
 
 class _Replayed:
@@ -485,3 +480,20 @@ class AuthDaemon(AuthMixin, Pyro5.api.Daemon):
 
 class AuthNameServerDaemon(AuthMixin, Pyro5.nameserver.NameServerDaemon):
     """Pyro5's name server daemon with authenticated connections."""
+
+
+_servertype_lock = threading.Lock()
+
+
+def make_viewer_daemon(servertype: str, **kwargs: Any) -> ViewerDaemon:
+    """A :class:`ViewerDaemon` on Pyro5's ``servertype`` ("thread" or "multiplex").
+
+    Pyro5 reads the server type from its process-wide configuration in the
+    daemon's constructor only; it is set for that moment and put back.
+    """
+    with _servertype_lock:
+        saved, pyro_config.SERVERTYPE = pyro_config.SERVERTYPE, servertype
+        try:
+            return ViewerDaemon(**kwargs)
+        finally:
+            pyro_config.SERVERTYPE = saved

@@ -33,8 +33,8 @@ from Pyro5.serializers import serializers
 
 __all__ = ["ALLOWED_SERIALIZERS", "HEADER_SIZE", "WIRE_REFUSAL", "Limits", "WireRefused", "Header", "check", "read_header", "read_exactly"]
 
-HEADER_SIZE: int = protocol._header_size
-_HEADER = struct.Struct(protocol._header_format)
+HEADER_SIZE: int = protocol._header_size  # noqa: SLF001 - Pyro5 internal (this package owns them)
+_HEADER = struct.Struct(protocol._header_format)  # noqa: SLF001 - Pyro5 internal (this package owns them)
 ALLOWED_SERIALIZERS = frozenset({serializers["serpent"].serializer_id, serializers["json"].serializer_id})
 # flags a peer may set: a correlation id (Pyro5 sets it on calls made while serving a call) and, where the
 # daemon allows it, oneway
@@ -86,7 +86,7 @@ def parse_header(raw: bytes) -> Header:
     if len(raw) != HEADER_SIZE:
         raise pyro_errors.ProtocolError("incomplete message header")
     tag, version, mtype, ser, flags, seq, data_size, ann_size, _, _, magic = _HEADER.unpack(raw)
-    if tag != b"PYRO" or version != protocol.PROTOCOL_VERSION or magic != protocol._magic_number:
+    if tag != b"PYRO" or version != protocol.PROTOCOL_VERSION or magic != protocol._magic_number:  # noqa: SLF001 - Pyro5 internal (this package owns them)
         raise pyro_errors.ProtocolError("invalid message or protocol version")
     return Header(mtype, ser, flags, seq, data_size, ann_size)
 
