@@ -422,6 +422,42 @@ def test_ctl_read_commands_and_set_through_the_gateway(gw_stack):
     assert down.returncode == 69 and "ServiceUnavailable" in down.stderr
 
 
+def test_ctl_commands_are_the_same_through_the_gateway(gw_stack):
+    """One implementation per command: ``get``, ``watch --since --changes-only`` and the usage
+    errors behave through the gateway as they do over Pyro5; what the gateway cannot carry
+    (``drop``, ``shell``) is refused with exit 1; SIGTERM ends a watch with exit 0."""
+    stack, _, gw = gw_stack
+    env = stack.env("ctl", identity="controller", ns_port=1, ns_host="127.0.0.1")
+    rm = stack.client()
+    rm.modify({"name": "g", "value": 1})
+    for i in range(2, 6):
+        rm.modify({"value": i})
+
+    def ctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "remote_mvc.cli", "--gateway", gw.url, *args], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    assert ctl("get", "value").stdout == "5\n" and ctl("get", "name", "-o", "json").stdout == '"g"\n'
+    assert ctl("get", "colour").returncode == 1
+    out = ctl("watch", "--since", "2", "--count", "3", "--changes-only", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line) for line in out.stdout.splitlines()] == [
+        {"revision": r, "changes": {"value": {"old": r - 1, "new": r}}} for r in (3, 4, 5)]
+    malformed = ctl("set", "value")
+    assert malformed.returncode == 2 and "expected FIELD=VALUE" in malformed.stderr
+    assert ctl("watch", "--since", "-1").returncode == 2
+    for args in (["drop", "viewer-1"], ["shell"]):
+        refused = ctl(*args)
+        assert refused.returncode == 1 and "not available through the gateway" in refused.stderr, args
+    watcher = subprocess.Popen([sys.executable, "-m", "remote_mvc.cli", "--gateway", gw.url, "--json", "watch"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(watcher.stdout.readline())["snapshot"] is True  # the stream is open
+    watcher.terminate()
+    assert watcher.wait(15) == 0
+    watcher.stdout.close()
+    watcher.stderr.close()
+
+
 def test_silent_and_half_sent_requests_are_closed_streams_are_not(mvc_stack):
     """A peer that opens connections and sends nothing, or half a request line, must not hold
     them (uvicorn's keep-alive timer stops at the first byte); a long event stream is kept."""
