@@ -24,6 +24,7 @@ one that presents wrong credentials is refused.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -32,7 +33,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -383,9 +384,8 @@ def remote(permission: str) -> Callable[[F], F]:
                 _audited.exc = None
                 raise
 
-        wrapper._pyroExposed = True  # type: ignore[attr-defined]  # Pyro5's mark of an exposed method
         wrapper.mvc_permission = permission  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]
+        return Pyro5.api.expose(wrapper)
     return decorate
 
 
@@ -417,28 +417,45 @@ def declared(cls: C) -> C:
     return cls
 
 
-def _auth_errors(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn Pyro5's 'connection rejected' into AuthenticationError."""
-    @functools.wraps(method)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except CommunicationError as exc:
-            reason = str(exc).split(" rejected: ", 1)[1] if " rejected: " in str(exc) else None
-            if reason is not None and not reason.startswith(WIRE_REFUSAL):
-                raise AuthenticationError(reason) from None
-            raise
-    return wrapper
+@contextlib.contextmanager
+def _refused_login_is_authentication_error() -> Iterator[None]:
+    """Turn Pyro5's 'connection rejected: <reason>' into AuthenticationError."""
+    try:
+        yield
+    except CommunicationError as exc:
+        reason = str(exc).split(" rejected: ", 1)[1] if " rejected: " in str(exc) else None
+        if reason is not None and not reason.startswith(WIRE_REFUSAL):
+            raise AuthenticationError(reason) from None
+        raise
 
 
 class AuthProxy(Pyro5.api.Proxy):
-    """A Pyro5 proxy that sends a fresh credentials token in every handshake."""
+    """A Pyro5 proxy that sends a fresh credentials token in every handshake; a refused login
+    is an :class:`AuthenticationError`."""
 
     def __init__(self, uri: Any, identity: str = "", secret: str = "", timeout: float | None = None) -> None:
         object.__setattr__(self, "_mvc_credentials", (identity, secret))
         super().__init__(uri)
         if timeout:
             self._pyroTimeout = timeout
+
+    @property
+    def uri(self) -> Any:
+        """The URI this proxy connects to (Pyro5's ``URI``: ``.object``, ``.host``, ``.port``)."""
+        return self._pyroUri
+
+    @property
+    def socket(self) -> Any:
+        """The connected socket (an ``ssl.SSLSocket`` over TLS); None while not connected."""
+        connection = self._pyroConnection
+        return None if connection is None else connection.sock
+
+    def metadata(self) -> dict[str, set[str]]:
+        """What the remote object's daemon tells proxies at connect: its ``methods``, ``oneway``
+        methods and ``attrs`` (connects first when not connected)."""
+        if self._pyroConnection is None:
+            self._pyroBind()
+        return {"methods": set(self._pyroMethods), "oneway": set(self._pyroOneway), "attrs": set(self._pyroAttrs)}
 
     @property
     def _pyroHandshake(self) -> Any:  # noqa: N802 - Pyro5's name
@@ -449,9 +466,18 @@ class AuthProxy(Pyro5.api.Proxy):
     def _pyroHandshake(self, value: Any) -> None:  # noqa: N802
         pass  # the token is made fresh at each connect
 
-    _pyroInvoke = _auth_errors(Pyro5.api.Proxy._pyroInvoke)  # noqa: N815 - Pyro5's names
-    _pyroBind = _auth_errors(Pyro5.api.Proxy._pyroBind)  # noqa: N815
-    _pyroGetMetadata = _auth_errors(Pyro5.api.Proxy._pyroGetMetadata)  # noqa: N815
+    # Pyro5's names: the three ways a proxy connects, each may meet a refused login
+    def _pyroInvoke(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
+        with _refused_login_is_authentication_error():
+            return super()._pyroInvoke(*args, **kwargs)
+
+    def _pyroBind(self) -> Any:  # noqa: N802
+        with _refused_login_is_authentication_error():
+            return super()._pyroBind()
+
+    def _pyroGetMetadata(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
+        with _refused_login_is_authentication_error():
+            return super()._pyroGetMetadata(*args, **kwargs)
 
 
 def client_credentials(settings: Any, default_identity: str = "") -> tuple[str, str]:

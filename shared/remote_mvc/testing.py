@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from .client import ModelClient
+from .client import ModelClient, resolve
 from .config import Settings
 from .metrics import Metrics
 from .nameserver import NameServer
@@ -197,6 +197,11 @@ class Stack:
         c = ModelClient(model, settings, retry_seconds=retry_seconds)
         self._clients.append(c)
         return c
+
+    def model_uri(self, model: str | None = None) -> Any:
+        """The Pyro5 URI the name server gives for ``model`` (default: the model): for tests that
+        speak to the model server with a proxy or bytes of their own."""
+        return resolve(model or self.settings.model_name, self.settings)
 
     def env(self, service: str, **overrides: Any) -> dict[str, str]:
         """Environment for a service subprocess sharing this stack's settings."""

@@ -209,7 +209,7 @@ class ControllerRun:
         self.stack = stack
         self.prefix = prefix
         self.name = f"{stack.project}-ctl-{prefix}"
-        cmd = [*stack._base, "run", "--rm", "-T", "--no-deps", "--name", self.name, "controller",
+        cmd = [*stack.compose_argv, "run", "--rm", "-T", "--no-deps", "--name", self.name, "controller",
                "python", "-c", INSIDE, "load", "--prefix", prefix, *args]
         self.proc = subprocess.Popen(cmd, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, text=True, cwd=REPO)
