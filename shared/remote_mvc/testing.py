@@ -53,7 +53,11 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
 
 
 class ServiceProcess:
-    """A service in its own process, its stdout JSON lines collected as they come."""
+    """A service in its own process, its stdout JSON lines collected as they come.
+
+    :meth:`start` runs the process and its reader thread (the constructor only records what to
+    run); :meth:`stop` ends both. It is a context manager too.
+    """
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.argv = argv
@@ -61,10 +65,30 @@ class ServiceProcess:
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, bufsize=1)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> ServiceProcess:
+        """Run the process and start collecting its output (once)."""
+        if self._proc is None:
+            self._proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, bufsize=1)
+            self._reader = threading.Thread(target=self._read, name="service-process-reader", daemon=True)
+            self._reader.start()
+        return self
+
+    @property
+    def proc(self) -> subprocess.Popen[str]:
+        """The running process (after :meth:`start`)."""
+        if self._proc is None:
+            raise RuntimeError(f"{self.argv} was not started: call start()")
+        return self._proc
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -87,7 +111,8 @@ class ServiceProcess:
                     if predicate(line):
                         return line
                 left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                reading = self._reader is not None and self._reader.is_alive()
+                if left <= 0 or (self.proc.poll() is not None and not reading):
                     tail = "\n".join(self.raw[-20:])
                     raise AssertionError(f"no matching log line within {timeout}s from {self.argv}:\n{tail}")
                 self._cond.wait(min(left, 0.1))
@@ -112,8 +137,11 @@ class ServiceProcess:
             self.proc.kill()
         self.proc.wait(10)
 
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM (resuming a stopped process first), then SIGKILL if it hangs."""
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM (resuming a stopped process first), then SIGKILL if it hangs; its exit status
+        (None when it was never started)."""
+        if self._proc is None:
+            return None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()
@@ -122,12 +150,17 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        self._reader.join(5)
+        if self._reader is not None:
+            self._reader.join(5)
         return self.proc.returncode
 
 
 class Stack:
-    """A name server plus whatever a test starts; everything stops at :meth:`close`."""
+    """A name server plus whatever a test starts; everything stops at :meth:`close`.
+
+    :meth:`start` starts the name server (the constructor only prepares secrets and settings);
+    ``with Stack(path) as stack:`` starts and closes it.
+    """
 
     def __init__(self, state_dir: Path, **overrides: Any) -> None:
         self.state_dir = Path(state_dir)
@@ -142,12 +175,24 @@ class Stack:
         base = {"state_dir": str(self.state_dir), "ns_port": 0, "port": 0, "metrics_port": -1, "identity": "service",
                 "lease_seconds": 2.0, "call_timeout": 1.0, "register_interval": 0.5,
                 "credentials": self.credentials, **overrides}
-        ns_settings = Settings(service="nameserver", **base)
-        self.nameserver = NameServer(ns_settings).start()
-        self.settings = ns_settings.replace(ns_port=self.nameserver.port)
+        self.settings = Settings(service="nameserver", **base)  # its ns_port is set by start()
+        self.nameserver: NameServer | None = None
         self._services: list[Service] = []
         self._processes: list[ServiceProcess] = []
         self._clients: list[ModelClient] = []
+
+    def start(self) -> Stack:
+        """Start the name server on an ephemeral port (once); the stack's settings point at it."""
+        if self.nameserver is None:
+            self.nameserver = NameServer(self.settings).start()
+            self.settings = self.settings.replace(ns_port=self.nameserver.port)
+        return self
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _track(self, service: Service, timeout: float = 10.0) -> Any:
         self._services.append(service)
@@ -217,7 +262,7 @@ class Stack:
         name = overrides.pop("name", service)
         p = ServiceProcess([sys.executable, "-m", module], self.env(name, **overrides))
         self._processes.append(p)
-        return p
+        return p.start()
 
     def close(self) -> None:
         """Close this stack's clients, then stop its processes and services, latest first."""
@@ -227,17 +272,15 @@ class Stack:
             p.stop()
         for s in reversed(self._services):
             s.stop()
-        self.nameserver.stop()
+        if self.nameserver is not None:
+            self.nameserver.stop()
 
 
 @pytest.fixture
 def mvc_stack(tmp_path: Path) -> Iterator[Stack]:
     """A running name server on an ephemeral port; start more with the stack's methods."""
-    stack = Stack(tmp_path)
-    try:
+    with Stack(tmp_path) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 @pytest.fixture

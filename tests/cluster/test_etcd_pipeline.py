@@ -196,7 +196,7 @@ def test_a_replica_that_cannot_reach_etcd_at_start_up_exits_for_its_supervisor(t
     env = {k: v for k, v in os.environ.items() if not k.startswith("MVC_")}
     env.update({"MVC_STORE": dead, "MVC_CALL_TIMEOUT": "0.5", "MVC_STATE_DIR": str(tmp_path),
                 "MVC_METRICS_PORT": "-1", "MVC_NS_PORT": str(free_port())})
-    proc = ServiceProcess([sys.executable, "-m", "remote_mvc_services.model.main"], env)
+    proc = ServiceProcess([sys.executable, "-m", "remote_mvc_services.model.main"], env).start()
     try:
         assert proc.proc.wait(30) == 3
         proc.wait_for_log(lambda r: r.get("event") == "start_failed" and "etcd" in r.get("error", ""), 5)

@@ -30,7 +30,7 @@ payloads = st.one_of(st.dictionaries(field_names, values, max_size=4), values)
 def fuzz_stack(tmp_path_factory):
     from remote_mvc.testing import Stack
 
-    stack = Stack(tmp_path_factory.mktemp("fuzz"))
+    stack = Stack(tmp_path_factory.mktemp("fuzz")).start()
     service = stack.model()
     try:
         yield stack, service

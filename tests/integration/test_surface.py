@@ -21,7 +21,7 @@ def stack(tmp_path):
     """A stack whose credentials hold one identity of every role (named after it)."""
     secrets_by_role = {role: secrets.token_hex(16) for role in ROLES if role != "anonymous"}
     table = ",".join(f"{role}:{role}:{secret}" for role, secret in secrets_by_role.items())
-    s = Stack(tmp_path, credentials=table)
+    s = Stack(tmp_path, credentials=table).start()
     s.secrets = secrets_by_role
     try:
         yield s

@@ -30,7 +30,7 @@ def tls_settings(certs: Path, name: str) -> dict:
 @pytest.fixture
 def tls_stack(tmp_path):
     certs = make_certs(tmp_path / "certs")
-    stack = Stack(tmp_path / "state", **tls_settings(certs, "model"))
+    stack = Stack(tmp_path / "state", **tls_settings(certs, "model")).start()
     try:
         yield stack, certs
     finally:
