@@ -1,15 +1,7 @@
-"""Testing kit: real daemons on 127.0.0.1, ephemeral ports, cleaned up afterwards.
-
-Installed as a pytest plugin (entry point ``remote_mvc``), it offers:
-
-* ``mvc_stack`` – a :class:`Stack`: a running name server plus factories for
-  model services, tickers, viewer hosts, clients and service *processes*, all
-  stopped at teardown;
-* ``mvc_settings`` – the :class:`~remote_mvc.Settings` the stack's parts share.
-
-:class:`ServiceProcess` runs a service as a real subprocess (for SIGKILL and
-SIGSTOP tests) and collects its JSON log lines so a test can wait on them.
-"""
+"""Real daemons on 127.0.0.1, ephemeral ports, cleaned up afterwards: :class:`Stack` (a name
+server plus factories for model services, tickers, viewer hosts, gateways, clients and service
+processes) and :class:`ServiceProcess` (a service as a real subprocess, for SIGKILL and SIGSTOP
+tests, its JSON log lines collected so a test can wait on them)."""
 
 from __future__ import annotations
 
@@ -21,22 +13,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
+from ..client import ModelClient, resolve
+from ..config import Settings
+from ..metrics import Metrics
+from ..nameserver import NameServer
+from ..server import ModelService
+from ..service import Service
+from ..ticker import TickerService
+from ..viewer import Viewer, ViewerHost
 
-from .client import ModelClient, resolve
-from .config import Settings
-from .metrics import Metrics
-from .nameserver import NameServer
-from .server import ModelService
-from .service import Service
-from .ticker import TickerService
-from .viewer import Viewer, ViewerHost
-
-__all__ = ["Stack", "ServiceProcess", "wait_until", "mvc_settings", "mvc_stack"]
+__all__ = ["Stack", "ServiceProcess", "wait_until"]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
@@ -225,7 +215,7 @@ class Stack:
     def gateway(self, **overrides: Any) -> Any:
         """Start a web gateway (``remote_mvc.gateway.Gateway``) on an ephemeral HTTP port, in this
         process, once its viewers are subscribed; needs the ``gateway`` extra."""
-        from .gateway import Gateway
+        from ..gateway import Gateway
 
         gw = Gateway(self.settings.replace(service="gateway", identity="gateway", gateway_port=0, **overrides))
         self._services.append(gw)
@@ -274,16 +264,3 @@ class Stack:
             s.stop()
         if self.nameserver is not None:
             self.nameserver.stop()
-
-
-@pytest.fixture
-def mvc_stack(tmp_path: Path) -> Iterator[Stack]:
-    """A running name server on an ephemeral port; start more with the stack's methods."""
-    with Stack(tmp_path) as stack:
-        yield stack
-
-
-@pytest.fixture
-def mvc_settings(mvc_stack: Stack) -> Settings:
-    """The settings of the ``mvc_stack`` fixture."""
-    return mvc_stack.settings
