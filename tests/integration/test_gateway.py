@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -24,6 +25,7 @@ from remote_mvc.errors import (  # noqa: E402
     ConflictError,
     GatewayError,
     PermissionDenied,
+    ServiceUnavailable,
     ValidationError,
 )
 from remote_mvc.gateway_client import GatewayClient  # noqa: E402
@@ -174,6 +176,35 @@ def test_resume_exactly_across_a_gateway_restart_from_model_history(mvc_stack):
     with api2.events(MODEL, since=1, epoch=epoch) as s:  # its ring starts at 4: 2 and 3 come from history
         assert [(k, d["revision"]) for k, d in events_until(s, 4)] == [("change", 2), ("change", 3), ("change", 4)]
     assert 'source="history"} 1.0' in raw(gw2, "GET", "/metrics")[2].decode()
+
+
+def test_follow_resumes_a_silent_stream_from_its_last_revision(mvc_stack):
+    """``GatewayClient.follow`` (what ``remote-mvc-ctl --gateway watch`` runs): a stream silent for
+    longer than ``silence`` is taken as lost, and the next one resumes after the last revision
+    yielded: no snapshot, no duplicate, nothing missed."""
+    mvc_stack.model()
+    gw = mvc_stack.gateway(gateway_models=MODEL, gateway_heartbeat=60.0)  # no heartbeat within the test
+    client = mvc_stack.client()
+    lost: list[Exception] = []
+    follow = GatewayClient(gw.url).follow(MODEL, silence=0.5, on_lost=lost.append)
+    try:
+        assert [(k, d["revision"]) for k, d in [next(follow)]] == [("snapshot", 0)]
+        client.modify({"value": 1})
+        kind, data = next(follow)
+        assert (kind, data["revision"]) == ("change", 1)
+
+        def after_a_loss() -> None:
+            wait_until(lambda: lost, 10, message="the silent stream to be taken as lost")
+            client.modify({"value": 2})
+
+        writer = threading.Thread(target=after_a_loss)
+        writer.start()
+        kind, data = next(follow)
+        writer.join(10)
+        assert (kind, data["revision"], data["values"]["value"]) == ("change", 2, 2)
+        assert lost and all(isinstance(exc, ServiceUnavailable) for exc in lost)
+    finally:
+        follow.close()
 
 
 def test_modify_on_behalf_of_audited_with_both_names(gw_stack):
