@@ -307,7 +307,7 @@ def phase_with_fresh_servers(kind: str, n: int, args: argparse.Namespace) -> dic
 
     with tempfile.TemporaryDirectory(prefix="bench-gw-") as tmp:
         workdir = Path(tmp)
-        stack = Stack(workdir / "state", lease_seconds=10.0, call_timeout=5.0, register_interval=2.0)
+        stack = Stack(workdir / "state", lease_seconds=10.0, call_timeout=5.0, register_interval=2.0).start()
         try:
             model = stack.process("model", identity="service")
             model.wait_for_log(lambda line: line.get("event") == "registered", 60)

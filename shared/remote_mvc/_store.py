@@ -25,6 +25,10 @@ refused for a full disk, the next commit first runs a TRUNCATE checkpoint itself
 and is refused (naming the full disk) until that checkpoint succeeds: freed space
 goes to emptying the WAL first, and changes go through again without a restart.
 
+The checkpointer thread starts in :meth:`Store.start` (or at the first commit, whichever comes
+first), never in the constructor: a store only read (a backup, a tool) runs no thread. The
+store is a context manager (``with Store(path) as store:`` starts it and closes it).
+
 The checkpointer survives any error: logged,
 counted (``remote_mvc_loop_errors_total{loop="checkpointer"}``), tried again at
 the next round.
@@ -88,6 +92,7 @@ class Store:
         self._disk_full = False  # a commit was refused for a full disk: empty the WAL before the next
         self._checkpoint_due = threading.Condition()
         self._closing = False
+        self._in_memory = str(self.path) == ":memory:"
         try:
             if str(self.path) != ":memory:":
                 create_private(self.path)
@@ -99,11 +104,37 @@ class Store:
             self._db.execute("PRAGMA wal_autocheckpoint=0")  # see the checkpointer thread
         except (sqlite3.Error, OSError) as exc:
             raise PersistenceError(f"cannot open state file {self.path}: {exc}") from exc
-        self._checkpointer = None
-        if str(self.path) != ":memory:":
-            self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="store-checkpointer",
-                                                  daemon=True)
-            self._checkpointer.start()
+        self._checkpointer: threading.Thread | None = None
+
+    def start(self) -> Store:
+        """Start the WAL checkpointer (idempotent; an in-memory database has no WAL to checkpoint)."""
+        with self._checkpoint_due:
+            if self._checkpointer is None and not self._closing and not self._in_memory:
+                self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="store-checkpointer",
+                                                      daemon=True)
+                self._checkpointer.start()
+        return self
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether the checkpointer thread runs (started and not closed)."""
+        thread = self._checkpointer
+        return thread is not None and thread.is_alive()
+
+    def pragma(self, name: str) -> Any:
+        """The value of SQLite's ``PRAGMA name`` on the store's own connection (diagnostics and tests:
+        ``synchronous``, ``journal_mode``, ``wal_autocheckpoint`` are per connection)."""
+        if not name.isidentifier():
+            raise ValueError(f"not a pragma name: {name!r}")
+        with self._lock:
+            row = self._db.execute(f"PRAGMA {name}").fetchone()
+        return None if row is None else row[0]
+
+    def __enter__(self) -> Store:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _checkpoint_loop(self) -> None:
         """Copy the WAL into the database file when enough commits have gathered (PASSIVE: it never
@@ -224,10 +255,13 @@ class Store:
                                   "can be emptied", level=logging.ERROR, path=str(self.path), error=str(exc))
                     self._disk_full = True
             raise PersistenceError(f"could not commit {what}: {exc}") from exc
-        if self._checkpointer is not None:
-            self._committed(len(events))
+        self._committed(len(events))
 
     def _committed(self, count: int = 1) -> None:
+        if self._checkpointer is None:
+            if self._in_memory:
+                return  # no WAL to checkpoint
+            self.start()  # the first commit: the owner is running (its start() recovers and commits)
         over = self.wal_size() >= self.wal_limit
         with self._checkpoint_due:
             self._uncheckpointed += count
@@ -249,10 +283,11 @@ class Store:
         return row[0]
 
     def close(self) -> None:
+        """Stop the checkpointer and close the database (the last connection checkpoints the rest)."""
+        with self._checkpoint_due:
+            self._closing = True
+            self._checkpoint_due.notify_all()
         if self._checkpointer is not None:
-            with self._checkpoint_due:
-                self._closing = True
-                self._checkpoint_due.notify_all()
             self._checkpointer.join(timeout=10)
         with self._lock:
             self._db.close()  # the last connection to close checkpoints what is left

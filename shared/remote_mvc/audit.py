@@ -170,14 +170,14 @@ class AuditLog:
         ``revision + 1`` on, up to the first revision missing.
         """
         last: dict[int, dict] = {}
-        for record in self._modifies_after(model, revision):
+        for record in self.modifies_after(model, revision):
             last[record["revision"]] = record
         out: list[dict] = []
         while (nxt := last.get(revision + 1 + len(out))) is not None and nxt["result"] == "accepted":
             out.append(nxt)
         return out
 
-    def _modifies_after(self, model: str, revision: int, chunk: int = 1 << 20) -> list[dict]:
+    def modifies_after(self, model: str, revision: int, chunk: int = 1 << 20) -> list[dict]:
         """The model's modify records with a revision past ``revision``, oldest first: the file is
         read backwards, a chunk at a time, until a record at or before ``revision`` is found."""
         found: list[dict] = []

@@ -10,9 +10,9 @@ Exit codes (documented in ``remote-mvc-ctl --help`` and docs/operations.md)::
 Output format flags (``-o json|table``, ``--json``) and the connection flags (``--ns``,
 ``--model``, ``--identity``) are accepted before or after the sub-command.
 
-The commands talk to the model through :class:`CtlClient` (what they need, nothing
-more); :func:`open_client` picks the transport. Pyro5 (:class:`PyroClient`) is the one
-transport today; a second one (an HTTP gateway) plugs in there.
+Each command has one implementation, written against :class:`CtlClient` (what the commands
+need, nothing more); :func:`open_client` picks the transport: Pyro5 (:class:`PyroClient`), or
+the web gateway's HTTP API with ``--gateway URL`` (:class:`GatewayCtlClient`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -33,9 +34,11 @@ from typing import Any, Protocol
 
 from Pyro5.errors import CommunicationError, PyroError
 
+from .auth import client_credentials
 from .client import ModelClient
 from .config import Settings
 from .errors import ConfigError, MVCError, ServiceUnavailable, UsageError, ValidationError
+from .gateway_client import GatewayClient
 from .logs import configure_logging
 from .metrics import Metrics
 from .model import Field
@@ -51,8 +54,15 @@ EXIT_CODES = """exit codes:
   69  unavailable (name server or model server unreachable)"""
 
 
+STREAM_SILENCE = 60.0  # seconds without an event or a gateway heartbeat (every 15 s): the stream is lost
+
+Deliver = Callable[[int, dict[str, Any], "dict[str, Any] | None"], None]
+"""What ``watch`` calls for each delivery: ``(revision, values, changes)``; ``changes`` is None
+for a snapshot (the first delivery, or a resync)."""
+
+
 class CtlClient(Protocol):
-    """What the commands need from a model, whatever carries the calls."""
+    """What the commands need from a model, whatever carries the calls (the one seam)."""
 
     def snapshot(self) -> dict[str, Any]:
         """The model's values and revision."""
@@ -75,12 +85,20 @@ class CtlClient(Protocol):
     def drop_viewer(self, viewer_id: str) -> bool:
         """End a viewer's subscription (admin); True when it existed."""
 
+    def watch(self, since: int | None, deliver: Deliver, stop: threading.Event) -> None:
+        """Call ``deliver`` for each change (after revision ``since``; None: a snapshot first)
+        until ``stop`` is set; a lost connection is resumed, never reported as the end."""
+
+    def shell_object(self) -> Any:
+        """The object the ``shell`` command binds as ``rm``."""
+
     def close(self) -> None:
         """Release the connection."""
 
 
 class PyroClient:
-    """:class:`CtlClient` over Pyro5: the reconnecting :class:`ModelClient`."""
+    """:class:`CtlClient` over Pyro5: the reconnecting :class:`ModelClient`; ``watch`` runs a
+    :class:`ViewerHost` (the model server calls back into this process)."""
 
     def __init__(self, name: str, settings: Settings) -> None:
         self.rm = ModelClient(name, settings, default_identity="controller", retry_seconds=3.0)
@@ -113,13 +131,100 @@ class PyroClient:
         """End a viewer's subscription (admin); True when it existed."""
         return self.rm.drop_viewer(viewer_id)
 
+    def watch(self, since: int | None, deliver: Deliver, stop: threading.Event) -> None:
+        """A viewer of the model in a viewer host of this process, until ``stop`` is set."""
+        settings = self.rm.settings
+        viewer_settings = settings.replace(metrics_port=-1, identity="", secret="",
+                                           viewer_id=f"ctl-watch-{settings.default_viewer_id()}")
+        host = ViewerHost(viewer_settings, Metrics(runtime_collectors=False))
+
+        def on_change(viewer: Viewer, event: dict[str, Any] | None) -> None:
+            deliver(viewer.revision, viewer.values, None if event is None else event["changes"])
+
+        viewer = Viewer(viewer_settings.viewer_id, self.rm.name, on_change=on_change, log_values=False)
+        if since is not None:
+            viewer.revision, viewer.synced = since, True  # the server replays what came after it
+        host.add(viewer)
+        host.start()
+        try:
+            stop.wait()
+        finally:
+            host.stop()
+
+    def shell_object(self) -> Any:
+        """The :class:`ModelClient` itself: every remote method, ``rm.query()`` and the rest."""
+        return self.rm
+
     def close(self) -> None:
         """Release the connection."""
         self.rm.close()
 
 
+class GatewayCtlClient:
+    """:class:`CtlClient` over a web gateway's HTTP API (:class:`GatewayClient`): no Pyro5
+    connection and no callback into this process, so a shell outside the model servers' network
+    (the host of a Compose stack, behind NAT) can query, watch and change models. The gateway
+    offers no ``drop`` and no Python shell; both are refused (exit 1)."""
+
+    HISTORY_LIMIT = 1000  # the most events the gateway's /history answers with
+
+    def __init__(self, url: str, name: str, settings: Settings) -> None:
+        identity, secret = client_credentials(settings, "controller")
+        self.api = GatewayClient(url, identity, secret, timeout=settings.call_timeout + 5)
+        self.name = name
+
+    def snapshot(self) -> dict[str, Any]:
+        """The model's values, revision and epoch."""
+        snap = self.api.snapshot(self.name)
+        snap.pop("schema", None)
+        return snap
+
+    def schema(self) -> dict[str, dict[str, Any]]:
+        """The model's fields: type, default, doc."""
+        return self.api.snapshot(self.name)["schema"]
+
+    def modify(self, changes: dict[str, Any], expected_revision: int | None = None) -> int:
+        """Change the model; returns the new revision."""
+        return self.api.modify(self.name, changes, expected_revision)
+
+    def history(self, since: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` (at most :attr:`HISTORY_LIMIT`) change events after revision ``since``."""
+        return self.api.history(self.name, since, min(limit, self.HISTORY_LIMIT))
+
+    def viewers(self) -> list[dict[str, Any]]:
+        """The model's subscribed viewers."""
+        return self.api.viewers(self.name)
+
+    def whoami(self) -> dict[str, Any]:
+        """The identity and role the gateway sees."""
+        return self.api.whoami()
+
+    def drop_viewer(self, viewer_id: str) -> bool:
+        """Refused: the gateway offers no way to drop a viewer."""
+        raise ValidationError("drop is not available through the gateway")
+
+    def watch(self, since: int | None, deliver: Deliver, stop: threading.Event) -> None:
+        """Follow the gateway's event stream (resumed after a loss) until ``stop`` is set."""
+        def lost(exc: Exception) -> None:
+            print(f"gateway stream lost ({exc}); reconnecting", file=sys.stderr)
+
+        for kind, data in self.api.follow(self.name, since=since, silence=STREAM_SILENCE, on_lost=lost):
+            deliver(data["revision"], data["values"], None if kind == "snapshot" else data.get("changes", {}))
+            if stop.is_set():
+                return
+
+    def shell_object(self) -> Any:
+        """Refused: the shell binds a Pyro5 client."""
+        raise ValidationError("shell is not available through the gateway")
+
+    def close(self) -> None:
+        """Nothing held between calls: each request has its own connection."""
+
+
 def open_client(args: argparse.Namespace, settings: Settings, name: str) -> CtlClient:
-    """The transport for this invocation (the place a second one, e.g. ``--gateway URL``, goes)."""
+    """The transport for this invocation: the gateway's HTTP API with ``--gateway URL``, else Pyro5."""
+    if args.gateway:
+        return GatewayCtlClient(args.gateway, name, settings)
     return PyroClient(name, settings)
 
 
@@ -140,8 +245,8 @@ def _common(top: bool) -> argparse.ArgumentParser:
     g.add_argument("--identity", default=d(None), help="identity to authenticate as (default: MVC_IDENTITY, "
                                                        "else 'controller' when its secret is available)")
     g.add_argument("--gateway", default=d(""), metavar="URL",
-                   help="go through a web gateway (http://host:port): query, set, history, watch, viewers, "
-                        "whoami, with no Pyro5 connection and no callback into this shell")
+                   help="go through a web gateway (http://host:port): every model command but drop and "
+                        "shell, with no Pyro5 connection and no callback into this shell")
     return p
 
 
@@ -213,14 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         setup(settings)  # Pyro5's process-wide configuration, once (this is the program's entry point)
         if args.command in LOCAL:
             return LOCAL[args.command](args, settings)
-        name = _name(args.model, settings)
-        if args.gateway:
-            from ._cli_gateway import run_via_gateway  # HTTP only; no Pyro5 connection
-
-            args.json = args.output == "json"
-            return run_via_gateway(args, settings, name)
-        client = open_client(args, settings, name)
-        return COMMANDS[args.command](client, args, settings, name)
+        client = open_client(args, settings, _name(args.model, settings))
+        return COMMANDS[args.command](client, args, settings)
     except UsageError as exc:
         print(f"remote-mvc-ctl: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -322,44 +421,42 @@ def _changed(event: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {c['old']!r} -> {c['new']!r}" for k, c in event["changes"].items())
 
 
-def _watch(rm: CtlClient, args: argparse.Namespace, settings: Settings, name: str) -> int:
-    done = threading.Event()
+class _Terminated(Exception):
+    """SIGTERM during ``watch``: ends it like Ctrl-C does (exit 0)."""
+
+
+def _watch(rm: CtlClient, args: argparse.Namespace, *_: Any) -> int:
+    if args.since is not None and args.since < 0:
+        raise UsageError("--since wants a revision >= 0")
+    stop = threading.Event()
     changes = [0]
 
-    def on_change(viewer: Viewer, event: dict | None) -> None:
-        if event is not None:
+    def deliver(revision: int, values: dict[str, Any], changed: dict[str, Any] | None) -> None:
+        if changed is not None:
             changes[0] += 1
-        if not (args.changes_only and event is None):
+        if changed is not None or not args.changes_only:
             if args.changes_only:
-                assert event is not None  # changes_only skipped the snapshots
-                data: dict[str, Any] = {"revision": viewer.revision, "changes": event["changes"]}
-                text = f"revision {viewer.revision}: {_changed(event)}"
+                data: dict[str, Any] = {"revision": revision, "changes": changed}
+                text = f"revision {revision}: {_changed({'changes': changed})}"
             else:
-                data = {"revision": viewer.revision, "values": viewer.values,
-                        "changes": event["changes"] if event else None, "snapshot": event is None}
-                text = f"revision {viewer.revision}: {viewer.values}"
+                data = {"revision": revision, "values": values, "changes": changed, "snapshot": changed is None}
+                text = f"revision {revision}: {values}"
             _print(data, args, text)
             sys.stdout.flush()
         if args.count and changes[0] >= args.count:
-            done.set()
+            stop.set()
 
-    viewer_settings = settings.replace(metrics_port=-1, identity="", secret="",
-                                       viewer_id=f"ctl-watch-{settings.default_viewer_id()}")
-    host = ViewerHost(viewer_settings, Metrics(runtime_collectors=False))
-    viewer = Viewer(viewer_settings.viewer_id, name, on_change=on_change, log_values=False)
-    if args.since is not None:
-        if args.since < 0:
-            raise UsageError("--since wants a revision >= 0")
-        viewer.revision, viewer.synced = args.since, True  # the server replays what came after it
-    host.add(viewer)
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    host.start()
+    def terminate(*_: Any) -> None:
+        stop.set()
+        raise _Terminated  # out of a blocking wait or read in the main thread
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        done.wait()
-    except KeyboardInterrupt:
+        rm.watch(args.since, deliver, stop)
+    except (KeyboardInterrupt, _Terminated):
         pass
     finally:
-        host.stop()
+        signal.signal(signal.SIGTERM, previous)
     return EXIT_OK
 
 
@@ -389,9 +486,9 @@ def history_file() -> Path:
     return Path(os.environ.get("REMOTE_MVC_HISTORY") or Path.home() / ".remote_mvc_history")
 
 
-def _shell(rm: CtlClient, args: argparse.Namespace, settings: Settings, name: str) -> int:
+def _shell(rm: CtlClient, args: argparse.Namespace, settings: Settings, *_: Any) -> int:
+    target = rm.shell_object()
     configure_logging("remote-mvc-ctl", "WARNING", sys.stderr)
-    target = rm.rm if isinstance(rm, PyroClient) else rm
     namespace = {"rm": target, "settings": settings}
     saved = _readline_on(namespace)
     banner = (f"remote-mvc shell: rm is {target!r}\n"

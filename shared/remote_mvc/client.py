@@ -127,7 +127,7 @@ class ModelClient:
                 for uri, when in list(self._failed.items()):  # forget old failures: the dict stays small
                     if now - when >= AVOID_SECONDS:
                         self._failed.pop(uri, None)
-                self._failed[str(proxy._pyroUri)] = now
+                self._failed[str(proxy.uri)] = now
             proxy._pyroRelease()
         self._local.proxy = None
 

@@ -11,11 +11,13 @@ import base64
 import http.client
 import json
 import socket
+import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from ._backoff import Backoff
 from .errors import (
     AuthenticationError,
     ConflictError,
@@ -122,6 +124,35 @@ class GatewayClient:
         if last_event_id is not None:
             extra["Last-Event-ID"] = str(last_event_id)
         return EventStream(self.host, self.port, path, self._headers(extra), self.timeout, connection)
+
+    def follow(self, model: str, since: int | None = None, silence: float = 60.0,
+               on_lost: Callable[[Exception], None] | None = None,
+               backoff: Backoff | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``model``'s events, ``(kind, data)``, across lost streams; never ends by itself.
+
+        After a lost stream (the gateway unreachable, the stream closed, or silent for longer
+        than ``silence`` seconds: no event and no heartbeat) it reconnects after a jittered
+        back-off and resumes from the last revision it yielded: exactly, or with the snapshot
+        the gateway sends when it cannot (another epoch, a revision out of its reach).
+        ``on_lost`` hears of each loss. ``since=None`` starts with a snapshot.
+        """
+        epoch: str | None = None
+        backoff = backoff or Backoff(0.2, 5.0)
+        while True:
+            try:
+                with self.events(model, since=since, epoch=epoch) as stream:
+                    backoff.reset()
+                    while True:
+                        try:
+                            kind, data = stream.next(timeout=silence)
+                        except (TimeoutError, OSError) as exc:
+                            raise ServiceUnavailable(f"no event or heartbeat: {exc}") from None
+                        since, epoch = data["revision"], data["epoch"]
+                        yield kind, data
+            except ServiceUnavailable as exc:
+                if on_lost is not None:
+                    on_lost(exc)
+                time.sleep(backoff.next())  # a back-off between reconnects, not a wait for a condition
 
 
 class EventStream:

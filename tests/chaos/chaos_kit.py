@@ -209,17 +209,21 @@ class ControllerRun:
         self.stack = stack
         self.prefix = prefix
         self.name = f"{stack.project}-ctl-{prefix}"
-        cmd = [*stack._base, "run", "--rm", "-T", "--no-deps", "--name", self.name, "controller",
-               "python", "-c", INSIDE, "load", "--prefix", prefix, *args]
-        self.proc = subprocess.Popen(cmd, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, text=True, cwd=REPO)
+        self.cmd = [*stack.compose_argv, "run", "--rm", "-T", "--no-deps", "--name", self.name, "controller",
+                    "python", "-c", INSIDE, "load", "--prefix", prefix, *args]
         self.records: list[dict[str, Any]] = []
         self.stderr: list[str] = []
         self._lock = threading.Lock()
         self._readers = [threading.Thread(target=self._read_out, daemon=True),
                          threading.Thread(target=self._read_err, daemon=True)]
+
+    def start(self) -> ControllerRun:
+        """Run the container and start reading its output (the constructor only prepares)."""
+        self.proc = subprocess.Popen(self.cmd, env=self.stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, text=True, cwd=REPO)
         for t in self._readers:
             t.start()
+        return self
 
     def _read_out(self) -> None:
         assert self.proc.stdout is not None
@@ -348,7 +352,7 @@ class ChaosStack(Stack):
                    retry: float = 60.0, invalid_every: int = 0, conflict_every: int = 0) -> ControllerRun:
         args = ["--rate", str(rate), "--count", str(count), "--duration", str(duration), "--retry", str(retry),
                 "--invalid-every", str(invalid_every), "--conflict-every", str(conflict_every)]
-        return ControllerRun(self, prefix, args)
+        return ControllerRun(self, prefix, args).start()
 
     # the model's records -----------------------------------------------------
     def audit_text(self) -> str:

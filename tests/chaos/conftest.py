@@ -122,7 +122,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     tr.section("remote-mvc chaos figures (also in docs/reliability.md)")
     for name, res in results.items():
         tr.write_line(f"{name}: {res['outcome']} in {res['duration_s']} s")
-        for key, value in reliability._rows(res.get("figures") or {}):
+        for key, value in reliability.figure_rows(res.get("figures") or {}):
             tr.write_line(f"    {key}: {value}")
     if span:
         tr.write_line(f"chaos wall time (stacks included): {max(span) - min(span):.0f} s")

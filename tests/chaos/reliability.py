@@ -154,7 +154,7 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _rows(figures: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+def figure_rows(figures: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     """(name, value) rows; a small dict of plain values becomes one row ("threads 12, fds 20")."""
     rows = []
     for key, value in figures.items():
@@ -162,7 +162,7 @@ def _rows(figures: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
                 and len(value) <= 8:
             rows.append((f"{prefix}{key}", ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())))
         elif isinstance(value, dict):
-            rows += _rows(value, f"{prefix}{key}.")
+            rows += figure_rows(value, f"{prefix}{key}.")
         else:
             rows.append((f"{prefix}{key}", _fmt(value)))
     return rows
@@ -213,7 +213,7 @@ def render(data: dict[str, Any]) -> str:
                    f"{res.get('commit', '?')}, {_fmt(res.get('duration_s'))} s, `{name}`).")
         if res.get("failure"):
             out += ["", "```", res["failure"][:1500], "```"]
-        rows = _rows(res.get("figures") or {})
+        rows = figure_rows(res.get("figures") or {})
         if rows:
             out += ["", "| figure | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
     out += ["", "## Definitions", "",

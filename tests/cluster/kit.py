@@ -57,7 +57,7 @@ class Replica:
         self.proc: ServiceProcess | None = None
 
     def start(self, timeout: float = 30.0) -> Replica:
-        self.proc = ServiceProcess([sys.executable, "-m", "remote_mvc_services.model.main"], self.env)
+        self.proc = ServiceProcess([sys.executable, "-m", "remote_mvc_services.model.main"], self.env).start()
         self.proc.wait_for_log(lambda r: r.get("event") == "registered", timeout)
         return self
 
@@ -159,7 +159,11 @@ class CuttableProxy:
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+
+    def start(self) -> CuttableProxy:
+        """Start accepting connections (the constructor only binds the port)."""
+        threading.Thread(target=self._accept, name="cuttable-proxy", daemon=True).start()
+        return self
 
     @property
     def url(self) -> str:

@@ -27,7 +27,7 @@ class Scenario:
         self.tmp_path = tmp_path
         self.etcd = etcd
         self.prefix = f"/s-{tmp_path.name[-20:]}-{time.monotonic_ns() % 10**9}"
-        self.stack = Stack(tmp_path, store=etcd.store_setting, etcd_prefix=self.prefix, **CLUSTER_SETTINGS)
+        self.stack = Stack(tmp_path, store=etcd.store_setting, etcd_prefix=self.prefix, **CLUSTER_SETTINGS).start()
         self.replicas: dict[str, ServiceProcess] = {}
         for i in range(replicas):
             self.start_replica(f"r{i}", **(replica_overrides or {}).get(f"r{i}", {}))

@@ -57,7 +57,7 @@ def test_sigkill_of_one_etcd_member_of_three_and_its_return(scenario, etcd):
 
 
 def test_a_replica_cut_off_from_etcd_refuses_writes_and_stale_reads_then_catches_up(tmp_path, etcd):
-    proxies = [CuttableProxy(m.client_port) for m in etcd.members]
+    proxies = [CuttableProxy(m.client_port).start() for m in etcd.members]
     cut_store = ",".join(p.url for p in proxies)
     s = Scenario(tmp_path, etcd, replica_overrides={"r0": {"store": cut_store}})
     try:

@@ -141,12 +141,12 @@ def test_history_is_pruned_in_etcd_with_the_history_compacted_contract(etcd, pre
         for i in range(130):
             a.modify({"value": i})
         # pruned after revision 100, down to what the limit keeps at that moment (and never more)
-        first = wait_until(lambda: (a._store.first_revision("m") or 1) - 1, message="events pruned") + 1
+        first = wait_until(lambda: (a.pipeline.store.first_revision("m") or 1) - 1, message="events pruned") + 1
         assert 51 <= first <= 81
         with pytest.raises(HistoryCompacted):
             a.history(10)
         assert [e["revision"] for e in a.history(100)] == list(range(101, 131))
-        kvs, _, _ = a._store.range(f"{prefix}/m/requests/", f"{prefix}/m/requests0", keys_only=True)
+        kvs, _, _ = a.pipeline.store.range(f"{prefix}/m/requests/", f"{prefix}/m/requests0", keys_only=True)
         assert len(kvs) == 131 - first  # request ids go with their events
     finally:
         a.close()
@@ -196,7 +196,7 @@ def test_a_replica_that_cannot_reach_etcd_at_start_up_exits_for_its_supervisor(t
     env = {k: v for k, v in os.environ.items() if not k.startswith("MVC_")}
     env.update({"MVC_STORE": dead, "MVC_CALL_TIMEOUT": "0.5", "MVC_STATE_DIR": str(tmp_path),
                 "MVC_METRICS_PORT": "-1", "MVC_NS_PORT": str(free_port())})
-    proc = ServiceProcess([sys.executable, "-m", "remote_mvc_services.model.main"], env)
+    proc = ServiceProcess([sys.executable, "-m", "remote_mvc_services.model.main"], env).start()
     try:
         assert proc.proc.wait(30) == 3
         proc.wait_for_log(lambda r: r.get("event") == "start_failed" and "etcd" in r.get("error", ""), 5)

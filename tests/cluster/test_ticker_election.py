@@ -33,7 +33,7 @@ def leader(tickers):
 
 def test_one_ticker_ticks_a_killed_one_is_replaced_and_no_tick_doubles(tmp_path, etcd):
     stack = Stack(tmp_path, store=etcd.store_setting, etcd_prefix=f"/ticker-{time.monotonic_ns()}",
-                  call_timeout=3.0)
+                  call_timeout=3.0).start()
     try:
         tickers = {}
         for i in range(3):

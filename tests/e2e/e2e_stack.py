@@ -156,7 +156,7 @@ class Stack:
             "--env-file",
             str(self.env_file),
         ]
-        self._base = base
+        self.compose_argv = base  # the `docker compose` command line of this stack (-p, -f, --env-file)
         stack = self
 
         class _Compose(DockerCompose):
@@ -175,7 +175,7 @@ class Stack:
     def compose(
         self, *args: str, timeout: float = 180, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        return sh([*self._base, *args], env=self.env, timeout=timeout, check=check)
+        return sh([*self.compose_argv, *args], env=self.env, timeout=timeout, check=check)
 
     def up(self, *args: str, timeout: float = 300) -> None:
         self.compose(

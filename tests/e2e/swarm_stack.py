@@ -108,13 +108,18 @@ class Load:
     """A controller in the controller task (inside.py load): every attempt and its outcome."""
 
     def __init__(self, stack: SwarmStack, prefix: str, duration: float) -> None:
-        self.proc = subprocess.Popen(
-            ["docker", "exec", "-i", stack.controller(), "python3", "-c", INSIDE, "load", "--prefix", prefix,
-             "--rate", "5", "--duration", str(duration), "--retry", "60"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=clean_env())
+        self.stack, self.prefix, self.duration = stack, prefix, duration
         self.records: list[dict[str, Any]] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
+
+    def start(self) -> Load:
+        """Run the load in the controller task and start reading its records."""
+        self.proc = subprocess.Popen(
+            ["docker", "exec", "-i", self.stack.controller(), "python3", "-c", INSIDE, "load", "--prefix",
+             self.prefix, "--rate", "5", "--duration", str(self.duration), "--retry", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=clean_env())
         self.reader.start()
+        return self
 
     def _read(self) -> None:
         assert self.proc.stdout is not None

@@ -130,7 +130,7 @@ def test_stopping_the_viewers_raises_an_alert_that_reaches_alertmanager(ops_stac
 
 
 def _make(target: str, stack: Stack, **extra: str) -> subprocess.CompletedProcess[str]:
-    compose = " ".join(stack._base)
+    compose = " ".join(stack.compose_argv)
     args = ["make", "--no-print-directory", "-C", str(REPO), target, f"COMPOSE={compose}",
             *(f"{k}={v}" for k, v in extra.items())]
     return subprocess.run(args, env=clean_env(stack.variables), capture_output=True, text=True, timeout=600)

@@ -64,7 +64,7 @@ def test_ticker_changes_reach_a_viewer_watching_the_ticker(stack):
     name = (
         sh(
             [
-                *stack._base,
+                *stack.compose_argv,
                 "run",
                 "-d",
                 "--no-deps",

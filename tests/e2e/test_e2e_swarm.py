@@ -67,7 +67,7 @@ def test_scale_viewers_3_10_3_and_a_change_reaches_every_task(swarm):
 def test_a_killed_model_task_is_restarted_and_nothing_acknowledged_is_lost(swarm):
     since = swarm.set(name="before-kill", value=1)
     swarm.wait_viewers_at(since, 3)
-    load = Load(swarm, "kill", duration=25)
+    load = Load(swarm, "kill", duration=25).start()
     wait_until(lambda: len(load.acked()) >= 10, timeout=60, what="10 acknowledged changes")
     victim = swarm.containers("model")[0]
     sh(["docker", "kill", victim])
@@ -82,7 +82,7 @@ def test_rolling_update_of_the_model_while_writing_loses_nothing(swarm):
     since = swarm.set(name="before-update", value=2)
     swarm.wait_viewers_at(since, 3)
     old = set(swarm.containers("model"))
-    load = Load(swarm, "upd", duration=60)
+    load = Load(swarm, "upd", duration=60).start()
     wait_until(lambda: len(load.acked()) >= 10, timeout=60, what="10 acknowledged changes")
     # start-first (stack.yml): one new replica healthy before an old one stops, one at a time
     sh(["docker", "service", "update", "--force", "--update-order", "start-first",

@@ -44,7 +44,7 @@ def test_backup_while_changes_flow_then_restore_into_a_fresh_stack(mvc_stack, tm
     assert quiet["revisions"]["remote_mvc.model"] == final["revision"] == quiet["audit_last_accepted_revision"]
     history = rm.history(0)
 
-    fresh = Stack(tmp_path / "fresh")
+    fresh = Stack(tmp_path / "fresh").start()
     try:
         settings = fresh.settings.replace(service="model")
         restore_backup(settings, tmp_path / "b2")
@@ -82,7 +82,7 @@ def test_restoring_a_backup_taken_under_load_rolls_forward_to_the_log(mvc_stack,
     finally:
         stop.set()
         t.join(10)
-    fresh = Stack(tmp_path / "fresh")
+    fresh = Stack(tmp_path / "fresh").start()
     try:
         restore_backup(fresh.settings.replace(service="model"), tmp_path / "b")
         fresh.model()

@@ -199,6 +199,18 @@ def test_cli_watch_prints_changes(mvc_stack):
     assert rm.viewers() == []  # watch unsubscribed on its way out
 
 
+def test_cli_watch_ends_on_sigterm_and_unsubscribes(mvc_stack):
+    mvc_stack.model()
+    proc = subprocess.Popen([sys.executable, "-m", "remote_mvc.cli", "--json", "watch"],
+                            env=mvc_stack.env("ctl", identity=""), stdout=subprocess.PIPE, text=True)
+    rm = mvc_stack.client()
+    assert json.loads(proc.stdout.readline())["snapshot"] is True  # subscribed and synced
+    proc.terminate()
+    assert proc.wait(15) == 0
+    proc.stdout.close()
+    assert rm.viewers() == []  # watch unsubscribed on its way out
+
+
 def test_cli_health(mvc_stack):
     model = mvc_stack.model(metrics_port=0)
     port = model.metrics_server.port

@@ -30,7 +30,7 @@ payloads = st.one_of(st.dictionaries(field_names, values, max_size=4), values)
 def fuzz_stack(tmp_path_factory):
     from remote_mvc.testing import Stack
 
-    stack = Stack(tmp_path_factory.mktemp("fuzz"))
+    stack = Stack(tmp_path_factory.mktemp("fuzz")).start()
     service = stack.model()
     try:
         yield stack, service
@@ -118,7 +118,7 @@ def test_wire_fuzz_keeps_the_server_up_and_consistent(fuzz_stack):
     stack, service = fuzz_stack
     rm = stack.client("controller")
     start_revision = rm.snapshot()["revision"]
-    uri = rm._proxy()._pyroUri
+    uri = stack.model_uri()
     hello = protocol.SendingMessage(protocol.MSG_CONNECT, 0, 0, 1,
                                     serpent.dumps({"handshake": "hello", "object": uri.object})).data
     call = protocol.SendingMessage(protocol.MSG_INVOKE, 0, 1, 1,

@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -24,6 +25,7 @@ from remote_mvc.errors import (  # noqa: E402
     ConflictError,
     GatewayError,
     PermissionDenied,
+    ServiceUnavailable,
     ValidationError,
 )
 from remote_mvc.gateway_client import GatewayClient  # noqa: E402
@@ -174,6 +176,35 @@ def test_resume_exactly_across_a_gateway_restart_from_model_history(mvc_stack):
     with api2.events(MODEL, since=1, epoch=epoch) as s:  # its ring starts at 4: 2 and 3 come from history
         assert [(k, d["revision"]) for k, d in events_until(s, 4)] == [("change", 2), ("change", 3), ("change", 4)]
     assert 'source="history"} 1.0' in raw(gw2, "GET", "/metrics")[2].decode()
+
+
+def test_follow_resumes_a_silent_stream_from_its_last_revision(mvc_stack):
+    """``GatewayClient.follow`` (what ``remote-mvc-ctl --gateway watch`` runs): a stream silent for
+    longer than ``silence`` is taken as lost, and the next one resumes after the last revision
+    yielded: no snapshot, no duplicate, nothing missed."""
+    mvc_stack.model()
+    gw = mvc_stack.gateway(gateway_models=MODEL, gateway_heartbeat=60.0)  # no heartbeat within the test
+    client = mvc_stack.client()
+    lost: list[Exception] = []
+    follow = GatewayClient(gw.url).follow(MODEL, silence=0.5, on_lost=lost.append)
+    try:
+        assert [(k, d["revision"]) for k, d in [next(follow)]] == [("snapshot", 0)]
+        client.modify({"value": 1})
+        kind, data = next(follow)
+        assert (kind, data["revision"]) == ("change", 1)
+
+        def after_a_loss() -> None:
+            wait_until(lambda: lost, 10, message="the silent stream to be taken as lost")
+            client.modify({"value": 2})
+
+        writer = threading.Thread(target=after_a_loss)
+        writer.start()
+        kind, data = next(follow)
+        writer.join(10)
+        assert (kind, data["revision"], data["values"]["value"]) == ("change", 2, 2)
+        assert lost and all(isinstance(exc, ServiceUnavailable) for exc in lost)
+    finally:
+        follow.close()
 
 
 def test_modify_on_behalf_of_audited_with_both_names(gw_stack):
@@ -420,6 +451,42 @@ def test_ctl_read_commands_and_set_through_the_gateway(gw_stack):
     down = subprocess.run([sys.executable, "-m", "remote_mvc.cli", "--gateway", "http://127.0.0.1:1", "query"],
                           env=env, capture_output=True, text=True, timeout=30)
     assert down.returncode == 69 and "ServiceUnavailable" in down.stderr
+
+
+def test_ctl_commands_are_the_same_through_the_gateway(gw_stack):
+    """One implementation per command: ``get``, ``watch --since --changes-only`` and the usage
+    errors behave through the gateway as they do over Pyro5; what the gateway cannot carry
+    (``drop``, ``shell``) is refused with exit 1; SIGTERM ends a watch with exit 0."""
+    stack, _, gw = gw_stack
+    env = stack.env("ctl", identity="controller", ns_port=1, ns_host="127.0.0.1")
+    rm = stack.client()
+    rm.modify({"name": "g", "value": 1})
+    for i in range(2, 6):
+        rm.modify({"value": i})
+
+    def ctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "remote_mvc.cli", "--gateway", gw.url, *args], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    assert ctl("get", "value").stdout == "5\n" and ctl("get", "name", "-o", "json").stdout == '"g"\n'
+    assert ctl("get", "colour").returncode == 1
+    out = ctl("watch", "--since", "2", "--count", "3", "--changes-only", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line) for line in out.stdout.splitlines()] == [
+        {"revision": r, "changes": {"value": {"old": r - 1, "new": r}}} for r in (3, 4, 5)]
+    malformed = ctl("set", "value")
+    assert malformed.returncode == 2 and "expected FIELD=VALUE" in malformed.stderr
+    assert ctl("watch", "--since", "-1").returncode == 2
+    for args in (["drop", "viewer-1"], ["shell"]):
+        refused = ctl(*args)
+        assert refused.returncode == 1 and "not available through the gateway" in refused.stderr, args
+    watcher = subprocess.Popen([sys.executable, "-m", "remote_mvc.cli", "--gateway", gw.url, "--json", "watch"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(watcher.stdout.readline())["snapshot"] is True  # the stream is open
+    watcher.terminate()
+    assert watcher.wait(15) == 0
+    watcher.stdout.close()
+    watcher.stderr.close()
 
 
 def test_silent_and_half_sent_requests_are_closed_streams_are_not(mvc_stack):

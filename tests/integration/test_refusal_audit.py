@@ -171,7 +171,7 @@ def test_a_running_stack_creates_its_state_private(tmp_path):
 
     old = os.umask(0o022)  # the usual umask: it would give 0755 and 0644
     try:
-        stack = Stack(tmp_path / "fresh")
+        stack = Stack(tmp_path / "fresh").start()
         try:
             model = stack.model()
             stack.client("controller").modify({"value": 1})

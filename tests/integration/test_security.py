@@ -14,7 +14,7 @@ from remote_mvc.testing import wait_until
 
 
 def model_address(stack):
-    uri = stack.client(None)._proxy()._pyroUri
+    uri = stack.model_uri()
     return uri.host, uri.port
 
 
@@ -144,7 +144,7 @@ def test_name_server_hijack_is_refused(mvc_stack):
 
 def test_marshal_serializer_is_refused(guarded):
     stack, server, rm = guarded
-    proxy = AuthProxy(rm._proxy()._pyroUri, "controller", stack.controller_secret)
+    proxy = AuthProxy(stack.model_uri(), "controller", stack.controller_secret)
     proxy._pyroSerializer = "marshal"
     with pytest.raises((SecurityError, CommunicationError, PyroError), match="not accepted|marshal"):
         proxy.modify({"value": 666})

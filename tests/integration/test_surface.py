@@ -21,7 +21,7 @@ def stack(tmp_path):
     """A stack whose credentials hold one identity of every role (named after it)."""
     secrets_by_role = {role: secrets.token_hex(16) for role in ROLES if role != "anonymous"}
     table = ",".join(f"{role}:{role}:{secret}" for role, secret in secrets_by_role.items())
-    s = Stack(tmp_path, credentials=table)
+    s = Stack(tmp_path, credentials=table).start()
     s.secrets = secrets_by_role
     try:
         yield s
@@ -83,9 +83,9 @@ def test_each_daemon_serves_its_table_and_no_lifecycle(stack):
         stack.nameserver.ns_uri: GuardedNameServer,
     }
     for uri, cls in served.items():
-        with Proxy(uri) as p:
-            p._pyroBind()
-            assert p._pyroMethods == set(cls.SURFACE) and p._pyroAttrs == set(), uri
+        with AuthProxy(uri) as p:  # anonymous: Pyro5's plain "hello" handshake
+            told = p.metadata()
+            assert told["methods"] == set(cls.SURFACE) and told["attrs"] == set(), uri
     rm = AuthProxy(model.uri(stack.settings.model_name))
     for name in ("close", "_reap", "modify_local", "revision", "subscriber_count", "healthy", "on_refusal"):
         with pytest.raises(AttributeError):
@@ -195,9 +195,8 @@ def test_open_name_server_declares_its_surface_too(tmp_path):
                                      credentials="")).start()
     try:
         assert not ns_service.protected
-        with Proxy(ns_service.ns_uri) as ns:
-            ns._pyroBind()
-            assert ns._pyroMethods == set(OpenNameServer.SURFACE)
+        with AuthProxy(ns_service.ns_uri) as ns:
+            assert ns.metadata()["methods"] == set(OpenNameServer.SURFACE)
             ns.register("open.name", "PYRO:obj@127.0.0.1:9")  # open mode: anyone registers
             with pytest.raises(PermissionDenied):
                 ns.list(regex="(a|a)*b")

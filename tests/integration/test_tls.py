@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_mvc import Settings, setup
+from remote_mvc import AuthProxy, Settings, setup
 from remote_mvc.testing import Stack
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def tls_settings(certs: Path, name: str) -> dict:
 @pytest.fixture
 def tls_stack(tmp_path):
     certs = make_certs(tmp_path / "certs")
-    stack = Stack(tmp_path / "state", **tls_settings(certs, "model"))
+    stack = Stack(tmp_path / "state", **tls_settings(certs, "model")).start()
     try:
         yield stack, certs
     finally:
@@ -51,7 +51,12 @@ def test_everything_works_over_tls(tls_stack):
     assert view.wait_for(rev, 10) and view.values == {"name": "tls", "value": 1}
     anonymous = stack.client(None)
     assert anonymous.whoami()["role"] == "viewer"  # the "model" certificate names no identity
-    assert isinstance(anonymous._proxy()._pyroConnection.sock, ssl.SSLSocket)
+    proxy = AuthProxy(stack.model_uri())  # what a ModelClient opens, as anonymous
+    try:
+        assert proxy.socket is None and proxy.whoami()["role"] == "viewer"
+        assert isinstance(proxy.socket, ssl.SSLSocket)
+    finally:
+        proxy._pyroRelease()
 
 
 def test_a_certificate_naming_an_identity_proves_it(tls_stack):

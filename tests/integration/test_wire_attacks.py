@@ -81,7 +81,7 @@ def targets(tmp_path_factory):
     """A model server, a viewer host and a name server, as processes."""
     from remote_mvc.testing import Stack
 
-    stack = Stack(tmp_path_factory.mktemp("wire"))
+    stack = Stack(tmp_path_factory.mktemp("wire")).start()
     model = stack.process("model")
     model.wait_for_log(lambda r: r.get("event") == "registered", 20)
     viewer = stack.process("viewer", identity="", viewer_id="victim")
@@ -270,7 +270,7 @@ def tls_stack(tmp_path):
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(repo / "ops" / "tls" / "make-certs.sh"), str(certs)], check=True, capture_output=True)
     tls = {"tls_ca": str(certs / "ca.crt"), "tls_cert": str(certs / "model.crt"), "tls_key": str(certs / "model.key")}
-    stack = Stack(tmp_path / "state", handshake_timeout=1.0, **tls)
+    stack = Stack(tmp_path / "state", handshake_timeout=1.0, **tls).start()
     try:
         yield stack
     finally:

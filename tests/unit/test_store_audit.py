@@ -43,7 +43,7 @@ def test_only_commits_not_made_durable_elsewhere_are_fsynced(tmp_path):
     s = Store(tmp_path / "s.sqlite3")
 
     def synchronous():
-        return s._db.execute("PRAGMA synchronous").fetchone()[0]
+        return s.pragma("synchronous")
 
     s.commit("m", event(1, value=1))
     assert synchronous() == 2  # FULL: the WAL is fsynced at the commit
@@ -59,7 +59,7 @@ def test_the_wal_is_checkpointed_by_the_stores_thread_not_inside_a_commit(tmp_pa
 
     path = tmp_path / "s.sqlite3"
     s = Store(path, checkpoint_every=50)
-    assert s._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # no commit checkpoints
+    assert s.pragma("wal_autocheckpoint") == 0  # no commit checkpoints
     before = os.path.getsize(path)
     for r in range(1, 121):
         s.commit("m", event(r, value=r, pad="x" * 500), fsync=False)
@@ -68,8 +68,38 @@ def test_the_wal_is_checkpointed_by_the_stores_thread_not_inside_a_commit(tmp_pa
     assert os.path.getsize(path) > before  # the pages were copied into the database file
     assert s.load("m")[0] == 120
     s.close()
-    assert not s._checkpointer.is_alive()
+    assert not s.checkpointing
     assert Store(path).load("m")[0] == 120
+
+
+def test_the_checkpointer_starts_in_start_or_at_the_first_commit_never_in_the_constructor(tmp_path):
+    """A store only read runs no thread; ``with`` starts the checkpointer and stops it; the first
+    commit starts it for an owner that did not."""
+    path = tmp_path / "s.sqlite3"
+    reader = Store(path)
+    assert not reader.checkpointing and reader.load("m") == (0, None)
+    assert not reader.checkpointing
+    reader.close()
+    with Store(path, checkpoint_every=1) as s:
+        assert s.checkpointing
+        assert s.start() is s and s.checkpointing  # idempotent
+        s.commit("m", event(1, value=1))
+        assert s.wait_checkpoints(1, 10.0)
+    assert not s.checkpointing
+    lazy = Store(path, checkpoint_every=1)
+    try:
+        assert not lazy.checkpointing
+        lazy.commit("m", event(2, value=2))
+        assert lazy.checkpointing and lazy.wait_checkpoints(1, 10.0)
+    finally:
+        lazy.close()
+    assert not lazy.checkpointing
+    memory = Store(":memory:")
+    memory.commit("m", event(1, value=1))
+    assert not memory.checkpointing and memory.pragma("journal_mode") == "memory"
+    memory.close()
+    with pytest.raises(ValueError):
+        lazy.pragma("synchronous; DROP TABLE state")
 
 
 def test_unapplied_records_are_the_accepted_ones_past_a_revision_in_order(tmp_path):
@@ -86,8 +116,8 @@ def test_unapplied_records_are_the_accepted_ones_past_a_revision_in_order(tmp_pa
     assert log.unapplied("m", 40) == [] and log.unapplied("nobody", 0) == []
     assert [r["revision"] for r in log.unapplied("other", 0)] == list(range(1, 41))
     # read backwards a small chunk at a time: records cut by a chunk boundary are put back together
-    assert log._modifies_after("m", 30, chunk=50) == log._modifies_after("m", 30)
-    assert [r["revision"] for r in log._modifies_after("other", 30, chunk=37)] == list(range(31, 41))
+    assert log.modifies_after("m", 30, chunk=50) == log.modifies_after("m", 30)
+    assert [r["revision"] for r in log.modifies_after("other", 30, chunk=37)] == list(range(31, 41))
 
 
 def test_unapplied_stops_at_a_missing_revision_and_skips_a_torn_last_line(tmp_path):

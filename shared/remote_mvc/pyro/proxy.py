@@ -53,6 +53,25 @@ class AuthProxy(Pyro5.api.Proxy):
             self._pyroTimeout = timeout
 
     @property
+    def uri(self) -> Any:
+        """The URI this proxy connects to (Pyro5's ``URI``: ``.object``, ``.host``, ``.port``)."""
+        return self._pyroUri
+
+    @property
+    def socket(self) -> Any:
+        """The connected socket (an ``ssl.SSLSocket`` over TLS); None while not connected."""
+        connection = self._pyroConnection  # noqa: SLF001 - Pyro5 internal (this package owns them)
+        return None if connection is None else connection.sock
+
+    def metadata(self) -> dict[str, set[str]]:
+        """What the remote object's daemon tells proxies at connect: its ``methods``, ``oneway``
+        methods and ``attrs`` (connects first when not connected)."""
+        if self._pyroConnection is None:  # noqa: SLF001
+            self._pyroBind()
+        return {"methods": set(self._pyroMethods), "oneway": set(self._pyroOneway),  # noqa: SLF001
+                "attrs": set(self._pyroAttrs)}  # noqa: SLF001
+
+    @property
     def _pyroHandshake(self) -> Any:  # noqa: N802 - Pyro5's name
         identity, secret = self._mvc_credentials
         return client_token(identity, secret, self._pyroUri.object) if identity and secret else "hello"

@@ -1,18 +1,12 @@
-"""Testing kit: real daemons on 127.0.0.1, ephemeral ports, cleaned up afterwards.
+"""Real daemons on 127.0.0.1, ephemeral ports, cleaned up afterwards: :class:`Stack` (a name
+server plus factories for model services, tickers, viewer hosts, gateways, clients and service
+processes) and :class:`ServiceProcess` (a service as a real subprocess, for SIGKILL and SIGSTOP
+tests, its JSON log lines collected so a test can wait on them).
 
-Installed as a pytest plugin (entry point ``remote_mvc``), it offers:
-
-* ``mvc_stack`` – a :class:`Stack`: a running name server plus factories for
-  model services, tickers, viewer hosts, clients and service *processes*, all
-  stopped at teardown;
-* ``mvc_settings`` – the :class:`~remote_mvc.Settings` the stack's parts share.
-
-Like any program using remote-mvc, a test process calls ``remote_mvc.setup()``:
-the plugin does so once at start (default settings), and a :class:`Stack` again
-for its own settings (a TLS stack turns TLS on; ``setup(Settings())`` turns it off).
-
-:class:`ServiceProcess` runs a service as a real subprocess (for SIGKILL and
-SIGSTOP tests) and collects its JSON log lines so a test can wait on them.
+Like any program using remote-mvc, a test process calls ``remote_mvc.setup()``: the pytest
+plugin does so once at start (default settings), and a :class:`Stack` again for its own settings
+when it starts (a TLS stack turns TLS on; ``setup(Settings())`` turns it off).
+:class:`SocketPairs` lets a test drive the fan-out's real loop over socket pairs.
 """
 
 from __future__ import annotations
@@ -26,23 +20,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
+from ..client import ModelClient, resolve
+from ..config import Settings
+from ..metrics import Metrics
+from ..nameserver import NameServer
+from ..pyro.setup import setup
+from ..server import ModelService
+from ..service import Service
+from ..ticker import TickerService
+from ..viewer import Viewer, ViewerHost
 
-from .client import ModelClient
-from .config import Settings
-from .metrics import Metrics
-from .nameserver import NameServer
-from .pyro.setup import setup
-from .server import ModelService
-from .service import Service
-from .ticker import TickerService
-from .viewer import Viewer, ViewerHost
-
-__all__ = ["Stack", "ServiceProcess", "SocketPairs", "wait_until", "mvc_settings", "mvc_stack"]
+__all__ = ["Stack", "ServiceProcess", "SocketPairs", "wait_until"]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
@@ -59,7 +51,11 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
 
 
 class ServiceProcess:
-    """A service in its own process, its stdout JSON lines collected as they come."""
+    """A service in its own process, its stdout JSON lines collected as they come.
+
+    :meth:`start` runs the process and its reader thread (the constructor only records what to
+    run); :meth:`stop` ends both. It is a context manager too.
+    """
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.argv = argv
@@ -67,10 +63,30 @@ class ServiceProcess:
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, bufsize=1)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> ServiceProcess:
+        """Run the process and start collecting its output (once)."""
+        if self._proc is None:
+            self._proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, bufsize=1)
+            self._reader = threading.Thread(target=self._read, name="service-process-reader", daemon=True)
+            self._reader.start()
+        return self
+
+    @property
+    def proc(self) -> subprocess.Popen[str]:
+        """The running process (after :meth:`start`)."""
+        if self._proc is None:
+            raise RuntimeError(f"{self.argv} was not started: call start()")
+        return self._proc
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -93,7 +109,8 @@ class ServiceProcess:
                     if predicate(line):
                         return line
                 left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                reading = self._reader is not None and self._reader.is_alive()
+                if left <= 0 or (self.proc.poll() is not None and not reading):
                     tail = "\n".join(self.raw[-20:])
                     raise AssertionError(f"no matching log line within {timeout}s from {self.argv}:\n{tail}")
                 self._cond.wait(min(left, 0.1))
@@ -118,8 +135,11 @@ class ServiceProcess:
             self.proc.kill()
         self.proc.wait(10)
 
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM (resuming a stopped process first), then SIGKILL if it hangs."""
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM (resuming a stopped process first), then SIGKILL if it hangs; its exit status
+        (None when it was never started)."""
+        if self._proc is None:
+            return None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()
@@ -128,7 +148,8 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        self._reader.join(5)
+        if self._reader is not None:
+            self._reader.join(5)
         return self.proc.returncode
 
 
@@ -204,7 +225,11 @@ class SocketPairs:
 
 
 class Stack:
-    """A name server plus whatever a test starts; everything stops at :meth:`close`."""
+    """A name server plus whatever a test starts; everything stops at :meth:`close`.
+
+    :meth:`start` starts the name server (the constructor only prepares secrets and settings);
+    ``with Stack(path) as stack:`` starts and closes it.
+    """
 
     def __init__(self, state_dir: Path, **overrides: Any) -> None:
         self.state_dir = Path(state_dir)
@@ -219,13 +244,25 @@ class Stack:
         base = {"state_dir": str(self.state_dir), "ns_port": 0, "port": 0, "metrics_port": -1, "identity": "service",
                 "lease_seconds": 2.0, "call_timeout": 1.0, "register_interval": 0.5,
                 "credentials": self.credentials, **overrides}
-        ns_settings = Settings(service="nameserver", **base)
-        setup(ns_settings)  # Pyro5's process-wide configuration, for this stack's settings (TLS or not)
-        self.nameserver = NameServer(ns_settings).start()
-        self.settings = ns_settings.replace(ns_port=self.nameserver.port)
+        self.settings = Settings(service="nameserver", **base)  # its ns_port is set by start()
+        self.nameserver: NameServer | None = None
         self._services: list[Service] = []
         self._processes: list[ServiceProcess] = []
         self._clients: list[ModelClient] = []
+
+    def start(self) -> Stack:
+        """Start the name server on an ephemeral port (once); the stack's settings point at it."""
+        if self.nameserver is None:
+            setup(self.settings)  # Pyro5's process-wide configuration, for this stack's settings (TLS or not)
+            self.nameserver = NameServer(self.settings).start()
+            self.settings = self.settings.replace(ns_port=self.nameserver.port)
+        return self
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _track(self, service: Service, timeout: float = 10.0) -> Any:
         self._services.append(service)
@@ -258,7 +295,7 @@ class Stack:
     def gateway(self, **overrides: Any) -> Any:
         """Start a web gateway (``remote_mvc.gateway.Gateway``) on an ephemeral HTTP port, in this
         process, once its viewers are subscribed; needs the ``gateway`` extra."""
-        from .gateway import Gateway
+        from ..gateway import Gateway
 
         gw = Gateway(self.settings.replace(service="gateway", identity="gateway", gateway_port=0, **overrides))
         self._services.append(gw)
@@ -276,6 +313,11 @@ class Stack:
         self._clients.append(c)
         return c
 
+    def model_uri(self, model: str | None = None) -> Any:
+        """The Pyro5 URI the name server gives for ``model`` (default: the model): for tests that
+        speak to the model server with a proxy or bytes of their own."""
+        return resolve(model or self.settings.model_name, self.settings)
+
     def env(self, service: str, **overrides: Any) -> dict[str, str]:
         """Environment for a service subprocess sharing this stack's settings."""
         s = self.settings.replace(service=service, **overrides)
@@ -290,7 +332,7 @@ class Stack:
         name = overrides.pop("name", service)
         p = ServiceProcess([sys.executable, "-m", module], self.env(name, **overrides))
         self._processes.append(p)
-        return p
+        return p.start()
 
     def close(self) -> None:
         """Close this stack's clients, then stop its processes and services, latest first."""
@@ -300,25 +342,5 @@ class Stack:
             p.stop()
         for s in reversed(self._services):
             s.stop()
-        self.nameserver.stop()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Configure Pyro5 for remote-mvc once, as every program using it does (``remote_mvc.setup``)."""
-    setup(Settings())
-
-
-@pytest.fixture
-def mvc_stack(tmp_path: Path) -> Iterator[Stack]:
-    """A running name server on an ephemeral port; start more with the stack's methods."""
-    stack = Stack(tmp_path)
-    try:
-        yield stack
-    finally:
-        stack.close()
-
-
-@pytest.fixture
-def mvc_settings(mvc_stack: Stack) -> Settings:
-    """The settings of the ``mvc_stack`` fixture."""
-    return mvc_stack.settings
+        if self.nameserver is not None:
+            self.nameserver.stop()
