@@ -107,6 +107,7 @@ class Pipeline:
         self.on_reset: Callable[[str], None] = lambda reason: None
         self._revision_gauge = metrics.model_revision.labels(name)
         self._commit_batch = metrics.commit_batch.labels(name)
+        self._accepted = metrics.modifications.labels(name, "accepted")  # looked up once, counted per change
 
     # reads (lock held by the caller or taken here) ------------------------------------
     @property
@@ -306,7 +307,7 @@ class GroupCommit(Pipeline):
     def _applied(self, pending: Pending) -> None:
         """A durable change becomes the model's state, and its viewers' news (lock held)."""
         self.remember(pending.event)
-        self.metrics.modifications.labels(self.name, "accepted").inc()
+        self._accepted.inc()
         self.publish(pending.event)
         pending.done = True  # logged by the thread that wrote it, once the commit lock is free (see commit)
 
