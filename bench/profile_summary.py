@@ -15,7 +15,9 @@ from pathlib import Path
 # a thread whose innermost frame is one of these is waiting, not working (py-spy's own idle detection
 # misses futex waits on some kernels): left out of a CPU breakdown
 WAITS = ("Condition.wait (", "Event.wait (", "EpollSelector.select (", "PollSelector.select (",
-         "SelectSelector.select (", "receive_data (", "sleep (", "accept (", "AuditLog.record_many (")
+         "SelectSelector.select (", "receive_data (", "sleep (", "accept (", "AuditLog.record_many (",
+         # a change's thread waiting for the commit lock (or the server's lock) held by another batch
+         "GroupCommit.commit (", "ModelServer._modify (")
 
 CATEGORIES = [
     ("sqlite commit", ("(remote_mvc/_store.py", "_store.py:")),
