@@ -6,6 +6,7 @@
 #   make bench-10k                    the N = 10,000 target: 10 viewer processes paced at 10/s, vs Redis
 #   make bench-profile                py-spy profiles of the model server at N = 200
 #   make bench-commit                 concurrent controllers (group commit): changes/s with 1, 4, 16
+#   make bench-commit-path            the commit path in one process, stage by stage (µs per change; --ref)
 #   make bench-gateway                SSE clients of the web gateway beside direct viewers, N = 1, 100, 1000
 # Results: bench-results/latest.{json,md}, bench-results/fanout_p99.png (see docs/performance.md).
 
@@ -35,6 +36,10 @@ bench-profile: bench-deps ## py-spy profiles of the model server at N=200, paced
 
 bench-commit: bench-deps ## concurrent controllers: durable changes/s, server CPU per change (~1 min; BENCH_ARGS="--ref REF --profile DIR --rate R")
 	$(PY) -m bench.commit $(BENCH_ARGS)
+
+.PHONY: bench-commit-path
+bench-commit-path: bench-deps ## the commit path in one process, stage by stage, µs per change (~1 min; BENCH_ARGS="--ref REF")
+	$(PY) -m bench.commit_path $(BENCH_ARGS)
 
 .PHONY: bench-10k
 bench-10k: bench-deps ## the N = 10,000 target: 10 viewer processes, paced 10 changes/s, vs Redis (~5 min; bench-results/big.md)
