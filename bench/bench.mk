@@ -11,7 +11,9 @@
 # Results: bench-results/latest.{json,md}, bench-results/fanout_p99.png (see docs/performance.md).
 
 BENCH_ARGS ?=
-BENCH_PY_DEPS := redis hiredis psutil numpy matplotlib py-spy
+# hiredis: redis-py's C reply parser, picked by redis-py whenever installed: the Redis baseline a user
+# who cares about latency runs (bench/viewer_proc.py requires it)
+BENCH_PY_DEPS := redis 'hiredis>=3,<4' psutil numpy matplotlib py-spy
 APT_GET := env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q -y
 
 .PHONY: bench bench-quick bench-profile bench-deps bench-commit bench-gateway
