@@ -151,21 +151,27 @@ def close_all(procs: list[ViewerProc]) -> None:
 
 
 def start_viewers(system: System, layout: list[int], workdir: Path) -> list[ViewerProc]:
+    """Start the viewer processes of ``layout`` and wait until the server sees every subscription; on any
+    failure (or SIGTERM) meanwhile, the processes already started are stopped, not left behind."""
     procs, first = [], 0
-    for count in layout:
-        procs.append(ViewerProc(system, first, count, workdir))
-        first += count
-    for p in procs:
-        reply = p.wait(180)
-        if not reply.get("ready"):
-            raise RuntimeError(f"viewer process {p.pid} not ready: {reply}")
-    total = sum(layout)
-    # the server side must see every subscription before we measure
-    deadline = time.monotonic() + 30
-    while server_subscribers(system) < total:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{system.name}: only {server_subscribers(system)}/{total} subscribed")
-        time.sleep(0.05)
+    try:
+        for count in layout:
+            procs.append(ViewerProc(system, first, count, workdir))
+            first += count
+        for p in procs:
+            reply = p.wait(180)
+            if not reply.get("ready"):
+                raise RuntimeError(f"viewer process {p.pid} not ready: {reply}")
+        total = sum(layout)
+        # the server side must see every subscription before we measure
+        deadline = time.monotonic() + 30
+        while server_subscribers(system) < total:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{system.name}: only {server_subscribers(system)}/{total} subscribed")
+            time.sleep(0.05)
+    except BaseException:
+        close_all(procs)
+        raise
     return procs
 
 
