@@ -60,6 +60,16 @@ def test_a_dropped_viewer_fails_the_big_targets_however_fast(drop: dict):
     assert v["N=10000 paced 10/s"] is False
 
 
+def test_a_p99_that_is_only_a_lower_bound_passes_no_target():
+    """Changes due but never made: the p99 from due is a lower bound, below the target or not."""
+    results = [_result("remote-mvc", "paced", 1000, 5.0), _result("remote-mvc", "paced", 200, 1.0),
+               _result("redis", "paced", 200, 10.0), _result("remote-mvc", "paced", 10000, 5.0)]
+    for r in results:
+        r["fanout_due_ms"]["lower_bound"] = True
+    v = _verdicts(results)
+    assert (v["N=1000 paced 50/s"], v["N=200 paced"], v["N=10000 paced 10/s"]) == (False, False, False)
+
+
 def test_target_table_says_pass_fail_and_reported():
     results = [_result("remote-mvc", "paced", 1000, 70.0), _result("remote-mvc", "paced", 200, 1.0),
                _result("redis", "paced", 200, 10.0)]
