@@ -118,3 +118,18 @@ def test_commit_markdown_lists_cpu_per_change_and_its_breakdown():
     text = markdown(facts, "8deed8e", 5.0, runs)
     assert "| 1 | 50/s each | remote-mvc | 50.0 | 0.5 | 2.0 | 400.0 |" in text
     assert "| logging (JSON log lines) | 20.0 | 0.0 |" in text  # a category one run lacks counts 0 there
+
+
+def test_commit_path_takes_the_median_of_each_stage_and_lists_every_stage():
+    from bench.commit_path import STAGES, median_run
+    from bench.commit_path import markdown as path_markdown
+
+    runs = [{"changes": 100, "wall_us": w, "cpu_us": w / 2, "stages_us": {s: w / 10 for s in STAGES}}
+            for w in (300.0, 500.0, 310.0)]
+    m = median_run(runs)
+    assert (m["wall_us"], m["cpu_us"], m["repeats"]) == (310.0, 155.0, 3)
+    assert m["stages_us"]["audit: write + fsync"] == 31.0
+    facts = {"cpu_model": "cpu", "cpus": 2, "git_commit": "abc", "fsync_p50_us": 100}
+    text = path_markdown(facts, {"remote-mvc": m, "remote-mvc @ ref": median_run(runs[:1])})
+    assert all(f"| {s} | 31.0 | 30.0 |" in text for s in STAGES)
+    assert "| **wall per change** | **310.0** | **300.0** |" in text
