@@ -101,6 +101,7 @@ def machine_facts(workdir: Path) -> dict[str, Any]:
         "pyro5": _version("Pyro5"),
         "serpent": _version("serpent"),
         "redis_py": _version("redis"),
+        "hiredis": _version("hiredis"),
         "redis_server": _redis_server(),
         "fsync_p50_us": _fsync_us(workdir),
         "git_commit": _git_commit(Path(__file__).resolve().parent.parent),

@@ -51,13 +51,18 @@ class Config:
     slow_sleep: float
     rounds: int = 1  # paced windows per system at the N in rounds_ns, taken in turns and pooled
     rounds_ns: tuple[int, ...] = ()
-    viewer_server: str = "multiplex"  # how remote-mvc's viewer processes serve their viewers
+    viewer_server: str = ""  # MVC_VIEWER_SERVER of remote-mvc's viewer processes; "" = the library's default
+    unpaced: bool = True  # also the unpaced scenario at every N
     dump: str = ""  # directory: keep each measurement's raw sends and viewer records (JSON) there
 
 
-FULL = Config(ns=[1, 10, 50, 200, 1000], procs=4, rate=50.0, paced_seconds=10.0, unpaced_seconds=8.0,
+# N viewers over min(N, procs) processes, for every system: 8 as in the issue's targets (N = 1000 in 8)
+FULL = Config(ns=[1, 10, 50, 200, 1000], procs=8, rate=50.0, paced_seconds=10.0, unpaced_seconds=8.0,
               unpaced_cap=3000, delivery_budget=400_000, drain_timeout=60.0, slow=True, slow_n=10, slow_sleep=0.2,
               rounds=5, rounds_ns=(200,))
+# the 10,000-viewer target: 10 processes of 1,000 viewers, paced at 10 changes/s (make bench-10k)
+BIG = Config(ns=[10000], procs=10, rate=10.0, paced_seconds=20.0, unpaced_seconds=0.0, unpaced_cap=0,
+             delivery_budget=0, drain_timeout=120.0, slow=False, slow_n=10, slow_sleep=0.2, unpaced=False)
 QUICK = Config(ns=[1, 10], procs=2, rate=50.0, paced_seconds=2.0, unpaced_seconds=2.0,
                unpaced_cap=400, delivery_budget=20_000, drain_timeout=20.0, slow=True, slow_n=10, slow_sleep=0.2,
                rounds=2, rounds_ns=(10,))
@@ -146,21 +151,27 @@ def close_all(procs: list[ViewerProc]) -> None:
 
 
 def start_viewers(system: System, layout: list[int], workdir: Path) -> list[ViewerProc]:
+    """Start the viewer processes of ``layout`` and wait until the server sees every subscription; on any
+    failure (or SIGTERM) meanwhile, the processes already started are stopped, not left behind."""
     procs, first = [], 0
-    for count in layout:
-        procs.append(ViewerProc(system, first, count, workdir))
-        first += count
-    for p in procs:
-        reply = p.wait(180)
-        if not reply.get("ready"):
-            raise RuntimeError(f"viewer process {p.pid} not ready: {reply}")
-    total = sum(layout)
-    # the server side must see every subscription before we measure
-    deadline = time.monotonic() + 30
-    while server_subscribers(system) < total:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{system.name}: only {server_subscribers(system)}/{total} subscribed")
-        time.sleep(0.05)
+    try:
+        for count in layout:
+            procs.append(ViewerProc(system, first, count, workdir))
+            first += count
+        for p in procs:
+            reply = p.wait(180)
+            if not reply.get("ready"):
+                raise RuntimeError(f"viewer process {p.pid} not ready: {reply}")
+        total = sum(layout)
+        # the server side must see every subscription before we measure
+        deadline = time.monotonic() + 30
+        while server_subscribers(system) < total:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{system.name}: only {server_subscribers(system)}/{total} subscribed")
+            time.sleep(0.05)
+    except BaseException:
+        close_all(procs)
+        raise
     return procs
 
 
@@ -412,6 +423,8 @@ class Runner:
                             log(f"{system.name:>16} paced          N={n:<5} {rounds} rounds pooled: fan-out p99 "
                                 f"{kept['fanout_ms']['p99']} ms (rounds: "
                                 f"{', '.join(str(x['fanout_p99_ms']) for x in kept['rounds'])})")
+                    if not cfg.unpaced:
+                        continue
                     with self._step(system.name, f"N={n}"):
                         self.measure(system, ctl, procs, "unpaced", n, rate=None, seconds=cfg.unpaced_seconds,
                                      max_changes=self.unpaced_changes(n), profile=self._profiling(system.name, n))
@@ -524,6 +537,8 @@ def _viewer_summary(rec: dict[str, Any] | None, sends: list[tuple[int, float, fl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke run: small N, seconds per system")
+    parser.add_argument("--big", action="store_true", help="the N = 10,000 target: 10 viewer processes, paced at "
+                        "10 changes/s (make bench-10k)")
     parser.add_argument("--systems", default=",".join(ALL_SYSTEMS),
                         help=f"comma-separated, from {ALL_SYSTEMS}")
     parser.add_argument("--n", default="", help="comma-separated viewer counts (default: by mode)")
@@ -533,8 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="paced windows per system, taken in turns and pooled, at the N "
                         "of --rounds-n (default: 5 at N = 200; quick: 2 at N = 10)")
     parser.add_argument("--rounds-n", help="comma-separated N measured in rounds")
-    parser.add_argument("--viewer-server", choices=["multiplex", "thread"],
-                        help="MVC_VIEWER_SERVER of remote-mvc's viewer processes (default multiplex)")
+    parser.add_argument("--viewer-server", default="",
+                        help="MVC_VIEWER_SERVER of remote-mvc's viewer processes (default: the library's default, "
+                        "as a user gets it)")
+    parser.add_argument("--procs", type=int, help="viewer processes per N (at most; default 8, quick 2, big 10)")
     parser.add_argument("--out", default=str(ROOT / "bench-results"), help="results directory")
     parser.add_argument("--name", default="", help="results file stem (default: latest, or quick with --quick)")
     parser.add_argument("--no-docs", action="store_true", help="do not refresh the results block of "
@@ -547,8 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-n", default="200", help="N values to profile at")
     args = parser.parse_args(argv)
 
-    base = QUICK if args.quick else FULL
-    args.name = args.name or ("quick" if args.quick else "latest")
+    base = QUICK if args.quick else BIG if args.big else FULL
+    args.name = args.name or ("quick" if args.quick else "big" if args.big else "latest")
     cfg = Config(**vars(base))
     if args.n:
         cfg.ns = [int(x) for x in args.n.split(",")]
@@ -565,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.dump = args.dump
     if args.viewer_server:
         cfg.viewer_server = args.viewer_server
+    if args.procs:
+        cfg.procs = args.procs
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if args.ref and "remote-mvc-ref" not in systems:
         systems.insert(0, "remote-mvc-ref")
@@ -598,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.environ.get("BENCH_KEEP_TMP"):
             shutil.rmtree(workdir, ignore_errors=True)
     facts["duration_s"] = round(time.time() - started, 1)
-    doc = report.build(runner.results, facts, cfg, mode="quick" if args.quick else "full", systems=systems,
+    doc = report.build(runner.results, facts, cfg, mode="quick" if args.quick else "big" if args.big else "full", systems=systems,
                        errors=runner.errors, profiles=runner.profiles)
     json_path = out / f"{args.name}.json"
     json_path.write_text(json.dumps(doc, indent=1) + "\n")

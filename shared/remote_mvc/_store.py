@@ -7,6 +7,10 @@ crash-safe, but a power loss may take the last transactions) because its audit
 record was fsynced first and is replayed at start-up (:meth:`AuditLog.unapplied`):
 one fsync per change. Either way nothing is acknowledged before it is durable.
 Events older than the history limit are pruned in the same transaction.
+A commit touches as few B-trees as it can: the events table is ``WITHOUT ROWID``
+(its primary key is the table, no separate index) and the state row is updated in
+place (an upsert, not a delete and an insert); state files made before keep their
+schema and work unchanged with the same statements.
 
 The WAL is checkpointed into the database file by a thread of the store's own,
 never by a commit: SQLite's automatic checkpoint runs inside the commit that
@@ -69,7 +73,7 @@ CREATE TABLE IF NOT EXISTS events (
     revision INTEGER NOT NULL,
     event TEXT NOT NULL,
     PRIMARY KEY (model, revision)
-);
+) WITHOUT ROWID;
 """
 
 
@@ -235,7 +239,8 @@ class Store:
                     self._synchronous = synchronous
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    db.execute("INSERT OR REPLACE INTO state(model, revision, vals) VALUES (?,?,?)",
+                    db.execute("INSERT INTO state(model, revision, vals) VALUES (?,?,?) ON CONFLICT(model) "
+                               "DO UPDATE SET revision=excluded.revision, vals=excluded.vals",
                                (model, last, json.dumps(events[-1]["values"])))
                     db.executemany("INSERT INTO events(model, revision, event) VALUES (?,?,?)",
                                    [(model, e["revision"], json.dumps(e)) for e in events])

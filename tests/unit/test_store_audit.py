@@ -23,6 +23,31 @@ def test_commit_load_and_reopen(tmp_path):
     assert s.load("other") == (0, None)
 
 
+def test_a_state_file_of_the_earlier_schema_is_read_and_written_on(tmp_path):
+    """State files made before the events table became WITHOUT ROWID (and before the state row was
+    upserted) keep their schema: the same statements read and extend them."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE state (model TEXT PRIMARY KEY, revision INTEGER NOT NULL, vals TEXT NOT NULL);
+        CREATE TABLE events (model TEXT NOT NULL, revision INTEGER NOT NULL, event TEXT NOT NULL,
+                             PRIMARY KEY (model, revision));""")
+    db.execute("INSERT INTO state VALUES ('m', 1, ?)", (json.dumps({"value": 1}),))
+    db.execute("INSERT INTO events VALUES ('m', 1, ?)", (json.dumps(event(1, value=1)),))
+    db.commit()
+    db.close()
+    s = Store(path)
+    assert s.load("m") == (1, {"value": 1})
+    s.commit_many("m", [event(2, value=2), event(3, value=3)], fsync=False)
+    s.close()
+    s = Store(path)
+    assert s.load("m") == (3, {"value": 3})
+    assert [e["revision"] for e in s.events("m", 0, 10)] == [1, 2, 3]
+    s.close()
+
+
 def test_history_is_pruned_to_the_limit(tmp_path):
     s = Store(tmp_path / "s.sqlite3", history_limit=50)
     for r in range(1, 201):
