@@ -567,7 +567,7 @@ class ViewerHost(Service):
         self._subs[stream] = reply["subscription"]
         self._told[stream] = version
         log_event(log, "subscribed", f"subscribed to {stream.model}", viewer_id=stream.viewer_id,
-                  members=len(members), revision=mirror.revision, server_revision=reply["revision"], since=since)
+                  uri=str(uri), members=len(members), revision=mirror.revision, server_revision=reply["revision"], since=since)
 
     def _unsubscribe(self, model: str, sid: str, retry_until: float) -> Exception | None:
         """Unsubscribe; None, or why not. A timeout means the server is there but slow (a loaded
