@@ -4,12 +4,16 @@ state; the server lists every member; hostile member lists are refused and audit
 127.0.0.1."""
 
 import logging
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
 from remote_mvc import AuthProxy, LimitExceeded, PermissionDenied, ValidationError, Viewer, read_audit
 from remote_mvc.testing import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sample(metrics, name, labels):
@@ -174,3 +178,29 @@ def test_hostile_member_lists_are_refused_and_audited(mvc_stack):
     assert ("subscribe", "forbidden") in refused and ("set_members", "forbidden") in refused
     rev = mvc_stack.client("controller").modify({"value": 3})
     assert view.wait_for(rev, 10)
+
+
+def test_a_stream_over_two_way_tls_with_the_default_viewer_server(tmp_path):
+    """The fast path is the default and keeps TLS: the stream's one connection is TLS, every change
+    reaches every viewer once, in order."""
+    from remote_mvc import Settings
+    from remote_mvc.service import configure_tls
+    from remote_mvc.testing import Stack
+
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(REPO / "ops" / "tls" / "make-certs.sh"), str(certs)], check=True, capture_output=True)
+    stack = Stack(tmp_path / "state", tls_ca=str(certs / "ca.crt"), tls_cert=str(certs / "model.crt"),
+                  tls_key=str(certs / "model.key"))
+    try:
+        model = stack.model()
+        host, views = stack.viewers(5)
+        assert host.settings.viewer_server == Settings().viewer_server == "thread"
+        rm = stack.client("controller")
+        revs = [rm.modify({"value": i}) for i in range(1, 11)]
+        for view in views:
+            assert view.wait_for(revs[-1], 10) and view.received == [0, *revs]
+        assert model.server.subscriber_count == 1 and host.daemon.connections_from("127.0.0.1") == 1
+        assert host.daemon.transportServer.sock.__class__.__name__ == "SSLSocket"  # its listener is TLS
+    finally:
+        stack.close()
+        configure_tls(Settings())  # this test process goes back to plaintext
