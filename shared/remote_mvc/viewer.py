@@ -370,7 +370,7 @@ class ViewerHost(Service):
         viewer.fetch = lambda since: client.history(since)
         viewer.fetch_snapshot = client.snapshot
         self.viewers.append(viewer)
-        self._stream(viewer.model).join(viewer)
+        self._stream(viewer).join(viewer)
         self._kick.set()
         return viewer
 
@@ -388,11 +388,14 @@ class ViewerHost(Service):
                   revision=viewer.revision)
         return True
 
-    def _stream(self, model: str) -> Stream:
+    def _stream(self, first: Viewer) -> Stream:
+        """The stream for ``first``'s model; a new one is named after ``first`` (the server logs and
+        ``drop_viewer`` know a one-viewer host, such as a viewer service, by its viewer's id)."""
+        model = first.model
         stream = self._streams.get(model)
         if stream is None:
             client = self._client(model)
-            mirror = Viewer(f"stream-{self._host_id}-{model}"[:200], model, metrics=self.metrics, log_values=False)
+            mirror = Viewer(first.viewer_id, model, metrics=self.metrics, log_values=False)
             mirror.measure = False
             mirror.fetch = lambda since: client.history(since)
             mirror.fetch_snapshot = client.snapshot
