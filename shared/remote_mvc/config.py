@@ -81,9 +81,9 @@ class Settings:
     call_timeout: float = 3.0
     queue_limit: int = 1000  # how many events a viewer may fall behind before it gets a snapshot instead
     batch_max: int = 500  # events sent in one notification call at most
-    # how a viewer host serves its viewers: "thread" (a worker per connection: a slow handler holds up
-    # only its own viewer) or "multiplex" (one thread for all: less CPU per delivery when a process
-    # hosts many viewers, but their handlers run one at a time)
+    # how a viewer host's daemon serves its connections: "thread" (a worker per connection; with one
+    # stream per host that is one, and the fast path, TLS included) or "multiplex" (one thread for all;
+    # no longer faster with streams, refuses TLS; kept for existing settings, see docs/performance.md)
     viewer_server: str = "thread"
     # one stream per viewer host (see remote_mvc.hoststream): the viewers of one model in one host share one
     # subscription; each viewer has its own backlog of at most this many events; a viewer further behind
