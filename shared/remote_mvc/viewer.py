@@ -539,9 +539,13 @@ class ViewerHost(Service):
                 continue
             if sid is not None:
                 if self._told.get(stream) != version:
-                    self._client(stream.model).set_members(sid, stream.member_ids())
-                    self._told[stream] = version
-                continue
+                    if self._client(stream.model).set_members(sid, stream.member_ids()) is True:
+                        self._told[stream] = version
+                        continue
+                    del self._subs[stream]  # the server no longer knows it: subscribe again, now
+                    self._told.pop(stream, None)
+                else:
+                    continue
             self._subscribe(stream, version)
 
     def _subscribe(self, stream: Stream, version: int) -> None:

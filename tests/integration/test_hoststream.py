@@ -156,7 +156,7 @@ def test_the_stream_resubscribes_once_after_a_model_server_restart(mvc_stack):
 
 def test_hostile_member_lists_are_refused_and_audited(mvc_stack):
     model = mvc_stack.model(max_stream_members=10)
-    host, (view,) = mvc_stack.viewers(1)  # "viewer-0", a member of the viewer host's stream
+    host, (view, _) = mvc_stack.viewers(2)  # the stream is "viewer-0"; "viewer-1" is only its member
     p = AuthProxy(model.uri(mvc_stack.settings.model_name))  # anonymous, another client than the host
     uri = "PYRO:stream.x@127.0.0.1:9"
     with pytest.raises(LimitExceeded):
@@ -166,16 +166,20 @@ def test_hostile_member_lists_are_refused_and_audited(mvc_stack):
             p.subscribe(uri, "s1", None, True, None, None, members)
     with pytest.raises(PermissionDenied):  # another client's viewer id
         p.subscribe(uri, "s1", None, True, None, None, ["ok", "viewer-0"])
+    with pytest.raises(PermissionDenied):  # a member of another client's stream
+        p.subscribe(uri, "s1", None, True, None, None, ["viewer-1"])
+    with pytest.raises(PermissionDenied):  # ... also as the stream's own id
+        p.subscribe(uri, "viewer-1", None, True, None, None, [])
     sid = mvc_stack.client("admin").viewers()[0]["subscription"]
     with pytest.raises(PermissionDenied):  # another client's stream
         p.set_members(sid, ["mine"])
-    assert [e["viewer_id"] for e in p.viewers()] == ["viewer-0"]  # nothing of the refused lists got in
+    assert sorted(e["viewer_id"] for e in p.viewers()) == ["viewer-0", "viewer-1"]  # nothing refused got in
     p._pyroRelease()
     audit = read_audit(model.settings.audit_file())
     refused = [(r["action"], r["result"]) for r in audit if r["identity"] == "anonymous"]
     assert refused.count(("subscribe", "invalid")) == 5
     assert ("subscribe", "limit") in refused
-    assert ("subscribe", "forbidden") in refused and ("set_members", "forbidden") in refused
+    assert refused.count(("subscribe", "forbidden")) == 3 and ("set_members", "forbidden") in refused
     rev = mvc_stack.client("controller").modify({"value": 3})
     assert view.wait_for(rev, 10)
 
