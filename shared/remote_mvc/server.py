@@ -438,6 +438,8 @@ class ModelServer:
                 raise PermissionDenied(f"viewer id {viewer_id!r} is subscribed by another client")
             self._check_caps(identity, role, host, replacing=old)
             self._check_member_ids((viewer_id, *(member_ids or ())), identity, role, host, old)
+            if member_ids:
+                self._check_member_caps(identity, role, host, len(member_ids), old)
             backlog = None
             if epoch is not None and epoch != self._pipeline.epoch:
                 since_revision = None  # revisions of another incarnation of the model
@@ -495,6 +497,32 @@ class ModelServer:
             for sub in holders:
                 if not self._owns(sub, identity, role, host):
                     raise PermissionDenied(f"viewer id {viewer_id[:200]!r} is subscribed by another client")
+
+    def _check_member_caps(self, identity: str, role: str, host: str | None, count: int,
+                           replacing: Subscriber | None) -> None:
+        """A stream's members count against its owner's subscription cap as viewers subscribed one by
+        one would (a stream counts as its members, at least one), so sharing a connection never lets
+        an owner claim more viewers than it could before (lock held; admins are not bound)."""
+        if auth.DROP in auth.ROLES.get(role, ()):
+            return
+        anonymous = identity == auth.ANONYMOUS
+        per_identity, per_address = self._fanout.owned(identity, host)
+        held = per_address if anonymous else per_identity
+
+        def mine(sub: Subscriber) -> bool:
+            return sub.identity == identity and (not anonymous or sub.host == host)
+
+        if replacing is not None and mine(replacing) and self._fanout.get(replacing.id) is replacing:
+            held -= 1
+        for sid in list(self._members):
+            entry = self._live_members(sid)
+            if entry is not None and entry[0] is not replacing and mine(entry[0]):
+                held += max(0, len(entry[1]) - 1)
+        limit = self._max_per_address if anonymous else self._max_per_identity
+        if held + max(1, count) > limit:
+            who = f"anonymous callers from {host}" if anonymous else identity
+            raise LimitExceeded(f"{who} would hold {held + count} viewers: the limit is {limit} (a stream's "
+                                "members count as viewers)")
 
     def _set_members(self, sub: Subscriber, ids: tuple[str, ...]) -> None:
         """Record a stream's members (lock held)."""
@@ -600,6 +628,7 @@ class ModelServer:
             if not self._owns(sub, identity, role, host):
                 raise PermissionDenied(f"subscription {subscription_id[:100]!r} is another client's")
             self._check_member_ids(ids, identity, role, host, sub)
+            self._check_member_caps(identity, role, host, len(ids), sub)
             self._set_members(sub, ids)
         return True
 

@@ -208,3 +208,21 @@ def test_a_stream_over_two_way_tls_with_the_default_viewer_server(tmp_path):
     finally:
         stack.close()
         configure_tls(Settings())  # this test process goes back to plaintext
+
+
+def test_a_streams_members_count_against_its_owners_subscription_cap(mvc_stack):
+    """Sharing a connection never lets an owner claim more viewers than it could one by one: the
+    host's identity ("service" here) may hold 5; a sixth viewer joining is refused and audited,
+    the five go on, and once it leaves the host is whole again."""
+    model = mvc_stack.model(max_subscriptions_per_identity=5)
+    host, views = mvc_stack.viewers(5)
+    extra = host.add(Viewer("sixth", model.settings.model_name, record=True, log_values=False, metrics=host.metrics))
+    wait_until(lambda: any(r["action"] == "set_members" and r["result"] == "limit"
+                           for r in read_audit(model.settings.audit_file())), 10, message="the refusal, audited")
+    assert sorted(e["viewer_id"] for e in mvc_stack.client("admin").viewers()) == [f"viewer-{i}" for i in range(5)]
+    rev = mvc_stack.client("controller").modify({"value": 1})
+    for view in views:  # the stream goes on for the five the server knows
+        assert view.wait_for(rev, 10)
+    assert not host.healthy()  # the sixth is not subscribed: the host says so
+    host.remove(extra)
+    wait_until(lambda: host.healthy(), 15, message="the host to be whole again")
