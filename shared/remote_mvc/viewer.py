@@ -472,8 +472,12 @@ class ViewerHost(Service):
                 backoff.reset()
             except (MVCError, CommunicationError, PyroError, OSError) as exc:
                 if not failing:
-                    log_event(log, "model_unreachable", "model server unreachable; will re-subscribe",
-                              level=logging.WARNING, error=str(exc))
+                    if isinstance(exc, MVCError):  # an answer: e.g. LimitExceeded for a member too many
+                        log_event(log, "subscribe_refused", f"the model server refused: {exc}",
+                                  level=logging.WARNING, error=f"{type(exc).__name__}: {exc}")
+                    else:
+                        log_event(log, "model_unreachable", "model server unreachable; will re-subscribe",
+                                  level=logging.WARNING, error=str(exc))
                 failing = True
                 self._close_clients()
             except Exception as exc:  # noqa: BLE001 - the keeper outlives anything one round hits
