@@ -81,10 +81,17 @@ class Settings:
     call_timeout: float = 3.0
     queue_limit: int = 1000  # how many events a viewer may fall behind before it gets a snapshot instead
     batch_max: int = 500  # events sent in one notification call at most
-    # how a viewer host serves its viewers: "thread" (a worker per connection: a slow handler holds up
-    # only its own viewer) or "multiplex" (one thread for all: less CPU per delivery when a process
-    # hosts many viewers, but their handlers run one at a time)
+    # how a viewer host's daemon serves its connections: "thread" (a worker per connection; with one
+    # stream per host that is one, and the fast path, TLS included) or "multiplex" (one thread for all;
+    # no longer faster with streams, refuses TLS; kept for existing settings, see docs/performance.md)
     viewer_server: str = "thread"
+    # one stream per viewer host (see remote_mvc.hoststream): the viewers of one model in one host share one
+    # subscription; each viewer has its own backlog of at most this many events; a viewer further behind
+    # (its handler slower than the change rate) is conflated: it gets the stream's latest state instead
+    viewer_backlog: int = 256
+    viewer_dispatch_threads: int = 4  # threads running viewers' handlers (a viewer on at most one at a time)
+    # model server: how many member viewers one stream subscription may claim (viewers() lists each)
+    max_stream_members: int = 5000
     # who may hold how many subscriptions: an identity at most this many (admins are not bounded)...
     max_subscriptions_per_identity: int = 1000
     # ... and anonymous callers at most this many from one address
@@ -167,7 +174,8 @@ class Settings:
         for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size", "max_subscriptions_per_identity",
                      "max_subscriptions_per_address", "audit_refusal_burst", "max_connections_per_address",
                      "max_request_bytes", "max_anonymous_request_bytes", "gateway_ring", "gateway_client_buffer",
-                     "gateway_max_clients", "gateway_max_body", "wal_limit_bytes"):
+                     "gateway_max_clients", "gateway_max_body", "wal_limit_bytes", "viewer_backlog",
+                     "viewer_dispatch_threads", "max_stream_members"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at least 1")
 

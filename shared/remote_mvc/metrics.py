@@ -85,6 +85,14 @@ class Metrics:
         self.resyncs = Counter(
             "remote_mvc_viewer_resyncs", "Viewer catch-ups by kind (history or snapshot).", ["model", "kind"],
             registry=r)
+        self.viewer_merged = Counter(
+            "remote_mvc_viewer_merged", "Viewer host dispatches that applied several pending notifications "
+            "in one go (the viewer's handler was behind).", ["model"], registry=r)
+        self.viewer_conflated = Counter(
+            "remote_mvc_viewer_conflated", "Viewers whose backlog overflowed and who were given the stream's "
+            "latest state instead (their handler slower than the change rate).", ["model"], registry=r)
+        self.handler_errors = Counter(
+            "remote_mvc_viewer_handler_errors", "Viewer handlers (on_change) that raised.", ["model"], registry=r)
         self.auth_failures = Counter(
             "remote_mvc_auth_failures", "Refused connection handshakes.", ["reason"], registry=r)
         self.auth_throttled = Counter(

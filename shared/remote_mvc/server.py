@@ -134,8 +134,15 @@ class ModelServer:
                  batch_max: int = 500, history_limit: int = 10000,
                  clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
                  max_subscriptions_per_identity: int = 1000, max_subscriptions_per_address: int = 200,
-                 callback_hosts: Iterable[str] = (), role_of: Callable[[str], str | None] | None = None) -> None:
+                 callback_hosts: Iterable[str] = (), role_of: Callable[[str], str | None] | None = None,
+                 max_stream_members: int = 5000) -> None:
         self._name = name
+        # a viewer host's stream (one subscription for its viewers of this model) names its member viewers:
+        # subscription id -> (its subscriber, the member ids), and member id -> subscription id; an entry
+        # whose subscriber is no longer the fan-out's is stale (dropped, replaced) and pruned by the reaper
+        self._max_members = max_stream_members
+        self._members: dict[str, tuple[Subscriber, tuple[str, ...]]] = {}
+        self._member_of: dict[str, str] = {}
         self._role_of = role_of  # identity -> role from this server's own table; None: no delegation
         self._max_per_identity = max_subscriptions_per_identity
         self._max_per_address = max_subscriptions_per_address
@@ -382,7 +389,7 @@ class ModelServer:
     @auth.remote(auth.READ)
     def subscribe(self, callback_uri: str, viewer_id: str, since_revision: int | None = None,
                   ordered_oneway: bool = False, capability: str | None = None,
-                  epoch: str | None = None) -> dict[str, Any]:
+                  epoch: str | None = None, members: list[str] | None = None) -> dict[str, Any]:
         """Subscribe a viewer's callback object; it first gets what it missed.
 
         With ``since_revision`` the viewer gets the events after it (or a snapshot
@@ -400,6 +407,10 @@ class ModelServer:
         for its owner (same identity; for anonymous callers the same address),
         an admin, or a caller that shows the old subscription's ``capability``
         (a viewer host whose address changed).
+
+        ``members`` (a viewer host's stream, see :mod:`remote_mvc.hoststream`): the ids of the
+        viewers this one subscription serves, at most ``max_stream_members``, each listed by
+        ``viewers()``; an id another client's subscription or stream holds is refused.
         """
         identity, role, address = auth.caller()
         host = _host(address)
@@ -413,6 +424,7 @@ class ModelServer:
             raise ValidationError("capability must be a string or None")
         if epoch is not None and (not isinstance(epoch, str) or len(epoch) > 64):
             raise ValidationError("epoch must be a string of at most 64 characters or None")
+        member_ids = None if members is None else self._valid_members(members)
         self._check_callback(callback_uri, host)
         if (since_revision is not None and self._pipeline.epoch is not None and epoch == self._pipeline.epoch
                 and not self._pipeline.wait_applied(since_revision, self._fanout.call_timeout)):
@@ -425,6 +437,9 @@ class ModelServer:
                                         or self._shows(old, capability)):
                 raise PermissionDenied(f"viewer id {viewer_id!r} is subscribed by another client")
             self._check_caps(identity, role, host, replacing=old)
+            self._check_member_ids((viewer_id, *(member_ids or ())), identity, role, host, old)
+            if member_ids:
+                self._check_member_caps(identity, role, host, len(member_ids), old)
             backlog = None
             if epoch is not None and epoch != self._pipeline.epoch:
                 since_revision = None  # revisions of another incarnation of the model
@@ -437,11 +452,98 @@ class ModelServer:
                     backlog = None  # too far behind: a snapshot is cheaper
             sub = self._fanout.add(viewer_id, callback_uri, backlog, oneway=ordered_oneway is True,
                                    identity=identity, host=host)
+            if old is not None:
+                self._forget_members(old.id)
+            if member_ids is not None:
+                self._set_members(sub, member_ids)
             reply = {"subscription": sub.id, "lease": self._fanout.lease_seconds, "revision": self._revision,
                      "capability": sub.capability}
             if self._pipeline.epoch is not None:
                 reply["epoch"] = self._pipeline.epoch
             return reply
+
+    def _valid_members(self, members: Any) -> tuple[str, ...]:
+        """A stream's member list, checked: a list of distinct viewer ids (1-200 characters), at most
+        ``max_stream_members`` of them (checked before anything else of it is looked at)."""
+        if not isinstance(members, (list, tuple)):
+            raise ValidationError("members must be a list of viewer ids")
+        if len(members) > self._max_members:
+            raise LimitExceeded(f"a stream may name at most {self._max_members} member viewers, not {len(members)}")
+        if not all(isinstance(m, str) and 0 < len(m) <= 200 for m in members):
+            raise ValidationError("every member must be a viewer id (a string of 1 to 200 characters)")
+        ids = tuple(members)
+        if len(set(ids)) != len(ids):
+            raise ValidationError("member viewer ids must be distinct")
+        return ids
+
+    def _live_members(self, sid: str) -> tuple[Subscriber, tuple[str, ...]] | None:
+        """A stream's subscriber and members, when that subscription is still the fan-out's."""
+        entry = self._members.get(sid)
+        if entry is None or self._fanout.get(sid) is not entry[0]:
+            return None
+        return entry
+
+    def _check_member_ids(self, ids: Iterable[str], identity: str, role: str, host: str | None,
+                          replacing: Subscriber | None) -> None:
+        """No one claims a viewer id another client holds: as its own subscription, or as a member of
+        its stream (lock held). The caller's own ids (and its subscription being replaced) are fine."""
+        for viewer_id in ids:
+            other = self._fanout.of_viewer(viewer_id)
+            holders = [other] if other is not None and other is not replacing else []
+            sid = self._member_of.get(viewer_id)
+            entry = self._live_members(sid) if sid is not None else None
+            if entry is not None and entry[0] is not replacing:
+                holders.append(entry[0])
+            for sub in holders:
+                if not self._owns(sub, identity, role, host):
+                    raise PermissionDenied(f"viewer id {viewer_id[:200]!r} is subscribed by another client")
+
+    def _check_member_caps(self, identity: str, role: str, host: str | None, count: int,
+                           replacing: Subscriber | None) -> None:
+        """A stream's members count against its owner's subscription cap as viewers subscribed one by
+        one would (a stream counts as its members, at least one), so sharing a connection never lets
+        an owner claim more viewers than it could before (lock held; admins are not bound)."""
+        if auth.DROP in auth.ROLES.get(role, ()):
+            return
+        anonymous = identity == auth.ANONYMOUS
+        per_identity, per_address = self._fanout.owned(identity, host)
+        held = per_address if anonymous else per_identity
+
+        def mine(sub: Subscriber) -> bool:
+            return sub.identity == identity and (not anonymous or sub.host == host)
+
+        if replacing is not None and mine(replacing) and self._fanout.get(replacing.id) is replacing:
+            held -= 1
+        for sid in list(self._members):
+            entry = self._live_members(sid)
+            if entry is not None and entry[0] is not replacing and mine(entry[0]):
+                held += max(0, len(entry[1]) - 1)
+        limit = self._max_per_address if anonymous else self._max_per_identity
+        if held + max(1, count) > limit:
+            who = f"anonymous callers from {host}" if anonymous else identity
+            raise LimitExceeded(f"{who} would hold {held + count} viewers: the limit is {limit} (a stream's "
+                                "members count as viewers)")
+
+    def _set_members(self, sub: Subscriber, ids: tuple[str, ...]) -> None:
+        """Record a stream's members (lock held)."""
+        self._forget_members(sub.id)
+        self._members[sub.id] = (sub, ids)
+        for viewer_id in ids:
+            self._member_of[viewer_id] = sub.id
+
+    def _forget_members(self, sid: str) -> None:
+        """Forget a stream's members (lock held)."""
+        entry = self._members.pop(sid, None)
+        if entry is not None:
+            for viewer_id in entry[1]:
+                if self._member_of.get(viewer_id) == sid:
+                    del self._member_of[viewer_id]
+
+    def _prune_members(self) -> None:
+        """Forget the members of streams the fan-out no longer holds (dropped, expired)."""
+        with self._lock:
+            for sid in [sid for sid in self._members if self._live_members(sid) is None]:
+                self._forget_members(sid)
 
     def _check_callback(self, callback_uri: str, host: str | None) -> None:
         """A callback must be a ``PYRO:object@host:port`` URI on the subscriber's own address, so the
@@ -511,6 +613,26 @@ class ModelServer:
         return unknown + foreign
 
     @auth.remote(auth.READ)
+    def set_members(self, subscription_id: str, viewer_ids: list[str]) -> bool:
+        """A viewer host's stream says which viewers it serves now (one joined or left); its owner's
+        call only (or an admin's). False when the subscription is unknown (subscribe again)."""
+        if not isinstance(subscription_id, str):
+            raise ValidationError("set_members takes a subscription id (a string) and a list of viewer ids")
+        ids = self._valid_members(viewer_ids)
+        identity, role, address = auth.caller()
+        host = _host(address)
+        with self._lock:
+            sub = self._fanout.get(subscription_id)
+            if sub is None:
+                return False
+            if not self._owns(sub, identity, role, host):
+                raise PermissionDenied(f"subscription {subscription_id[:100]!r} is another client's")
+            self._check_member_ids(ids, identity, role, host, sub)
+            self._check_member_caps(identity, role, host, len(ids), sub)
+            self._set_members(sub, ids)
+        return True
+
+    @auth.remote(auth.READ)
     def unsubscribe(self, subscription_id: str) -> bool:
         """End a subscription (its owner's or an admin's call); False when it is unknown."""
         if not isinstance(subscription_id, str):
@@ -521,21 +643,44 @@ class ModelServer:
             return False
         if not self._owns(sub, identity, role, _host(address)):
             raise PermissionDenied(f"subscription {subscription_id!r} is another client's")
+        with self._lock:
+            self._forget_members(subscription_id)
         return self._fanout.remove(subscription_id)
 
     @auth.remote(auth.READ)
     def viewers(self) -> list[dict[str, Any]]:
         """Who is subscribed, with queue depth and last delivered revision; subscription ids and
-        callback URIs only of the caller's own subscriptions (an admin sees all of them)."""
+        callback URIs only of the caller's own subscriptions (an admin sees all of them). A viewer
+        host's stream is listed as one entry per member viewer, with ``stream`` naming the stream."""
         identity, role, address = auth.caller()
         host = _host(address)
-        return self._fanout.describe(lambda sub: self._owns(sub, identity, role, host))
+        out: list[dict[str, Any]] = []
+        for entry in self._fanout.describe():
+            sid = entry.pop("subscription")
+            uri, owner = entry.pop("uri"), entry.pop("identity")
+            sub = self._fanout.get(sid)
+            if sub is not None and self._owns(sub, identity, role, host):
+                entry.update(subscription=sid, uri=uri, identity=owner)
+            members = self._live_members(sid)
+            if members is None:
+                out.append(entry)
+                continue
+            stream = entry.pop("viewer_id")
+            out.extend({"viewer_id": member, "stream": stream, **entry} for member in members[1])
+        return out
 
     @auth.remote(auth.DROP)
     def drop_viewer(self, viewer_id: str) -> bool:
-        """Force a viewer off (admin role)."""
+        """Force a viewer off (admin role); a member of a viewer host's stream takes its stream off
+        (the host subscribes again)."""
         identity, _, address = auth.caller()
         dropped = self._fanout.drop_viewer(viewer_id, "admin")
+        if not dropped and isinstance(viewer_id, str):
+            sid = self._member_of.get(viewer_id)
+            entry = self._live_members(sid) if sid is not None else None
+            if entry is not None:
+                self._fanout.drop(entry[0], "admin")
+                dropped = True
         self._audit.record("drop_viewer", identity, address, "accepted" if dropped else "unknown",
                            model=self._name, viewer_id=_summary(viewer_id))
         return dropped
@@ -547,6 +692,7 @@ class ModelServer:
         while not self._closed.wait(interval):
             try:
                 self._fanout.expire()
+                self._prune_members()
                 self._audit.flush_summaries()
             except Exception as exc:  # noqa: BLE001 - the reaper outlives whatever one round hits
                 self._reaper_errors.inc()
@@ -607,7 +753,8 @@ class ModelService(Service):
             history_limit=settings.history_limit, clock=clock,
             max_subscriptions_per_identity=settings.max_subscriptions_per_identity,
             max_subscriptions_per_address=settings.max_subscriptions_per_address,
-            callback_hosts=settings.callback_hosts.split(","), role_of=self._role_of)
+            callback_hosts=settings.callback_hosts.split(","), role_of=self._role_of,
+            max_stream_members=settings.max_stream_members)
         self.refusal_audit = self.audit
         self.membership = None
         if is_etcd(settings.store):  # cluster mode: one name per replica, found through the group's metadata

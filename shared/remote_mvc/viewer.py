@@ -28,6 +28,7 @@ import hmac
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,7 @@ from ._backoff import Backoff
 from .client import ModelClient
 from .config import Settings
 from .errors import HistoryCompacted, MVCError, PermissionDenied, SubscriptionError, ValidationError
+from .hoststream import Dispatcher, Stream
 from .logs import log_event, log_exception
 from .metrics import Metrics
 from .pyro.daemons import make_viewer_daemon
@@ -76,6 +78,9 @@ class Viewer:
         self.fetch_snapshot: Callable[[], dict[str, Any]] | None = None
         self.max_gap = max_gap  # a gap wider than this is not walked through history: a snapshot instead
         self.admit_wait = admit_wait  # how long a notification may wait for the capability being subscribed for
+        # a host's stream mirror records what it applied here (as notifications), to hand exactly that on
+        self.applied: list[dict[str, Any]] | None = None
+        self.measure = True  # observe notification latency (a host's stream mirror does not)
         self.refused = 0  # notifications refused (no capability, malformed, implausible revision)
         self._capabilities: tuple[str, ...] = ()  # the current subscription's, and the one before it
         self._subscribing = False
@@ -152,14 +157,52 @@ class Viewer:
             if problem:
                 self._refuse("malformed", problem)
                 raise ValidationError(f"notification refused: {problem}")
-            if "snapshot" in batch:
-                self._apply_snapshot(batch["snapshot"], str(batch.get("reason", "subscribe"))[:40])
-            for event in batch.get("events", ()):
+            self._apply_batch(batch, arrived)
+
+    def deliver(self, batches: list[dict[str, Any]]) -> None:
+        """Apply notifications a viewer host's stream already admitted and checked (not remote: the
+        stream checked the capability and the shape, see :mod:`remote_mvc.hoststream`), in order;
+        this viewer's own exactness still holds (duplicates skipped, gaps filled)."""
+        arrived = self.clock()
+        with self._lock:
+            for batch in batches:
+                self._apply_batch(batch, arrived)
+
+    def _apply_batch(self, batch: dict[str, Any], arrived: float) -> None:
+        """Apply one checked notification (lock held)."""
+        if "snapshot" in batch:
+            snap = batch["snapshot"]
+            reason = str(batch.get("reason", "subscribe"))[:40]
+            if reason != "conflated" or not self.synced or snap["revision"] >= self.revision \
+                    or snap.get("epoch") != self.epoch:
+                self._apply_snapshot(snap, reason)
+        for event in batch.get("events", ()):
+            if self.measure:
                 self._latency.observe(max(0.0, arrived - event["time"]))
-                self._apply_event(event)
-            self._revision_gauge.set(self.revision)
-            if self._waiting:  # notify_all costs a few µs even with nobody waiting
-                self._changed.notify_all()
+            self._apply_event(event)
+        self._revision_gauge.set(self.revision)
+        if self._waiting:  # notify_all costs a few µs even with nobody waiting
+            self._changed.notify_all()
+
+    def state(self) -> dict[str, Any] | None:
+        """Revision, values and epoch, read together (None before anything was applied)."""
+        with self._lock:
+            if not self.synced:
+                return None
+            return {"revision": self.revision, "values": dict(self.values), "epoch": self.epoch}
+
+    def catch_up_to(self, revision: int) -> None:
+        """Fill what this viewer misses up to ``revision`` from history (or a snapshot): a viewer
+        joining a host's running stream behind it does so itself."""
+        with self._lock:
+            if self.synced and revision > self.revision:
+                if revision - self.revision > self.max_gap:
+                    self._resync("gap")
+                else:
+                    self._catch_up(revision)
+                self._revision_gauge.set(self.revision)
+                if self._waiting:
+                    self._changed.notify_all()
 
     def _apply_event(self, event: dict[str, Any]) -> None:
         revision = event["revision"]
@@ -231,6 +274,14 @@ class Viewer:
         self.values = dict(values)
         self.revision = revision
         self.synced = True
+        if self.applied is not None:
+            if event is None:
+                self.applied.append({"snapshot": {"revision": revision, "values": self.values, "epoch": self.epoch},
+                                     "reason": reason})
+            elif self.applied and "events" in self.applied[-1]:
+                self.applied[-1]["events"].append(event)
+            else:
+                self.applied.append({"events": [event]})
         if self.received is not None:
             self.received.append(revision)
         if self.log_values:
@@ -274,12 +325,24 @@ def _revision_ok(value: Any) -> bool:
 
 
 class ViewerHost(Service):
-    """A Pyro5 daemon hosting viewers, keeping each of them subscribed."""
+    """A Pyro5 daemon hosting viewers: one stream (one subscription, one connection) per model.
+
+    The viewers of one model share the host's :class:`~remote_mvc.hoststream.Stream` for it: the
+    model server sends each change once to the host, and the host's dispatcher hands it to each
+    viewer (see :mod:`remote_mvc.hoststream`). The keeper thread subscribes the streams (with their
+    member viewer ids), tells the server when members join or leave, renews the leases in one call
+    per model, re-subscribes from the stream's revision after a model server restart or a drop, and
+    unsubscribes when the host stops.
+    """
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         super().__init__(settings, metrics)
         self.viewers: list[Viewer] = []
-        self._subs: dict[Viewer, str] = {}  # viewer -> subscription id
+        self._streams: dict[str, Stream] = {}  # model -> the host's stream for it
+        self._subs: dict[Stream, str] = {}  # stream -> subscription id
+        self._told: dict[Stream, int] = {}  # stream -> the member version the server knows
+        self._host_id = uuid.uuid4().hex[:12]
+        self._dispatcher = Dispatcher(settings.viewer_dispatch_threads, settings.viewer_backlog, self.metrics)
         self._clients: dict[str, ModelClient] = {}
         self._kick = threading.Event()
         self._sub_lock = threading.Lock()  # subscribing vs. unsubscribing at stop
@@ -288,6 +351,7 @@ class ViewerHost(Service):
         self._keeper_turned = time.monotonic()
         self._keeper_errors = self.metrics.loop_errors.labels("viewer-keeper")
         self.on_stop(self._unsubscribe_all, early=True)
+        self.on_stop(self._dispatcher.stop, early=True)
 
     def make_daemon(self) -> Pyro5.api.Daemon:
         """The viewer host's daemon: notify calls take the short path."""
@@ -296,17 +360,51 @@ class ViewerHost(Service):
         return self.guard(daemon)  # a connection idles without limit once its notify was accepted
 
     def add(self, viewer: Viewer) -> Viewer:
-        """Host a viewer; it is subscribed by the keeper thread (at once when running)."""
+        """Host a viewer: it joins its model's stream (subscribed by the keeper; at once when running)."""
         client = self._client(viewer.model)
         viewer.fetch = lambda since: client.history(since)
         viewer.fetch_snapshot = client.snapshot
         self.viewers.append(viewer)
-        if self.daemon is not None:
-            self.daemon.register(viewer, objectId=f"viewer.{viewer.viewer_id}")
-            self._kick.set()
-        else:
-            self.serve(viewer, object_id=f"viewer.{viewer.viewer_id}")
+        self._stream(viewer).join(viewer)
+        self._kick.set()
         return viewer
+
+    def remove(self, viewer: Viewer) -> bool:
+        """Stop hosting a viewer: it leaves its stream (the server learns it; a stream left empty is
+        unsubscribed by the keeper). False when it is not hosted here."""
+        if viewer not in self.viewers:
+            return False
+        self.viewers.remove(viewer)
+        stream = self._streams.get(viewer.model)
+        if stream is not None:
+            stream.leave(viewer)
+        self._kick.set()
+        log_event(log, "viewer_removed", "viewer left its stream", viewer_id=viewer.viewer_id, model=viewer.model,
+                  revision=viewer.revision)
+        return True
+
+    def _stream(self, first: Viewer) -> Stream:
+        """The stream for ``first``'s model; a new one is named after ``first`` (the server logs and
+        ``drop_viewer`` know a one-viewer host, such as a viewer service, by its viewer's id)."""
+        model = first.model
+        stream = self._streams.get(model)
+        if stream is None:
+            client = self._client(model)
+            mirror = Viewer(first.viewer_id, model, metrics=self.metrics, log_values=False)
+            mirror.measure = False
+            mirror.fetch = lambda since: client.history(since)
+            mirror.fetch_snapshot = client.snapshot
+            stream = self._streams[model] = Stream(mirror.viewer_id, mirror, self._dispatcher)
+            object_id = f"stream.{self._host_id}.{model}"
+            if self.daemon is not None:
+                self.daemon.register(stream, objectId=object_id)
+            else:
+                self.serve(stream, object_id=object_id)
+        return stream
+
+    def stream(self, model: str) -> Stream | None:
+        """This host's stream for ``model`` (None when no viewer of it was added)."""
+        return self._streams.get(model)
 
     def _client(self, model: str) -> ModelClient:
         if model not in self._clients:
@@ -314,37 +412,47 @@ class ViewerHost(Service):
         return self._clients[model]
 
     def start(self) -> ViewerHost:
-        """Serve the viewers and start the keeper that subscribes them; returns self."""
+        """Serve the streams, start the dispatcher and the keeper that subscribes them; returns self."""
         super().start()
+        self._dispatcher.start()
         self._spawn(self._keep_subscribed, "viewer-keeper")
         return self
 
     def healthy(self) -> bool:
-        """Serving, every viewer subscribed, and the keeper turning (not dead, not stuck)."""
+        """Serving, every viewer's stream subscribed, and the keeper turning (not dead, not stuck)."""
         keeper = next((t for t in self._threads if t.name == "viewer-keeper"), None)
         stuck_after = max(30.0, 10 * self.settings.call_timeout + self.lease())
         keeping = keeper is None or (keeper.is_alive() and time.monotonic() - self._keeper_turned < stuck_after)
-        return super().healthy() and keeping and all(v in self._subs for v in self.viewers)
+        return super().healthy() and keeping and self.subscribed() == len(self.viewers)
 
     def lease(self) -> float:
         """The shortest lease the model servers granted (our own setting until one did)."""
         return min(self._granted.values(), default=self.settings.lease_seconds)
 
     def subscribed(self) -> int:
-        """How many viewers are subscribed now."""
+        """How many viewers are subscribed now (through their stream, its members as the server knows them)."""
+        return sum(len(stream) for stream in list(self._subs) if self._told.get(stream) == stream.version)
+
+    def subscriptions(self) -> int:
+        """How many subscriptions this host holds (one per model with viewers)."""
         return len(self._subs)
 
     def wait_subscribed(self, timeout: float) -> bool:
         """Wait until every viewer is subscribed, at most ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        while len(self._subs) < len(self.viewers):
+        while self.subscribed() < len(self.viewers):
             if time.monotonic() > deadline:
                 return False
             self._stopping.wait(0.02)
         return True
 
+    def _settled(self) -> bool:
+        """Every stream with members subscribed and its members told; none without members held."""
+        return all((stream in self._subs and self._told.get(stream) == stream.version) == bool(len(stream))
+                   for stream in self._streams.values())
+
     def _keep_subscribed(self) -> None:
-        """Subscribe, renew leases in one call per model, re-subscribe what was lost."""
+        """Subscribe, tell member changes, renew leases in one call per model, re-subscribe what was lost."""
         failing = False
         backoff = Backoff(0.05, min(self.settings.retry_backoff_max, self.settings.lease_seconds))
         while not self._closing.is_set():
@@ -359,8 +467,12 @@ class ViewerHost(Service):
                 backoff.reset()
             except (MVCError, CommunicationError, PyroError, OSError) as exc:
                 if not failing:
-                    log_event(log, "model_unreachable", "model server unreachable; will re-subscribe",
-                              level=logging.WARNING, error=str(exc))
+                    if isinstance(exc, MVCError):  # an answer: e.g. LimitExceeded for a member too many
+                        log_event(log, "subscribe_refused", f"the model server refused: {exc}",
+                                  level=logging.WARNING, error=f"{type(exc).__name__}: {exc}")
+                    else:
+                        log_event(log, "model_unreachable", "model server unreachable; will re-subscribe",
+                                  level=logging.WARNING, error=str(exc))
                 failing = True
                 self._close_clients()
             except Exception as exc:  # noqa: BLE001 - the keeper outlives anything one round hits
@@ -370,10 +482,10 @@ class ViewerHost(Service):
                 failing = True
                 self._close_clients()
             lease = self.lease()
-            if failing:  # jittered: hundreds of viewers must not come back in lock step after a restart
+            if failing:  # jittered: hundreds of hosts must not come back in lock step after a restart
                 wait = backoff.next()
             else:
-                wait = min(0.5, lease / 10) if len(self._subs) < len(self.viewers) else lease / 3
+                wait = lease / 3 if self._settled() else min(0.5, lease / 10)
             self._kick.wait(wait)
             self._kick.clear()
 
@@ -385,18 +497,19 @@ class ViewerHost(Service):
                 log.debug("closing a client failed: %s", exc)
 
     def _renew_all(self) -> None:
-        by_model: dict[str, list[Viewer]] = {}
-        for viewer, _sid in list(self._subs.items()):
-            by_model.setdefault(viewer.model, []).append(viewer)
+        by_model: dict[str, list[Stream]] = {}
+        for stream, _sid in list(self._subs.items()):
+            by_model.setdefault(stream.model, []).append(stream)
         if by_model:
             self.renewals += 1
-        for model, viewers in by_model.items():
-            unknown = set(self._client(model).renew([self._subs[v] for v in viewers]))
-            for viewer in viewers:
-                if self._subs[viewer] in unknown:
-                    del self._subs[viewer]
-                    log_event(log, "lease_lost", "subscription lost; re-subscribing", viewer_id=viewer.viewer_id,
-                              revision=viewer.revision)
+        for model, streams in by_model.items():
+            unknown = set(self._client(model).renew([self._subs[s] for s in streams]))
+            for stream in streams:
+                if self._subs[stream] in unknown:
+                    del self._subs[stream]
+                    self._told.pop(stream, None)
+                    log_event(log, "lease_lost", "subscription lost; re-subscribing", viewer_id=stream.viewer_id,
+                              model=model, revision=stream.revision, members=len(stream))
 
     def _readvertise(self) -> None:
         """Follow a change of our own address (a container reconnected to its network
@@ -410,27 +523,57 @@ class ViewerHost(Service):
             self.daemon.natLocationStr = location
 
     def _subscribe_missing(self) -> None:
-        if any(viewer not in self._subs for viewer in self.viewers):
-            self._readvertise()
-        for viewer in self.viewers:
-            if viewer in self._subs:
+        for stream in list(self._streams.values()):
+            version = stream.version
+            sid = self._subs.get(stream)
+            if not len(stream):
+                if sid is not None:  # its last viewer left: end the subscription
+                    error = self._unsubscribe(stream.model, sid, time.monotonic() + 2 * self.settings.call_timeout)
+                    if error is not None:
+                        raise error
+                    del self._subs[stream]
+                    self._told.pop(stream, None)
+                    log_event(log, "unsubscribed", "stream left without viewers: unsubscribed",
+                              viewer_id=stream.viewer_id, model=stream.model)
                 continue
-            assert self.daemon is not None, "the host is started"
-            uri = self.daemon.uriFor(viewer)
-            since = viewer.revision if viewer.synced else None
-            client = self._client(viewer.model)
-            viewer.expect_capability()
-            reply = None
-            extra = {"epoch": viewer.epoch} if viewer.epoch is not None else {}  # cluster mode: our revisions
-            try:  # our daemon runs oneway notify calls in order; our old capability proves the viewer id ours
-                reply = _checked_reply(client.subscribe(str(uri), viewer.viewer_id, since, True, viewer.capability,
-                                                        **extra))
-            finally:
-                viewer.accept_capability(reply["capability"] if reply else None)
-            self._granted[viewer.model] = reply["lease"]
-            self._subs[viewer] = reply["subscription"]
-            log_event(log, "subscribed", f"subscribed to {viewer.model}", viewer_id=viewer.viewer_id,
-                      revision=viewer.revision, server_revision=reply["revision"], since=since)
+            if sid is not None:
+                if self._told.get(stream) != version:
+                    if self._client(stream.model).set_members(sid, stream.member_ids()) is True:
+                        self._told[stream] = version
+                        continue
+                    del self._subs[stream]  # the server no longer knows it: subscribe again, now
+                    self._told.pop(stream, None)
+                else:
+                    continue
+            self._subscribe(stream, version)
+
+    def _subscribe(self, stream: Stream, version: int) -> None:
+        self._readvertise()
+        assert self.daemon is not None, "the host is started"
+        mirror = stream.mirror
+        uri = self.daemon.uriFor(stream)
+        since, epoch = mirror.revision if mirror.synced else None, mirror.epoch
+        if since is None:  # a new stream: from the oldest revision a member holds (none: a snapshot)
+            held = sorted((v.revision, v.epoch or "") for v in stream.members() if v.synced)
+            if held:
+                since, epoch = held[0][0], held[0][1] or None
+        client = self._client(stream.model)
+        members = stream.member_ids()
+        mirror.expect_capability()
+        reply = None
+        extra: dict[str, Any] = {"members": members}
+        if epoch is not None:
+            extra["epoch"] = epoch  # cluster mode: the incarnation our revisions belong to
+        try:  # our daemon runs oneway notify calls in order; our old capability proves the stream ours
+            reply = _checked_reply(client.subscribe(str(uri), stream.viewer_id, since, True, mirror.capability,
+                                                    **extra))
+        finally:
+            mirror.accept_capability(reply["capability"] if reply else None)
+        self._granted[stream.model] = reply["lease"]
+        self._subs[stream] = reply["subscription"]
+        self._told[stream] = version
+        log_event(log, "subscribed", f"subscribed to {stream.model}", viewer_id=stream.viewer_id,
+                  uri=str(uri), members=len(members), revision=mirror.revision, server_revision=reply["revision"], since=since)
 
     def _unsubscribe(self, model: str, sid: str, retry_until: float) -> Exception | None:
         """Unsubscribe; None, or why not. A timeout means the server is there but slow (a loaded
@@ -458,14 +601,16 @@ class ViewerHost(Service):
     def _unsubscribe_locked(self) -> None:
         # a retry after a timeout only early in the stop: one extra call timeout in all, never a hang
         retry_until = time.monotonic() + 2 * self.settings.call_timeout
-        for viewer, sid in list(self._subs.items()):
-            error = self._unsubscribe(viewer.model, sid, retry_until)
+        for stream, sid in list(self._subs.items()):
+            error = self._unsubscribe(stream.model, sid, retry_until)
             if error is None:
-                log_event(log, "unsubscribed", "unsubscribed", viewer_id=viewer.viewer_id, revision=viewer.revision)
+                log_event(log, "unsubscribed", "unsubscribed", viewer_id=stream.viewer_id, model=stream.model,
+                          members=len(stream), revision=stream.revision)
             else:
                 log_event(log, "unsubscribe_failed", "could not unsubscribe", level=logging.WARNING,
-                          viewer_id=viewer.viewer_id, error=str(error))
+                          viewer_id=stream.viewer_id, model=stream.model, error=str(error))
         self._subs.clear()
+        self._told.clear()
         for client in self._clients.values():
             client.close()
 

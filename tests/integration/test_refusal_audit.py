@@ -77,7 +77,7 @@ class HostileModel:
     """A 'model server' that subscribes viewers, then answers renewals with nonsense."""
 
     @auth.remote(auth.READ)
-    def subscribe(self, uri, viewer_id, since=None, oneway=False, capability=None):
+    def subscribe(self, uri, viewer_id, since=None, oneway=False, capability=None, members=None):
         return {"subscription": f"{viewer_id}/1", "lease": 0.5, "revision": 0, "capability": "c"}
 
     @auth.remote(auth.READ)

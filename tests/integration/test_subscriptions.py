@@ -40,7 +40,8 @@ def test_forged_notifications_are_refused_and_real_changes_still_arrive(mvc_stac
     rev = rm.modify({"value": 1})
     assert view.wait_for(rev, 10)
     # an attacker reaches the viewer's daemon (its address is no secret) and forges the next change
-    attacker = AuthProxy(host.daemon.uriFor(view))
+    mirror = host.stream(view.model).mirror  # the host's one stream admits every notification for its viewers
+    attacker = AuthProxy(host.daemon.uriFor(host.stream(view.model)))
     attacker._pyroSerializer = "json"  # the short path's shape
     forged = {"model": model.settings.model_name, "events": [
         {"revision": rev + 1, "values": {"name": "forged", "value": 666}, "time": 0.0}]}
@@ -53,7 +54,7 @@ def test_forged_notifications_are_refused_and_real_changes_still_arrive(mvc_stac
     with pytest.raises(PermissionDenied):  # the revision 10**12 jump of the finding
         attacker.notify({"model": "m", "events": [{"revision": 10**12, "values": {"value": 1}, "time": 0.0}]})
     attacker._pyroRelease()
-    assert view.values["value"] == 1 and view.revision == rev and view.refused == 6
+    assert view.values["value"] == 1 and view.revision == rev and mirror.refused == 6
     rev2 = rm.modify({"value": 2})  # the real change at rev + 1 is applied, not skipped as a duplicate
     assert view.wait_for(rev2, 10) and view.values["value"] == 2 and view.received[-1] == rev2
     assert sample(host.metrics, "remote_mvc_refusals_total", {"method": "notify", "result": "capability"}) == 6
@@ -68,16 +69,17 @@ def test_an_implausible_revision_is_not_applied_but_resyncs_from_the_server(mvc_
     rm = mvc_stack.client("controller")
     rev = rm.modify({"value": 1})
     assert view.wait_for(rev, 10)
-    sender = AuthProxy(host.daemon.uriFor(view))
+    mirror = host.stream(view.model).mirror  # the host's one stream admits every notification for its viewers
+    sender = AuthProxy(host.daemon.uriFor(host.stream(view.model)))
     sender._pyroSerializer = "json"
     for jump in (rev + 2, rev + 50_000, 10**12):
-        sender.notify({"capability": view.capability, "events": [
+        sender.notify({"capability": mirror.capability, "events": [
             {"revision": jump, "values": {"name": "x", "value": 666}, "time": 0.0}]})
         assert view.revision == rev and view.values["value"] == 1
     with pytest.raises(ValidationError):  # malformed: refused before anything is applied
-        sender.notify({"capability": view.capability, "events": [{"revision": "7", "values": {}, "time": 0}]})
+        sender.notify({"capability": mirror.capability, "events": [{"revision": "7", "values": {}, "time": 0}]})
     sender._pyroRelease()
-    assert view.refused == 4
+    assert mirror.refused == 4
     assert sample(host.metrics, "remote_mvc_refusals_total", {"method": "notify", "result": "implausible"}) == 3
     rev2 = rm.modify({"value": 2})
     assert view.wait_for(rev2, 10) and view.values["value"] == 2
@@ -85,8 +87,8 @@ def test_an_implausible_revision_is_not_applied_but_resyncs_from_the_server(mvc_
 
 def test_capabilities_are_per_subscription_and_only_in_the_subscribers_reply(mvc_stack):
     model = mvc_stack.model()
-    host, views = mvc_stack.viewers(2)
-    caps = {v.capability for v in views}
+    hosts = [mvc_stack.viewers(1, prefix=prefix)[0] for prefix in ("a", "b")]  # a subscription (stream) each
+    caps = {h.stream(model.settings.model_name).mirror.capability for h in hosts}
     assert len(caps) == 2 and None not in caps
     admin = as_identity(model, mvc_stack, "admin", mvc_stack.admin_secret)
     listed = admin.viewers()

@@ -7,6 +7,7 @@ import pytest
 from Pyro5.api import Proxy
 
 from remote_mvc import AuthProxy, PermissionDenied, Viewer, auth, read_audit
+from remote_mvc.hoststream import Stream
 from remote_mvc.nameserver import GuardedNameServer, OpenNameServer
 from remote_mvc.pyro.exposed import exposed_members
 from remote_mvc.pyro.naming import locate_ns
@@ -44,14 +45,14 @@ def test_roles_and_permissions_are_the_agreed_names():
 
 
 def test_surface_tables_are_exactly_what_pyro5_exposes():
-    for cls in (ModelServer, Viewer, GuardedNameServer, OpenNameServer):
+    for cls in (ModelServer, Viewer, Stream, GuardedNameServer, OpenNameServer):
         exposed = exposed_members(cls)
         assert exposed["methods"] == set(cls.SURFACE), cls
         assert exposed["attrs"] == set(), cls  # no properties
     assert dict(ModelServer.SURFACE) == {
         "query": "read", "snapshot": "read", "schema": "read", "history": "read", "whoami": "read",
         "modify": "modify", "modify_for": "delegate", "subscribe": "read", "renew": "read", "unsubscribe": "read", "viewers": "read",
-        "drop_viewer": "drop"}
+        "drop_viewer": "drop", "set_members": "read"}
     assert dict(Viewer.SURFACE) == {"notify": "capability"}
     assert GuardedNameServer.SURFACE["register"] == "register" and OpenNameServer.SURFACE["register"] == "read"
 
@@ -79,7 +80,7 @@ def test_each_daemon_serves_its_table_and_no_lifecycle(stack):
     served = {
         model.uri(stack.settings.model_name): ModelServer,
         ticker.uri(stack.settings.ticker_name): ModelServer,
-        host.daemon.uriFor(view): Viewer,
+        host.daemon.uriFor(host.stream(view.model)): Stream,
         stack.nameserver.ns_uri: GuardedNameServer,
     }
     for uri, cls in served.items():
@@ -101,6 +102,7 @@ def call_model(p, method, viewer_id):
         "modify_for": ("controller", {"value": 8}),
         "subscribe": (f"PYRO:viewer.{viewer_id}@127.0.0.1:9", viewer_id), "renew": ([],),
         "unsubscribe": ("nobody/0",), "viewers": (), "drop_viewer": ("nobody",),
+        "set_members": ("nobody/0", [viewer_id]),
     }[method]
     return getattr(p, method)(*args)
 
@@ -173,7 +175,7 @@ def test_the_redos_pattern_from_anonymous_is_refused_at_once_and_audited(stack):
 def test_viewer_notify_is_refused_for_every_role_without_the_capability(stack):
     stack.model()
     host, (view,) = stack.viewers(1)
-    uri = host.daemon.uriFor(view)
+    uri = host.daemon.uriFor(host.stream(view.model))  # the host's one stream for its viewers of the model
     before = view.revision
     for role in ROLES:
         p = proxy_as(stack, uri, role)
@@ -183,7 +185,7 @@ def test_viewer_notify_is_refused_for_every_role_without_the_capability(stack):
                 p.notify({"model": "m", "events": [{"revision": before + 1, "values": {"value": 666}, "time": 0}]})
         finally:
             p._pyroRelease()
-    assert view.refused == len(ROLES) and view.revision == before
+    assert host.stream(view.model).mirror.refused == len(ROLES) and view.revision == before
     assert host.metrics.registry.get_sample_value(
         "remote_mvc_refusals_total", {"method": "notify", "result": "capability"}) == len(ROLES)
 
@@ -208,7 +210,7 @@ def test_nothing_listens_for_the_viewer_but_notify(stack):
     """wait_for (a blocking method) is local: a remote two-way call of it cannot freeze a host."""
     stack.model()
     host, (view,) = stack.viewers(1, viewer_server="multiplex")
-    with Proxy(host.daemon.uriFor(view)) as p:
+    with Proxy(host.daemon.uriFor(host.stream(view.model))) as p:
         with pytest.raises(AttributeError):
             p.wait_for(10**9, 3600)
     rev = stack.client("controller").modify({"value": 3})

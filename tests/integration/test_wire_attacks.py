@@ -85,7 +85,8 @@ def targets(tmp_path_factory):
     model = stack.process("model")
     model.wait_for_log(lambda r: r.get("event") == "registered", 20)
     viewer = stack.process("viewer", identity="", viewer_id="victim")
-    viewer.wait_for_log(lambda r: r.get("event") == "subscribed", 20)
+    subscribed = viewer.wait_for_log(lambda r: r.get("event") == "subscribed", 20)
+    stream_object = subscribed["uri"].split(":", 1)[1].split("@", 1)[0]  # the host's stream for the model
     ns_dir = tmp_path_factory.mktemp("ns2")
     ns = stack.process("nameserver", name="ns2", ns_port=0, identity="", state_dir=str(ns_dir))
     ns_start = ns.wait_for_log(lambda r: r.get("event") == "service_started", 20)
@@ -97,7 +98,7 @@ def targets(tmp_path_factory):
     nhost, nport = ns_start["location"].rsplit(":", 1)
     daemons = {
         "model": (model, address_of_uri(model_uri), "remote_mvc.model"),
-        "viewer": (viewer, (vhost, int(vport)), "viewer.victim"),
+        "viewer": (viewer, (vhost, int(vport)), stream_object),
         "nameserver": (ns, (nhost, int(nport)), "Pyro.NameServer", ns_dir / "ns2-audit.jsonl"),
     }
     try:

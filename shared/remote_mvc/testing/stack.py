@@ -264,6 +264,11 @@ class Stack:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def adopt(self, service: Service) -> Service:
+        """Stop ``service`` (one a test built and starts itself) when the stack closes."""
+        self._services.append(service)
+        return service
+
     def _track(self, service: Service, timeout: float = 10.0) -> Any:
         self._services.append(service)
         service.start()
