@@ -77,21 +77,15 @@ def test_lagging_viewer_gets_batches_then_a_snapshot(mvc_stack):
     def slow(viewer, event):
         assert working.wait(20)  # a viewer doing real work: its changes queue up meanwhile
 
-    from Pyro5 import config as pyro_config
-
     from remote_mvc import Viewer
-    from remote_mvc._daemons import ViewerDaemon
+    from remote_mvc.pyro.daemons import make_viewer_daemon
 
     host, (fast,) = mvc_stack.viewers(1, prefix="fast")
     lagging = Viewer("lagging", mvc_stack.settings.model_name, on_change=slow, record=True, log_values=False)
     batches = []  # events per call the lagging viewer got
     receive = lagging.notify
     lagging.notify = lambda batch: (batches.append(len(batch.get("events", ()))), receive(batch))[1]
-    servertype, pyro_config.SERVERTYPE = pyro_config.SERVERTYPE, "thread"  # read by the constructor
-    try:
-        daemon = ViewerDaemon(host="127.0.0.1", port=0)
-    finally:
-        pyro_config.SERVERTYPE = servertype
+    daemon = make_viewer_daemon("thread", host="127.0.0.1", port=0)
     uri = daemon.register(lagging, objectId="viewer.lagging")
     threading.Thread(target=daemon.requestLoop, daemon=True).start()
     client = mvc_stack.client(None)

@@ -187,14 +187,13 @@ def test_hostile_member_lists_are_refused_and_audited(mvc_stack):
 def test_a_stream_over_two_way_tls_with_the_default_viewer_server(tmp_path):
     """The fast path is the default and keeps TLS: the stream's one connection is TLS, every change
     reaches every viewer once, in order."""
-    from remote_mvc import Settings
-    from remote_mvc.service import configure_tls
+    from remote_mvc import Settings, setup
     from remote_mvc.testing import Stack
 
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(REPO / "ops" / "tls" / "make-certs.sh"), str(certs)], check=True, capture_output=True)
     stack = Stack(tmp_path / "state", tls_ca=str(certs / "ca.crt"), tls_cert=str(certs / "model.crt"),
-                  tls_key=str(certs / "model.key"))
+                  tls_key=str(certs / "model.key")).start()
     try:
         model = stack.model()
         host, views = stack.viewers(5)
@@ -207,7 +206,7 @@ def test_a_stream_over_two_way_tls_with_the_default_viewer_server(tmp_path):
         assert host.daemon.transportServer.sock.__class__.__name__ == "SSLSocket"  # its listener is TLS
     finally:
         stack.close()
-        configure_tls(Settings())  # this test process goes back to plaintext
+        setup(Settings())  # this test process goes back to plaintext
 
 
 def test_a_streams_members_count_against_its_owners_subscription_cap(mvc_stack):
