@@ -109,7 +109,9 @@ class ModelClient:
     def __repr__(self) -> str:
         return f"<ModelClient {self.name} as {self.identity or 'anonymous'}>"
 
-    def _proxy(self) -> AuthProxy:
+    def proxy(self) -> AuthProxy:
+        """The calling thread's proxy, made (the name resolved) on first use; a lost connection
+        replaces it. Tests read its ``socket`` (documented test seam, see remote_mvc.testing)."""
         proxy = getattr(self._local, "proxy", None)
         if proxy is None:
             now = time.monotonic()
@@ -137,7 +139,7 @@ class ModelClient:
         backoff = Backoff(0.05, min(1.0, self.settings.retry_backoff_max))
         while True:
             try:
-                return getattr(self._proxy(), method)(*args, **kwargs)
+                return getattr(self.proxy(), method)(*args, **kwargs)
             except (CommunicationError, ServiceUnavailable):
                 self._reset(failed=True)
                 delay = backoff.next()

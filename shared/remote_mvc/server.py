@@ -17,14 +17,12 @@ change: the commit after it is not synced, and at start-up the server rolls
 forward what the audit log holds past the state file (so a change recorded, then
 cut off by a crash, is applied).
 
-A subscription belongs to whoever made it: its identity, and for anonymous
-callers the address they called from. Only they (or an admin) renew, replace or
-end it; each identity, and each address of anonymous callers, holds a bounded
-number; the callback must be on the subscriber's own address (or a host named in
-``MVC_CALLBACK_HOSTS``); each gets a secret capability, which every notification
-to it carries (see :mod:`remote_mvc.viewer`). Every refusal is audited (per
-address throttled, see :meth:`AuditLog.refusal`) with the claimed identity, the
-address, the method and the reason.
+Who may subscribe, renew, replace or end a subscription (owners, caps, the
+callback's host, a stream's member viewers) is :mod:`remote_mvc.subscriptions`'
+policy; the server's subscription methods hand it the caller and add what it
+admits to the fan-out. Every refusal is audited (per address throttled, see
+:meth:`AuditLog.refusal`) with the claimed identity, the address, the method and
+the reason.
 
 A change event, as viewers and ``history`` see it::
 
@@ -35,7 +33,6 @@ A change event, as viewers and ``history`` see it::
 
 from __future__ import annotations
 
-import hmac
 import logging
 import reprlib
 import threading
@@ -43,9 +40,6 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-
-from Pyro5.core import URI
-from Pyro5.errors import PyroError
 
 from . import auth
 from .audit import AuditLog
@@ -55,7 +49,6 @@ from .config import Settings
 from .errors import (
     ConflictError,
     HistoryCompacted,
-    LimitExceeded,
     MVCError,
     PermissionDenied,
     PersistenceError,
@@ -63,12 +56,12 @@ from .errors import (
     ValidationError,
 )
 from .fanout import Fanout
-from .fanout import Subscription as Subscriber
 from .logs import log_event, log_exception
 from .metrics import Metrics
 from .model import Model
 from .service import Service
 from .store import ReadableStore, is_etcd, open_store
+from .subscriptions import Caller, Subscriptions
 
 __all__ = ["ModelServer", "ModelService"]
 
@@ -101,30 +94,6 @@ def _small(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 120)
 
 
-def _host(address: str | None) -> str | None:
-    """The host part of a ``host:port`` client address (None for in-process callers)."""
-    return None if address is None else address.rsplit(":", 1)[0].strip("[]")
-
-
-class _Pending:
-    """A validated change on its way to disk, with what its thread learns of the outcome."""
-
-    __slots__ = ("event", "changes", "identity", "address", "audited", "done", "error")
-
-    def __init__(self, event: dict[str, Any], changes: dict[str, Any], address: str | None, audited: bool) -> None:
-        self.event = event
-        self.changes = changes
-        self.identity: str = event["identity"]
-        self.address = address
-        self.audited = audited
-        self.done = False  # applied, or refused (then error says why)
-        self.error: str | None = None
-
-    @property
-    def revision(self) -> int:
-        return self.event["revision"]
-
-
 @auth.declared
 class ModelServer:
     """A model's values, revision, history and subscribers, served over Pyro5."""
@@ -137,21 +106,10 @@ class ModelServer:
                  callback_hosts: Iterable[str] = (), role_of: Callable[[str], str | None] | None = None,
                  max_stream_members: int = 5000) -> None:
         self._name = name
-        # a viewer host's stream (one subscription for its viewers of this model) names its member viewers:
-        # subscription id -> (its subscriber, the member ids), and member id -> subscription id; an entry
-        # whose subscriber is no longer the fan-out's is stale (dropped, replaced) and pruned by the reaper
-        self._max_members = max_stream_members
-        self._members: dict[str, tuple[Subscriber, tuple[str, ...]]] = {}
-        self._member_of: dict[str, str] = {}
         self._role_of = role_of  # identity -> role from this server's own table; None: no delegation
-        self._max_per_identity = max_subscriptions_per_identity
-        self._max_per_address = max_subscriptions_per_address
-        self._callback_hosts = frozenset(h.strip().strip("[]") for h in callback_hosts if h.strip())
         self._schema = schema
-        self._store = store
         self._audit = audit
         self._metrics = metrics
-        self._clock = clock
         self._monotonic = monotonic
         self._fanout_settings: dict[str, Any] = {"lease_seconds": lease_seconds, "call_timeout": call_timeout,
                                  "queue_limit": queue_limit, "batch_max": batch_max}
@@ -168,13 +126,17 @@ class ModelServer:
         self._lock = self._pipeline.lock
         self._requests = self._pipeline.requests
         self._inflight = self._pipeline.inflight
-        self._fanout = self._new_fanout()
+        # the subscription policy, over the fan-out it holds (replaced when every viewer is reset)
+        self._subscriptions = Subscriptions(
+            self._new_fanout(), self._lock, max_per_identity=max_subscriptions_per_identity,
+            max_per_address=max_subscriptions_per_address, callback_hosts=callback_hosts,
+            max_members=max_stream_members)
         self._pipeline.publish = self._publish
         self._pipeline.refuse = self._record_refusal
         self._pipeline.on_reset = self._reset_fanout
         self._closed = threading.Event()
         self._reaper_errors = metrics.loop_errors.labels("reaper")
-        self._reaper = threading.Thread(target=self._reap, name=f"lease-reaper-{name}", daemon=True)
+        self._reaper: threading.Thread | None = None  # made and started by start()
         self._started = False
 
     def start(self) -> ModelServer:
@@ -185,6 +147,7 @@ class ModelServer:
         if not self._started:
             self._started = True
             self._pipeline.start()
+            self._reaper = threading.Thread(target=self._reap, name=f"lease-reaper-{self._name}", daemon=True)
             self._reaper.start()
             log_event(log, "model_loaded", "model loaded", model=self._name, revision=self._revision,
                       values=self._values)
@@ -200,6 +163,11 @@ class ModelServer:
         return Fanout(self._name, self.snapshot, self._metrics, revision=self._revision,
                       clock=self._monotonic, **self._fanout_settings)
 
+    @property
+    def _fanout(self) -> Fanout:
+        """The fan-out to this server's viewers (the subscription policy holds it)."""
+        return self._subscriptions.fanout
+
     def _publish(self, event: dict[str, Any]) -> None:
         """An applied event goes to this server's viewers (pipeline lock held)."""
         self._fanout.publish(event)
@@ -208,7 +176,7 @@ class ModelServer:
         """The applied state jumped (a new epoch, or history that no longer continues ours): every
         viewer is dropped from a fresh fan-out; their hosts subscribe again and get a snapshot
         (pipeline lock held)."""
-        old, self._fanout = self._fanout, self._new_fanout()
+        old, self._subscriptions.fanout = self._fanout, self._new_fanout()
         log_event(log, "viewers_reset", f"every viewer resubscribes: {reason}", level=logging.WARNING,
                   model=self._name, viewers=len(old), revision=self._revision, reason=reason)
         threading.Thread(target=old.close, name=f"fanout-close-{self._name}", daemon=True).start()
@@ -221,10 +189,6 @@ class ModelServer:
     @property
     def _values(self) -> dict[str, Any]:
         return self._pipeline.values
-
-    @property
-    def _queue(self) -> list[Pending]:
-        return self._pipeline.queue
 
     # reads -----------------------------------------------------------------
     @auth.remote(auth.READ)
@@ -412,202 +376,47 @@ class ModelServer:
         viewers this one subscription serves, at most ``max_stream_members``, each listed by
         ``viewers()``; an id another client's subscription or stream holds is refused.
         """
-        identity, role, address = auth.caller()
-        host = _host(address)
-        if not isinstance(callback_uri, str) or not isinstance(viewer_id, str) or not viewer_id \
-                or len(callback_uri) > 1000 or len(viewer_id) > 200:
-            raise ValidationError("subscribe needs a callback URI and a viewer id (strings, at most 1000 and "
-                                  "200 characters)")
-        if since_revision is not None and (not isinstance(since_revision, int) or isinstance(since_revision, bool)):
-            raise ValidationError("since_revision must be an integer or None")
-        if capability is not None and not isinstance(capability, str):
-            raise ValidationError("capability must be a string or None")
-        if epoch is not None and (not isinstance(epoch, str) or len(epoch) > 64):
-            raise ValidationError("epoch must be a string of at most 64 characters or None")
-        member_ids = None if members is None else self._valid_members(members)
-        self._check_callback(callback_uri, host)
+        caller = Caller(*auth.caller())
+        member_ids = self._subscriptions.check_request(caller, callback_uri, viewer_id, since_revision, capability,
+                                                       epoch, members)
         if (since_revision is not None and self._pipeline.epoch is not None and epoch == self._pipeline.epoch
                 and not self._pipeline.wait_applied(since_revision, self._fanout.call_timeout)):
             # a viewer coming from a replica further ahead: never send it backwards
             raise ServiceUnavailable(f"this replica has not reached revision {since_revision} yet; "
                                      "subscribe to another one or try again")
         with self._lock:
-            old = self._fanout.of_viewer(viewer_id)
-            if old is not None and not (self._owns(old, identity, role, host)
-                                        or self._shows(old, capability)):
-                raise PermissionDenied(f"viewer id {viewer_id!r} is subscribed by another client")
-            self._check_caps(identity, role, host, replacing=old)
-            self._check_member_ids((viewer_id, *(member_ids or ())), identity, role, host, old)
-            if member_ids:
-                self._check_member_caps(identity, role, host, len(member_ids), old)
-            backlog = None
-            if epoch is not None and epoch != self._pipeline.epoch:
-                since_revision = None  # revisions of another incarnation of the model
-            if since_revision is not None and since_revision <= self._revision:
-                try:
-                    backlog = self.history(since_revision, limit=self._fanout.queue_limit + 1)
-                except HistoryCompacted:
-                    backlog = None
-                if backlog is not None and len(backlog) != self._revision - since_revision:
-                    backlog = None  # too far behind: a snapshot is cheaper
+            old = self._subscriptions.admit(caller, viewer_id, capability, member_ids)
+            backlog = self._backlog(since_revision if epoch is None or epoch == self._pipeline.epoch else None)
             sub = self._fanout.add(viewer_id, callback_uri, backlog, oneway=ordered_oneway is True,
-                                   identity=identity, host=host)
-            if old is not None:
-                self._forget_members(old.id)
-            if member_ids is not None:
-                self._set_members(sub, member_ids)
+                                   identity=caller.identity, host=caller.host)
+            self._subscriptions.added(sub, old, member_ids)
             reply = {"subscription": sub.id, "lease": self._fanout.lease_seconds, "revision": self._revision,
                      "capability": sub.capability}
             if self._pipeline.epoch is not None:
                 reply["epoch"] = self._pipeline.epoch
             return reply
 
-    def _valid_members(self, members: Any) -> tuple[str, ...]:
-        """A stream's member list, checked: a list of distinct viewer ids (1-200 characters), at most
-        ``max_stream_members`` of them (checked before anything else of it is looked at)."""
-        if not isinstance(members, (list, tuple)):
-            raise ValidationError("members must be a list of viewer ids")
-        if len(members) > self._max_members:
-            raise LimitExceeded(f"a stream may name at most {self._max_members} member viewers, not {len(members)}")
-        if not all(isinstance(m, str) and 0 < len(m) <= 200 for m in members):
-            raise ValidationError("every member must be a viewer id (a string of 1 to 200 characters)")
-        ids = tuple(members)
-        if len(set(ids)) != len(ids):
-            raise ValidationError("member viewer ids must be distinct")
-        return ids
-
-    def _live_members(self, sid: str) -> tuple[Subscriber, tuple[str, ...]] | None:
-        """A stream's subscriber and members, when that subscription is still the fan-out's."""
-        entry = self._members.get(sid)
-        if entry is None or self._fanout.get(sid) is not entry[0]:
+    def _backlog(self, since_revision: int | None) -> list[dict[str, Any]] | None:
+        """The events a viewer at ``since_revision`` missed, or None for a snapshot instead (no
+        revision of this model's incarnation, history compacted, or too far behind; lock held)."""
+        if since_revision is None or since_revision > self._revision:
             return None
-        return entry
-
-    def _check_member_ids(self, ids: Iterable[str], identity: str, role: str, host: str | None,
-                          replacing: Subscriber | None) -> None:
-        """No one claims a viewer id another client holds: as its own subscription, or as a member of
-        its stream (lock held). The caller's own ids (and its subscription being replaced) are fine."""
-        for viewer_id in ids:
-            other = self._fanout.of_viewer(viewer_id)
-            holders = [other] if other is not None and other is not replacing else []
-            sid = self._member_of.get(viewer_id)
-            entry = self._live_members(sid) if sid is not None else None
-            if entry is not None and entry[0] is not replacing:
-                holders.append(entry[0])
-            for sub in holders:
-                if not self._owns(sub, identity, role, host):
-                    raise PermissionDenied(f"viewer id {viewer_id[:200]!r} is subscribed by another client")
-
-    def _check_member_caps(self, identity: str, role: str, host: str | None, count: int,
-                           replacing: Subscriber | None) -> None:
-        """A stream's members count against its owner's subscription cap as viewers subscribed one by
-        one would (a stream counts as its members, at least one), so sharing a connection never lets
-        an owner claim more viewers than it could before (lock held; admins are not bound)."""
-        if auth.DROP in auth.ROLES.get(role, ()):
-            return
-        anonymous = identity == auth.ANONYMOUS
-        per_identity, per_address = self._fanout.owned(identity, host)
-        held = per_address if anonymous else per_identity
-
-        def mine(sub: Subscriber) -> bool:
-            return sub.identity == identity and (not anonymous or sub.host == host)
-
-        if replacing is not None and mine(replacing) and self._fanout.get(replacing.id) is replacing:
-            held -= 1
-        for sid in list(self._members):
-            entry = self._live_members(sid)
-            if entry is not None and entry[0] is not replacing and mine(entry[0]):
-                held += max(0, len(entry[1]) - 1)
-        limit = self._max_per_address if anonymous else self._max_per_identity
-        if held + max(1, count) > limit:
-            who = f"anonymous callers from {host}" if anonymous else identity
-            raise LimitExceeded(f"{who} would hold {held + count} viewers: the limit is {limit} (a stream's "
-                                "members count as viewers)")
-
-    def _set_members(self, sub: Subscriber, ids: tuple[str, ...]) -> None:
-        """Record a stream's members (lock held)."""
-        self._forget_members(sub.id)
-        self._members[sub.id] = (sub, ids)
-        for viewer_id in ids:
-            self._member_of[viewer_id] = sub.id
-
-    def _forget_members(self, sid: str) -> None:
-        """Forget a stream's members (lock held)."""
-        entry = self._members.pop(sid, None)
-        if entry is not None:
-            for viewer_id in entry[1]:
-                if self._member_of.get(viewer_id) == sid:
-                    del self._member_of[viewer_id]
-
-    def _prune_members(self) -> None:
-        """Forget the members of streams the fan-out no longer holds (dropped, expired)."""
-        with self._lock:
-            for sid in [sid for sid in self._members if self._live_members(sid) is None]:
-                self._forget_members(sid)
-
-    def _check_callback(self, callback_uri: str, host: str | None) -> None:
-        """A callback must be a ``PYRO:object@host:port`` URI on the subscriber's own address, so the
-        server never connects anywhere else for anyone (no port probing, no pushing to a third party)."""
         try:
-            uri = URI(callback_uri)
-        except (PyroError, ValueError, TypeError) as exc:
-            raise ValidationError(f"bad callback URI: {exc}") from None
-        if uri.protocol != "PYRO" or not uri.host or uri.sockname or not uri.port:
-            raise ValidationError("the callback must be a PYRO:object@host:port URI")
-        if host is None or "*" in self._callback_hosts:
-            return  # an in-process caller, or the operator turned the check off
-        target = uri.host.strip("[]")
-        if target != host and target not in self._callback_hosts:
-            raise PermissionDenied(f"callback host {target} is not the subscriber's own address {host} "
-                                   "(set MVC_CALLBACK_HOSTS for a viewer behind NAT)")
-
-    @staticmethod
-    def _owns(sub: Subscriber, identity: str, role: str, host: str | None) -> bool:
-        """Whether the caller may renew, replace or end ``sub``: its owner, or an admin."""
-        if auth.DROP in auth.ROLES.get(role, ()):
-            return True
-        if sub.identity != identity:
-            return False
-        return identity != auth.ANONYMOUS or sub.host == host
-
-    @staticmethod
-    def _shows(sub: Subscriber, capability: str | None) -> bool:
-        return capability is not None and hmac.compare_digest(sub.capability.encode(),
-                                                              capability.encode("utf-8", "surrogatepass"))
-
-    def _check_caps(self, identity: str, role: str, host: str | None, replacing: Subscriber | None) -> None:
-        """Bound the subscriptions one identity (anonymous: one address) holds; admins and in-process
-        callers are not bound; a replacement by the same owner adds none."""
-        if auth.DROP in auth.ROLES.get(role, ()):
-            return
-        per_identity, per_address = self._fanout.owned(identity, host)
-        if replacing is not None and replacing.identity == identity:
-            per_identity, per_address = per_identity - 1, per_address - (replacing.host == host)
-        if identity == auth.ANONYMOUS:
-            if per_address >= self._max_per_address:
-                raise LimitExceeded(f"{per_address} subscriptions from {host} already: the limit for anonymous "
-                                    f"callers from one address is {self._max_per_address}")
-        elif per_identity >= self._max_per_identity:
-            raise LimitExceeded(f"{identity} holds {per_identity} subscriptions already: the limit is "
-                                f"{self._max_per_identity}")
+            backlog = self.history(since_revision, limit=self._fanout.queue_limit + 1)
+        except HistoryCompacted:
+            return None
+        if len(backlog) != self._revision - since_revision:
+            return None  # too far behind: a snapshot is cheaper
+        return backlog
 
     @auth.remote(auth.READ)
     def renew(self, subscription_ids: list[str]) -> list[str]:
         """Renew leases; returns the ids this server does not know (re-subscribe those). Only the
         owner's subscriptions are renewed: another's id is answered as unknown (and audited)."""
-        if not isinstance(subscription_ids, (list, tuple)) or len(subscription_ids) > 100_000 \
-                or not all(isinstance(sid, str) for sid in subscription_ids):
-            raise ValidationError("renew takes a list of subscription ids (strings)")
-        identity, role, address = auth.caller()
-        host = _host(address)
-        mine: list[str] = []
-        foreign: list[str] = []
-        for sid in subscription_ids:
-            sub = self._fanout.get(sid)
-            (foreign if sub is not None and not self._owns(sub, identity, role, host) else mine).append(sid)
-        unknown = self._fanout.renew(mine)
+        caller = Caller(*auth.caller())
+        unknown, foreign = self._subscriptions.renew(caller, subscription_ids)
         if foreign:
-            self.on_refusal(auth.Refusal("renew", identity, role, address, "forbidden",
+            self.on_refusal(auth.Refusal("renew", caller.identity, caller.role, caller.address, "forbidden",
                                          f"{len(foreign)} of the subscriptions are another client's",
                                          (foreign[:5],)))
         return unknown + foreign
@@ -616,71 +425,26 @@ class ModelServer:
     def set_members(self, subscription_id: str, viewer_ids: list[str]) -> bool:
         """A viewer host's stream says which viewers it serves now (one joined or left); its owner's
         call only (or an admin's). False when the subscription is unknown (subscribe again)."""
-        if not isinstance(subscription_id, str):
-            raise ValidationError("set_members takes a subscription id (a string) and a list of viewer ids")
-        ids = self._valid_members(viewer_ids)
-        identity, role, address = auth.caller()
-        host = _host(address)
-        with self._lock:
-            sub = self._fanout.get(subscription_id)
-            if sub is None:
-                return False
-            if not self._owns(sub, identity, role, host):
-                raise PermissionDenied(f"subscription {subscription_id[:100]!r} is another client's")
-            self._check_member_ids(ids, identity, role, host, sub)
-            self._check_member_caps(identity, role, host, len(ids), sub)
-            self._set_members(sub, ids)
-        return True
+        return self._subscriptions.set_members(Caller(*auth.caller()), subscription_id, viewer_ids)
 
     @auth.remote(auth.READ)
     def unsubscribe(self, subscription_id: str) -> bool:
         """End a subscription (its owner's or an admin's call); False when it is unknown."""
-        if not isinstance(subscription_id, str):
-            raise ValidationError("unsubscribe takes a subscription id (a string)")
-        identity, role, address = auth.caller()
-        sub = self._fanout.get(subscription_id)
-        if sub is None:
-            return False
-        if not self._owns(sub, identity, role, _host(address)):
-            raise PermissionDenied(f"subscription {subscription_id!r} is another client's")
-        with self._lock:
-            self._forget_members(subscription_id)
-        return self._fanout.remove(subscription_id)
+        return self._subscriptions.unsubscribe(Caller(*auth.caller()), subscription_id)
 
     @auth.remote(auth.READ)
     def viewers(self) -> list[dict[str, Any]]:
         """Who is subscribed, with queue depth and last delivered revision; subscription ids and
         callback URIs only of the caller's own subscriptions (an admin sees all of them). A viewer
         host's stream is listed as one entry per member viewer, with ``stream`` naming the stream."""
-        identity, role, address = auth.caller()
-        host = _host(address)
-        out: list[dict[str, Any]] = []
-        for entry in self._fanout.describe():
-            sid = entry.pop("subscription")
-            uri, owner = entry.pop("uri"), entry.pop("identity")
-            sub = self._fanout.get(sid)
-            if sub is not None and self._owns(sub, identity, role, host):
-                entry.update(subscription=sid, uri=uri, identity=owner)
-            members = self._live_members(sid)
-            if members is None:
-                out.append(entry)
-                continue
-            stream = entry.pop("viewer_id")
-            out.extend({"viewer_id": member, "stream": stream, **entry} for member in members[1])
-        return out
+        return self._subscriptions.describe(Caller(*auth.caller()))
 
     @auth.remote(auth.DROP)
     def drop_viewer(self, viewer_id: str) -> bool:
         """Force a viewer off (admin role); a member of a viewer host's stream takes its stream off
         (the host subscribes again)."""
         identity, _, address = auth.caller()
-        dropped = self._fanout.drop_viewer(viewer_id, "admin")
-        if not dropped and isinstance(viewer_id, str):
-            sid = self._member_of.get(viewer_id)
-            entry = self._live_members(sid) if sid is not None else None
-            if entry is not None:
-                self._fanout.drop(entry[0], "admin")
-                dropped = True
+        dropped = self._subscriptions.drop_viewer(viewer_id, "admin")
         self._audit.record("drop_viewer", identity, address, "accepted" if dropped else "unknown",
                            model=self._name, viewer_id=_summary(viewer_id))
         return dropped
@@ -692,7 +456,7 @@ class ModelServer:
         while not self._closed.wait(interval):
             try:
                 self._fanout.expire()
-                self._prune_members()
+                self._subscriptions.prune()
                 self._audit.flush_summaries()
             except Exception as exc:  # noqa: BLE001 - the reaper outlives whatever one round hits
                 self._reaper_errors.inc()
@@ -701,7 +465,8 @@ class ModelServer:
 
     def healthy(self) -> bool:
         """The reaper and the fan-out loop are running (see Fanout.healthy)."""
-        return not self._closed.is_set() and self._reaper.is_alive() and self._fanout.healthy()
+        reaper = self._reaper
+        return not self._closed.is_set() and reaper is not None and reaper.is_alive() and self._fanout.healthy()
 
     def close(self) -> None:
         """Stop the pipeline, the reaper and the fan-out."""

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import Pyro5.api
 from Pyro5.errors import CommunicationError, PyroError
@@ -47,7 +47,7 @@ from .metrics import Metrics
 from .pyro.daemons import make_viewer_daemon
 from .service import Service
 
-__all__ = ["Viewer", "ViewerHost"]
+__all__ = ["Viewer", "ViewerHost", "Unsubscriber", "unsubscribe"]
 
 log = logging.getLogger("remote_mvc.viewer")
 
@@ -576,22 +576,8 @@ class ViewerHost(Service):
                   uri=str(uri), members=len(members), revision=mirror.revision, server_revision=reply["revision"], since=since)
 
     def _unsubscribe(self, model: str, sid: str, retry_until: float) -> Exception | None:
-        """Unsubscribe; None, or why not. A timeout means the server is there but slow (a loaded
-        host): try again on a fresh connection (unsubscribing twice is harmless) until
-        ``retry_until``; a server that is gone is not waited for."""
-        client = self._client(model)
-        backoff = Backoff(0.01, 0.2)
-        while True:
-            try:
-                client.unsubscribe(sid)
-                return None
-            except PyroTimeout as exc:
-                client.close()
-                if time.monotonic() >= retry_until:
-                    return exc
-                time.sleep(min(backoff.next(), max(0.0, retry_until - time.monotonic())))
-            except (MVCError, CommunicationError, PyroError, OSError) as exc:
-                return exc
+        """Unsubscribe through this host's client of ``model`` (see :func:`unsubscribe`)."""
+        return unsubscribe(self._client(model), sid, retry_until)
 
     def _unsubscribe_all(self) -> None:
         self._kick.set()
@@ -613,6 +599,35 @@ class ViewerHost(Service):
         self._told.clear()
         for client in self._clients.values():
             client.close()
+
+
+class Unsubscriber(Protocol):
+    """What :func:`unsubscribe` needs of a model client (a :class:`ModelClient`)."""
+
+    def unsubscribe(self, subscription_id: str) -> Any:
+        """End the subscription on the server."""
+
+    def close(self) -> None:
+        """Drop the connection: the next call makes a fresh one."""
+
+
+def unsubscribe(client: Unsubscriber, subscription_id: str, retry_until: float) -> Exception | None:
+    """Unsubscribe; None, or why not. A timeout means the server is there but slow (a loaded
+    host): try again on a fresh connection (unsubscribing twice is harmless) until
+    ``retry_until`` (a ``time.monotonic()`` value); a server that is gone, or a refusal, is not
+    waited for. A viewer host's stop uses it, and the keeper for a stream left without viewers."""
+    backoff = Backoff(0.01, 0.2)
+    while True:
+        try:
+            client.unsubscribe(subscription_id)
+            return None
+        except PyroTimeout as exc:
+            client.close()
+            if time.monotonic() >= retry_until:
+                return exc
+            time.sleep(min(backoff.next(), max(0.0, retry_until - time.monotonic())))
+        except (MVCError, CommunicationError, PyroError, OSError) as exc:
+            return exc
 
 
 def _checked_reply(reply: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import threading
 import pytest
 from Pyro5.api import Proxy
 
-from remote_mvc import PermissionDenied, Viewer, auth
+from remote_mvc import AuthProxy, PermissionDenied, Viewer, auth
 from remote_mvc.pyro.daemons import ViewerDaemon
 
 CAPABILITY = "the-subscription-capability"
@@ -60,9 +60,9 @@ def test_the_servers_call_shape_takes_the_short_path(served):
 
 def test_other_calls_are_replayed_to_pyro5(served):
     viewer, uri, calls = served
-    with Proxy(uri) as p:  # serpent: Pyro5's own dispatch
+    with AuthProxy(uri) as p:  # anonymous, serpent: Pyro5's own dispatch
         p.notify(batch(1))
-        assert p._pyroMethods == {"notify"}  # the viewer's one remote method: wait_for is local only
+        assert p.metadata()["methods"] == {"notify"}  # the viewer's one remote method: wait_for is local only
         with pytest.raises(AttributeError):
             p.wait_for(1, 1.0)
         with pytest.raises(TypeError):
@@ -113,6 +113,7 @@ def test_messages_arriving_together_or_in_pieces_are_each_handled_in_order(serve
     once, in order, whether on the short path or replayed to Pyro5."""
     from Pyro5 import protocol
     from Pyro5.serializers import serializers
+    from Pyro5.socketutil import SocketConnection
 
     viewer, uri, calls = served
     json_id = serializers["json"].serializer_id
@@ -123,13 +124,14 @@ def test_messages_arriving_together_or_in_pieces_are_each_handled_in_order(serve
 
     data = (message(1, "notify", [batch(1)], protocol.FLAGS_ONEWAY) + message(2, "notify", [batch(2)], protocol.FLAGS_ONEWAY)
             + message(3, "notify", [], kwargs={"batch": batch(3)}) + message(4, "notify", [batch(4)]))
-    with Proxy(uri) as p:
+    with AuthProxy(uri) as p:
         p._pyroBind()  # connected and past the handshake: from here on, raw messages on its socket
-        conn = p._pyroConnection
-        conn.sock.sendall(data[:3])  # a piece of a header
-        conn.sock.sendall(data[3:-10])  # the rest of four messages but the last 10 bytes
+        sock = p.socket
+        sock.sendall(data[:3])  # a piece of a header
+        sock.sendall(data[3:-10])  # the rest of four messages but the last 10 bytes
         assert viewer.wait_for(2, 5.0)
-        conn.sock.sendall(data[-10:])
+        sock.sendall(data[-10:])
+        conn = SocketConnection(sock, keep_open=True)  # reads whole messages; the proxy closes the socket
         answers = [protocol.recv_stub(conn) for _ in range(2)]
     assert [(a.seq, a.data) for a in answers] == [(3, b"null"), (4, b"0")]  # Pyro5's answer, then the short path's
     assert viewer.received == [1, 2, 3, 4] and calls == ["dict", "dict", "dict", "dict"]

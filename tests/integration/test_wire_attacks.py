@@ -92,7 +92,7 @@ def targets(tmp_path_factory):
     ns_start = ns.wait_for_log(lambda r: r.get("event") == "service_started", 20)
     rm = stack.client("controller")
     rm.modify({"name": "before", "value": 1})
-    model_uri = rm._proxy()._pyroUri
+    model_uri = stack.model_uri()
     viewer_loc = viewer.wait_for_log(lambda r: r.get("event") == "service_started", 5)["location"]
     vhost, vport = viewer_loc.rsplit(":", 1)
     nhost, nport = ns_start["location"].rsplit(":", 1)
@@ -238,13 +238,13 @@ def test_anonymous_connections_idle_out_sooner_than_identities(mvc_stack):
     address = address_of_uri(service.uri("remote_mvc.model"))
     controller = mvc_stack.client("controller")
     controller.query()
-    before = controller._proxy()._pyroConnection
+    before = controller.proxy().socket
     anonymous = connected(address, "remote_mvc.model")
     anonymous.settimeout(10)
     assert anonymous.recv(1) == b""  # the server hung up on the idle anonymous connection
     anonymous.close()
     controller.query()
-    assert controller._proxy()._pyroConnection is before  # the identity's idle connection was kept
+    assert controller.proxy().socket is before  # the identity's idle connection was kept
 
 
 def test_the_tarpit_lets_go_of_a_peer_that_left(mvc_stack):
@@ -286,7 +286,7 @@ def test_silent_tcp_connections_do_not_stall_a_tls_daemon(tls_stack):
     try:
         client = tls_stack.client("controller", retry_seconds=0)
         assert client.modify({"value": 5}) == 1  # connects and calls while the silent ones are open
-        assert isinstance(client._proxy()._pyroConnection.sock, ssl.SSLSocket)
+        assert isinstance(client.proxy().socket, ssl.SSLSocket)
         for s in silent:  # each is closed after the handshake timeout, and audited
             assert s.recv(1) == b""
     finally:

@@ -13,13 +13,12 @@ from remote_mvc import (
     ValidationError,
     read_audit,
 )
-from remote_mvc._store import Store
 from remote_mvc.store import SQLiteStore
 
 
 def make(tmp_path, metrics=None, **kw):
     metrics = metrics or Metrics()
-    store = Store(tmp_path / "state.sqlite3", kw.get("history_limit", 10000))
+    store = SQLiteStore(tmp_path / "state.sqlite3", kw.get("history_limit", 10000))
     audit = AuditLog(tmp_path / "audit.jsonl", metrics)
     return ModelServer("m", ExampleModel, store, audit, metrics, clock=lambda: 123.0, **kw).start()
 
@@ -73,7 +72,7 @@ def test_restart_restores_values_revision_and_history(tmp_path):
     for i in range(1, 6):
         m.modify({"value": i})
     m.close()
-    m._store.close()
+    m.pipeline.store.close()
     m2 = make(tmp_path)
     assert m2.snapshot()["revision"] == 5 and m2.query() == {"name": "xxx", "value": 5}
     assert [e["revision"] for e in m2.history(2)] == [3, 4, 5]
@@ -87,7 +86,7 @@ def test_request_id_makes_retries_apply_once_even_across_restart(tmp_path):
     assert m.modify({"value": 1}, request_id="r1") == 1
     assert m.snapshot()["revision"] == 1
     m.close()
-    m._store.close()
+    m.pipeline.store.close()
     m2 = make(tmp_path)
     assert m2.modify({"value": 1}, request_id="r1") == 1
     assert m2.modify({"value": 2}, request_id="r2") == 2
@@ -113,7 +112,7 @@ def test_commit_failure_is_refused_and_not_applied(tmp_path):
     metrics = Metrics()
     m = make(tmp_path, metrics)
     m.modify({"value": 1})
-    m._store._db.close()  # the disk is gone
+    m.pipeline.store.close()  # the disk is gone
     with pytest.raises(PersistenceError):
         m.modify({"value": 2})
     assert m.query()["value"] == 1 and m.snapshot()["revision"] == 1
@@ -129,15 +128,15 @@ def test_commit_failure_is_refused_and_not_applied(tmp_path):
 def test_a_failed_commit_whose_failure_cannot_be_recorded_is_reported_as_undecided(tmp_path):
     m = make(tmp_path)
     m.modify({"value": 1})
-    m._store._db.close()  # the state disk is gone...
-    real = m._audit.record_many
+    m.pipeline.store.close()  # the state disk is gone...
+    real = m.pipeline.audit.record_many
 
     def record_many(records):
         if any(result == "failed" for _, _, _, result, _ in records):  # ...and the audit disk is full
             raise PersistenceError("audit log not writable: No space left on device")  # by the time the
         return real(records)  # failure is recorded
 
-    m._audit.record_many = record_many
+    m.pipeline.audit.record_many = record_many
     with pytest.raises(PersistenceError, match="may still be applied when the server restarts"):
         m.modify({"value": 2}, request_id="r2")
     assert m.query()["value"] == 1
@@ -149,17 +148,17 @@ def test_a_failed_commit_whose_failure_cannot_be_recorded_is_reported_as_undecid
 
 def test_audit_failure_refuses_the_change(tmp_path):
     m = make(tmp_path)
-    m._audit.path = tmp_path  # a directory: the audit log cannot be written
-    m._audit._reset()
+    m.pipeline.audit.close()
+    m.pipeline.audit.path = tmp_path  # a directory: the audit log cannot be written
     with pytest.raises(PersistenceError, match="audit"):
         m.modify({"value": 2})
-    assert m.snapshot()["revision"] == 0 and m._store.load("m") == (0, None)
+    assert m.snapshot()["revision"] == 0 and m.pipeline.store.load("m") == (0, None)
     m.close()
 
 
 def _restart(m, tmp_path, **kw):
     m.close()
-    m._store.close()
+    m.pipeline.store.close()
     return make(tmp_path, **kw)
 
 
@@ -167,7 +166,7 @@ def test_restart_after_a_crash_between_audit_and_commit_rolls_the_change_forward
     m = make(tmp_path)
     m.modify({"value": 1})
     # the crash: the record of revision 2 is written (and fsynced), the commit never happens
-    m._audit.record("modify", "controller", "10.0.0.9:5", "accepted", model="m", changes={"value": 2},
+    m.pipeline.audit.record("modify", "controller", "10.0.0.9:5", "accepted", model="m", changes={"value": 2},
                     revision=2, request="r2")
     m2 = _restart(m, tmp_path)
     assert m2.snapshot()["revision"] == 2 and m2.query()["value"] == 2
@@ -190,7 +189,7 @@ def test_a_state_file_that_lost_its_unsynced_tail_is_restored_from_the_audit_log
         m.modify({"value": v}, request_id=f"r{v}")
     m.modify({"name": "last"})
     m.close()
-    m._store.close()
+    m.pipeline.store.close()
     # a power loss: the audited commits were not fsynced; the state file is back at revision 1
     db = sqlite3.connect(tmp_path / "state.sqlite3")
     db.execute("DELETE FROM events WHERE revision > 1")
@@ -202,7 +201,7 @@ def test_a_state_file_that_lost_its_unsynced_tail_is_restored_from_the_audit_log
     assert [e["values"] for e in m2.history(0)] == [
         {"name": "xxx", "value": 1}, {"name": "xxx", "value": 2}, {"name": "xxx", "value": 3},
         {"name": "last", "value": 3}]
-    assert m2._store.load("m") == (4, {"name": "last", "value": 3})  # and committed again
+    assert m2.pipeline.store.load("m") == (4, {"name": "last", "value": 3})  # and committed again
     assert m2.modify({"value": 3}, request_id="r3") == 3  # request ids restored with the history
     m2.close()
 
@@ -210,8 +209,8 @@ def test_a_state_file_that_lost_its_unsynced_tail_is_restored_from_the_audit_log
 def test_an_audited_change_that_cannot_be_applied_at_start_up_is_recorded_as_failed(tmp_path):
     m = make(tmp_path)
     m.modify({"value": 1})
-    m._audit.record("modify", "controller", None, "accepted", model="m", changes={"value": "x"}, revision=2)
-    m._audit.record("modify", "controller", None, "accepted", model="m", changes={"value": 3}, revision=3)
+    m.pipeline.audit.record("modify", "controller", None, "accepted", model="m", changes={"value": "x"}, revision=2)
+    m.pipeline.audit.record("modify", "controller", None, "accepted", model="m", changes={"value": 3}, revision=3)
     m2 = _restart(m, tmp_path)
     assert m2.snapshot()["revision"] == 1  # nothing past the change that failed
     records = read_audit(tmp_path / "audit.jsonl")

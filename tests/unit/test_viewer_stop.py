@@ -1,11 +1,12 @@
-"""A stopping viewer host unsubscribes: once more after a timeout (a slow server), not after a refusal."""
+"""A stopping viewer host unsubscribes (viewer.unsubscribe): once more after a timeout (a slow server), not
+after a refusal."""
 
 import time
 
 from Pyro5.errors import ConnectionClosedError
 from Pyro5.errors import TimeoutError as PyroTimeout
 
-from remote_mvc import Settings, ViewerHost
+from remote_mvc.viewer import unsubscribe
 
 
 class StubClient:
@@ -27,25 +28,19 @@ class StubClient:
         self.closed += 1
 
 
-def host_with(client):
-    host = ViewerHost(Settings(service="viewer-test", metrics_port=-1))
-    host._clients["m"] = client
-    return host
-
-
 def test_a_timed_out_unsubscribe_is_tried_again_on_a_fresh_connection():
     client = StubClient(PyroTimeout("receiving: timeout"), True)
-    assert host_with(client)._unsubscribe("m", "v/1", time.monotonic() + 60) is None
+    assert unsubscribe(client, "v/1", time.monotonic() + 60) is None
     assert (client.calls, client.closed) == (2, 1)
 
 
 def test_no_second_try_once_the_stop_has_no_time_left():
     client = StubClient(PyroTimeout("receiving: timeout"), True)
-    error = host_with(client)._unsubscribe("m", "v/1", time.monotonic())
+    error = unsubscribe(client, "v/1", time.monotonic())
     assert isinstance(error, PyroTimeout) and client.calls == 1
 
 
 def test_a_server_that_is_gone_is_not_waited_for():
     client = StubClient(ConnectionClosedError("connection lost"), True)
-    error = host_with(client)._unsubscribe("m", "v/1", time.monotonic() + 60)
+    error = unsubscribe(client, "v/1", time.monotonic() + 60)
     assert isinstance(error, ConnectionClosedError) and client.calls == 1

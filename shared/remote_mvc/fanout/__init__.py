@@ -5,7 +5,7 @@ Data flows one way, each part with one owner:
 * :mod:`.stream` – the shared log of recent events (one, whatever the number of
   viewers) and their encodings (each event's JSON once, a batch's text once);
 * :mod:`.registry` – the subscriptions: by id and viewer, their leases, their
-  owners' counts (the caps ``ModelServer.subscribe`` enforces);
+  owners' counts (the caps :mod:`remote_mvc.subscriptions` enforces);
 * :mod:`.cursor` – pure: what one viewer gets next (its backlog, the live
   stream from its place, or a snapshot once it is more than ``queue_limit``
   events behind);
@@ -84,7 +84,7 @@ class Fanout:
         backlog and the live stream. A viewer id subscribing again replaces its
         old subscription (a reconnect), so the count stays right; whether the
         caller may replace it is the model server's to decide (see
-        ``ModelServer.subscribe``). ``identity`` and ``host`` say who subscribes.
+        :mod:`remote_mvc.subscriptions`). ``identity`` and ``host`` say who subscribes.
         """
         cursor = Cursor(self.stream, self.snapshot)
         if backlog is None:

@@ -13,8 +13,9 @@ with no daemon, socket or thread: :class:`FakeModel` and :class:`FakeViewerHost`
 
 Documented test seams (public, meant for tests): :meth:`Stack.model_uri` (the URI to speak to
 the model server with a proxy or raw bytes of one's own), ``AuthProxy.metadata()`` and
-``AuthProxy.socket`` (what a daemon told a proxy, the socket it connected), ``SQLiteStore.pragma()``
-and ``SQLiteStore.checkpointing``, ``ModelServer.pipeline`` (its queue, store and commit), and
+``AuthProxy.socket`` (what a daemon told a proxy, the socket it connected), ``ModelClient.proxy()``
+(the calling thread's ``AuthProxy``), ``SQLiteStore.pragma()``
+and ``SQLiteStore.checkpointing``, ``ModelServer.pipeline`` (its queue, store, audit log and commit), and
 :class:`SocketPairs` (a fan-out ``connect`` over socket pairs, to drive its real loop in a test).
 """
 
