@@ -2,8 +2,10 @@
 
 Every error raised on purpose by the library derives from :class:`MVCError`.
 Errors raised inside a server method cross the Pyro5 wire with their type and
-message intact: importing this module registers each class with Pyro5's
-serializer, so a client catches ``ValidationError`` rather than a generic error.
+message intact: ``remote_mvc.setup()`` registers each class of this module with
+Pyro5's serializer (:mod:`remote_mvc.pyro.setup`), so a client catches
+``ValidationError`` rather than a generic error. This module itself imports no
+Pyro5 and changes nothing at import.
 
 ::
 
@@ -25,9 +27,6 @@ serializer, so a client catches ``ValidationError`` rather than a generic error.
 """
 
 from __future__ import annotations
-
-from Pyro5.api import register_dict_to_class
-from Pyro5.serializers import SerializerBase
 
 __all__ = [
     "MVCError",
@@ -116,16 +115,3 @@ class GatewayError(MVCError):
         super().__init__(message)
         self.status = status
 
-
-def _register_wire_types() -> None:
-    """Let Pyro5 rebuild our exceptions on the client with their own class."""
-    for name in __all__:
-        cls = globals()[name]
-
-        def convert(_classname: str, data: dict, cls: type = cls) -> Exception:
-            return SerializerBase.make_exception(cls, data)
-
-        register_dict_to_class(f"{cls.__module__}.{cls.__name__}", convert)
-
-
-_register_wire_types()

@@ -15,7 +15,9 @@ def state():
     return {"config": {k: repr(getattr(config, k)) for k in sorted(config.__slots__)},
             "serializers": {i: type(s).__name__ for i, s in Pyro5.serializers.serializers_by_id.items()},
             "zlib": type(Pyro5.protocol.zlib).__name__,
-            "tls": [repr(getattr(Pyro5.socketutil, c)) for c in ("__ssl_client_context", "__ssl_server_context")]}
+            "tls": [repr(getattr(Pyro5.socketutil, c)) for c in ("__ssl_client_context", "__ssl_server_context")],
+            "dict_to_class": sorted(getattr(Pyro5.serializers.SerializerBase,
+                                            "_SerializerBase__custom_dict_to_class_registry"))}
 """
 
 
@@ -65,6 +67,7 @@ def test_setup_applies_once_and_again_is_harmless():
     assert first["zlib"] == "_BoundedZlib"
     assert first["config"]["SERIALIZER"] == "'serpent'" and first["config"]["THREADPOOL_SIZE"] == "50"
     assert first["config"]["MAX_RETRIES"] == "0"
+    assert "remote_mvc.errors.ValidationError" in first["dict_to_class"]  # errors keep their type over the wire
 
 
 def test_a_client_with_other_tls_settings_than_setup_is_refused():

@@ -22,12 +22,15 @@ import threading
 
 from Pyro5 import config as pyro_config
 from Pyro5 import socketutil
+from Pyro5.api import register_dict_to_class
+from Pyro5.serializers import SerializerBase
 
+from .. import errors
 from ..config import Settings
 from ..errors import SetupRequired
 from .hardening import harden_pyro
 
-__all__ = ["MAX_MESSAGE_SIZE", "setup", "is_setup", "require_setup", "configure_tls"]
+__all__ = ["MAX_MESSAGE_SIZE", "setup", "is_setup", "require_setup", "configure_tls", "register_error_types"]
 
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 # Pyro5's socketutil caches one TLS context of each kind (name-mangled module globals)
@@ -41,13 +44,27 @@ def _tls_of(settings: Settings) -> tuple:
     return settings.tls, settings.tls_cert, settings.tls_key, settings.tls_ca
 
 
+def register_error_types() -> None:
+    """Let Pyro5 rebuild remote-mvc's exceptions (``remote_mvc.errors``) with their own class, so
+    that they keep their type over the wire (idempotent: a name maps to its class)."""
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+
+        def convert(_classname: str, data: dict, cls: type = cls) -> Exception:
+            return SerializerBase.make_exception(cls, data)
+
+        register_dict_to_class(f"{cls.__module__}.{cls.__name__}", convert)
+
+
 def setup(settings: Settings | None = None) -> None:
     """Configure Pyro5 for remote-mvc in this process (idempotent).
 
     Sets the threaded server and its pool size, the serpent serializer, no
     detailed tracebacks, a 16 MiB message bound, TCP_NODELAY, no automatic
     retries; refuses ``marshal`` on input and bounds zlib inflation (see
-    :mod:`.hardening`); and turns two-way TLS on or off (:func:`configure_tls`).
+    :mod:`.hardening`); registers remote-mvc's error classes with Pyro5's
+    serializer (:func:`register_error_types`); and turns two-way TLS on or off
+    (:func:`configure_tls`).
     ``settings`` defaults to ``Settings.from_env()``.
     """
     global _applied
@@ -63,6 +80,7 @@ def setup(settings: Settings | None = None) -> None:
         cfg.SOCK_NODELAY = True
         cfg.MAX_RETRIES = 0
         harden_pyro()
+        register_error_types()
         configure_tls(settings)
         _applied = _tls_of(settings)
 
