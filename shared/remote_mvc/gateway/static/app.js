@@ -80,7 +80,10 @@
     source.addEventListener("change", onChange);
     source.onopen = () => {
       view.retry = 500;
-      if (view.resumed) setState("live", "live (resumed)"); else setState("live");
+      // "live" only once the page holds the model's state: a first connection waits for its snapshot
+      if (view.resumed) setState("live", "live (resumed)");
+      else if (view.revision >= 0) setState("live");
+      else setState("connecting", "syncing");
     };
     source.onerror = () => {
       // our own reconnect: the URL carries the revision and epoch we hold, for an exact resume
