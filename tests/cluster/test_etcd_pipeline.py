@@ -40,7 +40,7 @@ def prefix():
 
 
 def replica(etcd, prefix, tmp_path, name="a", history_limit=10000, metrics=None):
-    store = EtcdStore(etcd.endpoints, prefix, history_limit, timeout=0.5)
+    store = EtcdStore(etcd.endpoints, prefix, history_limit, timeout=1.0)  # the production default (call_timeout / 3)
     metrics = metrics or Metrics()
     return ModelServer("m", ExampleModel, store, AuditLog(tmp_path / f"audit-{name}.jsonl", metrics), metrics,
                        history_limit=history_limit, call_timeout=3.0).start()
