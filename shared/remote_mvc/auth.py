@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from Pyro5.api import current_context, expose
 
@@ -253,7 +253,7 @@ class Throttle:
 
     def failed(self, address: str) -> float:
         """Record a failure; return how long to delay the refusal (seconds)."""
-        host = address.rsplit(":", 1)[0]
+        host = host_of(address)
         now = self.clock()
         with self._lock:
             recent = [t for t in self._failures.get(host, []) if now - t < self.window] + [now]
@@ -262,6 +262,20 @@ class Throttle:
                 self._failures = {h: ts for h, ts in self._failures.items() if now - ts[-1] < self.window}
         excess = len(recent) - self.free
         return 0.0 if excess <= 0 else min(self.max_delay, 0.05 * 2 ** min(excess, 10))
+
+
+@overload
+def host_of(address: str) -> str: ...
+
+
+@overload
+def host_of(address: None) -> None: ...
+
+
+def host_of(address: str | None) -> str | None:
+    """The host part of a ``host:port`` client address (None for in-process callers): what limits,
+    throttles and ownership count by, since a peer picks its port freely."""
+    return None if address is None else address.rsplit(":", 1)[0].strip("[]")
 
 
 def address_of(conn: Any) -> str:

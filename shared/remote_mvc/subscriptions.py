@@ -31,17 +31,13 @@ from Pyro5.core import URI
 from Pyro5.errors import PyroError
 
 from . import auth
+from .auth import host_of
 from .errors import LimitExceeded, PermissionDenied, ValidationError
 from .fanout import Fanout, Subscription
 
-__all__ = ["Caller", "Subscriptions", "host_of"]
+__all__ = ["Caller", "Subscriptions"]
 
 MAX_RENEW = 100_000  # subscription ids one renew call may name
-
-
-def host_of(address: str | None) -> str | None:
-    """The host part of a ``host:port`` client address (None for in-process callers)."""
-    return None if address is None else address.rsplit(":", 1)[0].strip("[]")
 
 
 class Caller(NamedTuple):

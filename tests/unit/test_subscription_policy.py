@@ -7,10 +7,11 @@ import threading
 import pytest
 
 from remote_mvc import LimitExceeded, Metrics, PermissionDenied, ValidationError
+from remote_mvc.auth import host_of
 from remote_mvc.fanout import Fanout, Subscription
 from remote_mvc.fanout.cursor import Cursor
 from remote_mvc.fanout.window import Window
-from remote_mvc.subscriptions import Caller, Subscriptions, host_of
+from remote_mvc.subscriptions import Caller, Subscriptions
 
 ALICE = Caller("alice", "controller", "10.0.0.1:5000")
 BOB = Caller("bob", "controller", "10.0.0.2:5000")

@@ -50,7 +50,7 @@ from Pyro5 import protocol
 from Pyro5 import serializers as pyro_serializers
 from Pyro5.callcontext import current_context
 
-from ..auth import ANONYMOUS, address_of
+from ..auth import ANONYMOUS, address_of, host_of
 from ..errors import AuthenticationError
 from ..logs import log_event
 from . import notify
@@ -142,7 +142,7 @@ class GuardedDaemonMixin(_DaemonBase):
 
     # connections -----------------------------------------------------------------
     def _admit(self, conn: Any) -> bool:
-        host = _host_of(conn)
+        host = host_of(address_of(conn))
         with self._per_address_lock:
             if self._per_address[host] >= self.max_connections_per_address:
                 return False
@@ -301,10 +301,6 @@ class GuardedDaemonMixin(_DaemonBase):
 
 _DRAIN_MAX = 16 * 1024 * 1024  # Pyro5's own message bound (clients check it before sending)
 _READ_SIZE = 65536  # larger reads cost more than they save: recv allocates the whole size first
-
-
-def _host_of(conn: Any) -> str:
-    return address_of(conn).rsplit(":", 1)[0]
 
 
 class AuthMixin(GuardedDaemonMixin):
