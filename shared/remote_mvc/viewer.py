@@ -180,6 +180,10 @@ class Viewer:
             if self.measure:
                 self._latency.observe(max(0.0, arrived - event["time"]))
             self._apply_event(event)
+        self._moved()
+
+    def _moved(self) -> None:
+        """The revision may have moved (lock held): the gauge, and whoever waits in wait_for."""
         self._revision_gauge.set(self.revision)
         if self._waiting:  # notify_all costs a few µs even with nobody waiting
             self._changed.notify_all()
@@ -200,9 +204,7 @@ class Viewer:
                     self._resync("gap")
                 else:
                     self._catch_up(revision)
-                self._revision_gauge.set(self.revision)
-                if self._waiting:
-                    self._changed.notify_all()
+                self._moved()
 
     def _apply_event(self, event: dict[str, Any]) -> None:
         revision = event["revision"]
@@ -361,9 +363,7 @@ class ViewerHost(Service):
 
     def add(self, viewer: Viewer) -> Viewer:
         """Host a viewer: it joins its model's stream (subscribed by the keeper; at once when running)."""
-        client = self._client(viewer.model)
-        viewer.fetch = lambda since: client.history(since)
-        viewer.fetch_snapshot = client.snapshot
+        self._attach(viewer)
         self.viewers.append(viewer)
         self._stream(viewer).join(viewer)
         self._kick.set()
@@ -389,11 +389,9 @@ class ViewerHost(Service):
         model = first.model
         stream = self._streams.get(model)
         if stream is None:
-            client = self._client(model)
             mirror = Viewer(first.viewer_id, model, metrics=self.metrics, log_values=False)
             mirror.measure = False
-            mirror.fetch = lambda since: client.history(since)
-            mirror.fetch_snapshot = client.snapshot
+            self._attach(mirror)
             stream = self._streams[model] = Stream(mirror.viewer_id, mirror, self._dispatcher)
             object_id = f"stream.{self._host_id}.{model}"
             if self.daemon is not None:
@@ -401,6 +399,12 @@ class ViewerHost(Service):
             else:
                 self.serve(stream, object_id=object_id)
         return stream
+
+    def _attach(self, viewer: Viewer) -> None:
+        """Give a viewer its model server's history and snapshot, for the gaps it fills itself."""
+        client = self._client(viewer.model)
+        viewer.fetch = lambda since: client.history(since)
+        viewer.fetch_snapshot = client.snapshot
 
     def stream(self, model: str) -> Stream | None:
         """This host's stream for ``model`` (None when no viewer of it was added)."""
@@ -506,10 +510,14 @@ class ViewerHost(Service):
             unknown = set(self._client(model).renew([self._subs[s] for s in streams]))
             for stream in streams:
                 if self._subs[stream] in unknown:
-                    del self._subs[stream]
-                    self._told.pop(stream, None)
+                    self._forget(stream)
                     log_event(log, "lease_lost", "subscription lost; re-subscribing", viewer_id=stream.viewer_id,
                               model=model, revision=stream.revision, members=len(stream))
+
+    def _forget(self, stream: Stream) -> None:
+        """The server no longer holds ``stream``'s subscription (lost, or ended by us)."""
+        del self._subs[stream]
+        self._told.pop(stream, None)
 
     def _readvertise(self) -> None:
         """Follow a change of our own address (a container reconnected to its network
@@ -531,8 +539,7 @@ class ViewerHost(Service):
                     error = self._unsubscribe(stream.model, sid, time.monotonic() + 2 * self.settings.call_timeout)
                     if error is not None:
                         raise error
-                    del self._subs[stream]
-                    self._told.pop(stream, None)
+                    self._forget(stream)
                     log_event(log, "unsubscribed", "stream left without viewers: unsubscribed",
                               viewer_id=stream.viewer_id, model=stream.model)
                 continue
@@ -541,8 +548,7 @@ class ViewerHost(Service):
                     if self._client(stream.model).set_members(sid, stream.member_ids()) is True:
                         self._told[stream] = version
                         continue
-                    del self._subs[stream]  # the server no longer knows it: subscribe again, now
-                    self._told.pop(stream, None)
+                    self._forget(stream)  # the server no longer knows it: subscribe again, now
                 else:
                     continue
             self._subscribe(stream, version)
