@@ -13,27 +13,32 @@ from remote_mvc.backup import create_backup, restore_backup
 from remote_mvc.testing import Stack
 
 
+def backup_while_writing(client, settings, dest, first: int) -> dict:
+    """Take a backup while a controller modifies the model back to back (values first, first+1, ...)."""
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = first
+        while not stop.is_set():
+            client.modify({"value": i})
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        return create_backup(settings, dest)
+    finally:
+        stop.set()
+        t.join(10)
+
+
 def test_backup_while_changes_flow_then_restore_into_a_fresh_stack(mvc_stack, tmp_path):
     model = mvc_stack.model()
     rm = mvc_stack.client()
     for i in range(1, 21):
         rm.modify({"value": i})
     # changes keep coming while the backup runs: the snapshot is consistent, the copied log holds it all
-    stop = threading.Event()
-
-    def writer() -> None:
-        i = 100
-        while not stop.is_set():
-            i += 1
-            rm.modify({"value": i})
-
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
-        manifest = create_backup(model.settings, tmp_path / "b1")
-    finally:
-        stop.set()
-        t.join(10)
+    manifest = backup_while_writing(rm, model.settings, tmp_path / "b1", first=101)
     snap_rev = manifest["revisions"]["remote_mvc.model"]
     assert snap_rev >= 20 and manifest["audit_last_accepted_revision"] >= snap_rev
     assert oct((tmp_path / "b1").stat().st_mode & 0o777) == "0o700"
@@ -67,21 +72,7 @@ def test_restoring_a_backup_taken_under_load_rolls_forward_to_the_log(mvc_stack,
     model = mvc_stack.model()
     rm = mvc_stack.client()
     rm.modify({"value": 0})
-    stop = threading.Event()
-
-    def writer() -> None:
-        i = 0
-        while not stop.is_set():
-            i += 1
-            rm.modify({"value": i})
-
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
-        manifest = create_backup(model.settings, tmp_path / "b")
-    finally:
-        stop.set()
-        t.join(10)
+    manifest = backup_while_writing(rm, model.settings, tmp_path / "b", first=1)
     fresh = Stack(tmp_path / "fresh").start()
     try:
         restore_backup(fresh.settings.replace(service="model"), tmp_path / "b")
