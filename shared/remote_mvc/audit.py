@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ._files import open_private_append
+from .auth import host_of
 from .errors import PersistenceError
 from .metrics import Metrics
 
@@ -84,7 +85,7 @@ class AuditLog:
     def refusal(self, action: str, identity: str, client: str | None, result: str, **fields: Any) -> bool:
         """Record a refusal, throttled per address: True when written as a record of its own, False
         when counted into its address's next summary record (see the module's docstring)."""
-        host = "local" if client is None else client.rsplit(":", 1)[0]
+        host = host_of(client) or "local"
         now = self.monotonic()
         with self._throttle_lock:
             bucket = self._buckets.get(host)
