@@ -90,6 +90,11 @@ class Settings:
     # (its handler slower than the change rate) is conflated: it gets the stream's latest state instead
     viewer_backlog: int = 256
     viewer_dispatch_threads: int = 4  # threads running viewers' handlers (a viewer on at most one at a time)
+    # a handler running longer than this is stalled: while work waits, the host adds a spare worker so
+    # the other viewers go on, up to viewer_dispatch_threads_max workers in all
+    viewer_stall_seconds: float = 2.0
+    viewer_dispatch_threads_max: int = 32
+    viewer_spare_idle_seconds: float = 30.0  # a spare worker idle this long retires
     # model server: how many member viewers one stream subscription may claim (viewers() lists each)
     max_stream_members: int = 5000
     # who may hold how many subscriptions: an identity at most this many (admins are not bounded)...
@@ -169,6 +174,10 @@ class Settings:
                 raise ConfigError(f"{PREFIX}STORE must be sqlite or etcd endpoints like http://host:2379, not {bad}")
         if bool(self.etcd_cert) != bool(self.etcd_key):
             raise ConfigError(f"{PREFIX}ETCD_CERT and {PREFIX}ETCD_KEY go together")
+        if self.viewer_stall_seconds <= 0 or self.viewer_spare_idle_seconds <= 0:
+            raise ConfigError(f"{PREFIX}VIEWER_STALL_SECONDS and {PREFIX}VIEWER_SPARE_IDLE_SECONDS must be positive")
+        if self.viewer_dispatch_threads_max < self.viewer_dispatch_threads:
+            raise ConfigError(f"{PREFIX}VIEWER_DISPATCH_THREADS_MAX must be at least {PREFIX}VIEWER_DISPATCH_THREADS")
         if self.audit_refusals_per_second <= 0:
             raise ConfigError(f"{PREFIX}AUDIT_REFUSALS_PER_SECOND must be positive")
         for name in ("queue_limit", "batch_max", "history_limit", "threadpool_size", "max_subscriptions_per_identity",

@@ -25,7 +25,13 @@ member through the host's :class:`Dispatcher`:
   Lightstreamer's merge mode), counted in ``remote_mvc_viewer_conflated_total``
   and logged (at most once a second per stream);
 * a viewer that joins a running stream starts from the mirror's state, or,
-  when it already holds a revision, catches up from history itself.
+  when it already holds a revision, catches up from history itself;
+* a handler that *stalls* (runs longer than ``viewer_stall_seconds``, e.g.
+  blocked on I/O without a timeout) does not take the pool with it: while work
+  waits and fewer than ``viewer_dispatch_threads`` workers are free of stalled
+  handlers, a watchdog adds a spare worker (at most
+  ``viewer_dispatch_threads_max`` in all; spares retire when idle), logs
+  ``viewer_handler_stalled`` and counts ``remote_mvc_viewer_stalls_total``.
 
 The model server's sender therefore never waits on a viewer's handler: the
 stream answers as soon as the mirror applied the batch. The server drops a host
@@ -40,6 +46,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import auth
@@ -73,33 +80,94 @@ class _Member:
 class Dispatcher:
     """Runs the members' handlers on a small pool of threads, each member on one thread at a time."""
 
-    def __init__(self, threads: int, backlog: int, metrics: Metrics) -> None:
+    def __init__(self, threads: int, backlog: int, metrics: Metrics, *, max_threads: int | None = None,
+                 stall_seconds: float = 2.0, spare_idle_seconds: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.threads = threads
+        self.max_threads = max(threads, max_threads or threads)
         self.backlog = backlog
+        self.stall_seconds = stall_seconds
+        self.spare_idle_seconds = spare_idle_seconds
+        self._clock = clock
         self._metrics = metrics
         self._lock = threading.Lock()
         self._ready: queue.SimpleQueue[_Member | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
+        self._running: dict[threading.Thread, tuple[float, _Member]] = {}  # worker -> (since, member) in a run
+        self._spawned = 0
+        self._watchdog: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._logged: dict[str, float] = {}  # model -> when a conflation was last logged
         self._conflations: dict[str, int] = collections.Counter()
         self._loop_errors = metrics.loop_errors.labels("viewer-dispatch")
 
     def start(self) -> None:
-        """Start the workers (once)."""
-        if self._workers:
-            return
-        for i in range(self.threads):
-            t = threading.Thread(target=self._work, name=f"viewer-dispatch-{i}", daemon=True)
-            t.start()
-            self._workers.append(t)
+        """Start the workers and the stall watchdog (once)."""
+        with self._lock:
+            if self._workers:
+                return
+            self._stopping.clear()
+            for _ in range(self.threads):
+                self._spawn()
+        if self.max_threads > self.threads:
+            self._watchdog = threading.Thread(target=self._watch, name="viewer-dispatch-watchdog", daemon=True)
+            self._watchdog.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Let the workers finish what they run and end."""
-        for _ in self._workers:
+        """Let the workers finish what they run and end; wait ``timeout`` in all, not per worker (a
+        stalled handler's worker is left to end on its own: it is a daemon thread)."""
+        self._stopping.set()
+        with self._lock:
+            workers = list(self._workers)
+        for _ in workers:
             self._ready.put(None)
-        for t in self._workers:
-            t.join(timeout)
-        self._workers.clear()
+        deadline = time.monotonic() + timeout
+        for t in workers:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if self._watchdog is not None:
+            self._watchdog.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._workers.clear()
+
+    def workers(self) -> int:
+        """How many workers the pool has now (spares included)."""
+        with self._lock:
+            return len(self._workers)
+
+    def _spawn(self) -> None:
+        """Add a worker (the lock held)."""
+        t = threading.Thread(target=self._work, name=f"viewer-dispatch-{self._spawned}", daemon=True)
+        self._spawned += 1
+        self._workers.append(t)
+        t.start()
+
+    def _watch(self) -> None:
+        """Add a spare worker while work waits and stalled handlers hold too many of the workers."""
+        period = max(0.01, self.stall_seconds / 2)
+        while not self._stopping.wait(period):
+            try:
+                self._check_stalls()
+            except Exception as exc:  # noqa: BLE001 - the watchdog outlives anything one check hits
+                self._loop_errors.inc()
+                log_exception(log, "loop_error", "unexpected error in the dispatch watchdog; it goes on", exc,
+                              loop="viewer-dispatch-watchdog")
+
+    def _check_stalls(self) -> None:
+        now = self._clock()
+        with self._lock:
+            stalled = [(since, m) for since, m in self._running.values() if now - since >= self.stall_seconds]
+            if (self._ready.empty() or len(self._workers) - len(stalled) >= self.threads
+                    or len(self._workers) >= self.max_threads):
+                return
+            self._spawn()
+            workers = len(self._workers)
+        models = sorted({m.viewer.model for _, m in stalled})
+        for model in models:
+            self._metrics.viewer_stalls.labels(model).inc()
+        log_event(log, "viewer_handler_stalled", "viewer handlers are stalled: a spare dispatch worker runs the "
+                  "other viewers", level=logging.WARNING, models=models, workers=workers,
+                  viewer_ids=sorted(m.viewer.viewer_id for _, m in stalled),
+                  stalled_seconds=round(max(now - since for since, _ in stalled), 3))
 
     def offer(self, member: _Member, batch: dict[str, Any], events: int) -> None:
         """Queue a notification for ``member`` (``events``: how many events it carries, a snapshot
@@ -157,16 +225,29 @@ class Dispatcher:
                       conflations=self._conflations[model])
 
     def _work(self) -> None:
+        me = threading.current_thread()
         while True:
-            member = self._ready.get()
+            try:
+                member = self._ready.get(timeout=self.spare_idle_seconds)
+            except queue.Empty:
+                with self._lock:  # idle: a spare (beyond the pool's size) retires
+                    if len(self._workers) > self.threads and me in self._workers:
+                        self._workers.remove(me)
+                        return
+                continue
             if member is None:
                 return
+            with self._lock:
+                self._running[me] = (self._clock(), member)
             try:
                 self._run(member)
             except Exception as exc:  # noqa: BLE001 - a worker outlives anything one run hits
                 self._loop_errors.inc()
                 log_exception(log, "loop_error", "unexpected error in a viewer dispatch worker; it goes on", exc,
                               loop="viewer-dispatch")
+            finally:
+                with self._lock:
+                    self._running.pop(me, None)
 
     def _run(self, member: _Member) -> None:
         """One run of a member: everything pending for it, in order; then the back of the line."""

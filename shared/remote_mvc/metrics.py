@@ -91,6 +91,9 @@ class Metrics:
         self.viewer_conflated = Counter(
             "remote_mvc_viewer_conflated", "Viewers whose backlog overflowed and who were given the stream's "
             "latest state instead (their handler slower than the change rate).", ["model"], registry=r)
+        self.viewer_stalls = Counter(
+            "remote_mvc_viewer_stalls", "Times a viewer host added a spare dispatch worker because viewer "
+            "handlers were stalled (running longer than MVC_VIEWER_STALL_SECONDS).", ["model"], registry=r)
         self.handler_errors = Counter(
             "remote_mvc_viewer_handler_errors", "Viewer handlers (on_change) that raised.", ["model"], registry=r)
         self.auth_failures = Counter(

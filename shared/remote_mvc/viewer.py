@@ -344,7 +344,10 @@ class ViewerHost(Service):
         self._subs: dict[Stream, str] = {}  # stream -> subscription id
         self._told: dict[Stream, int] = {}  # stream -> the member version the server knows
         self._host_id = uuid.uuid4().hex[:12]
-        self._dispatcher = Dispatcher(settings.viewer_dispatch_threads, settings.viewer_backlog, self.metrics)
+        self._dispatcher = Dispatcher(settings.viewer_dispatch_threads, settings.viewer_backlog, self.metrics,
+                                      max_threads=settings.viewer_dispatch_threads_max,
+                                      stall_seconds=settings.viewer_stall_seconds,
+                                      spare_idle_seconds=settings.viewer_spare_idle_seconds)
         self._clients: dict[str, ModelClient] = {}
         self._kick = threading.Event()
         self._sub_lock = threading.Lock()  # subscribing vs. unsubscribing at stop
@@ -440,6 +443,10 @@ class ViewerHost(Service):
     def subscriptions(self) -> int:
         """How many subscriptions this host holds (one per model with viewers)."""
         return len(self._subs)
+
+    def dispatch_workers(self) -> int:
+        """How many threads run the viewers' handlers now (spares for stalled handlers included)."""
+        return self._dispatcher.workers()
 
     def wait_subscribed(self, timeout: float) -> bool:
         """Wait until every viewer is subscribed, at most ``timeout`` seconds."""

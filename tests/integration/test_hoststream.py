@@ -138,6 +138,56 @@ def test_a_slow_handler_holds_up_only_its_own_viewer_and_is_conflated(mvc_stack,
     assert stuck.wait_for(rev, 10) and stuck.received[-1] == rev  # and it follows every change again
 
 
+def test_stalled_handlers_get_spare_workers_up_to_the_ceiling(mvc_stack, caplog):
+    """Three handlers block (I/O without a timeout) on a host of two dispatch workers: a watchdog adds
+    spare workers, never past the ceiling, so the other viewers get every change; the spares retire
+    once the stalled handlers return."""
+    model = mvc_stack.model()
+    gate = threading.Event()
+    blocked: list[str] = []
+
+    def stall(viewer, event):
+        if event is not None:
+            blocked.append(viewer.viewer_id)
+            gate.wait(60)
+
+    from remote_mvc import ViewerHost
+
+    settings = mvc_stack.settings.replace(service="viewer", viewer_dispatch_threads=2, viewer_dispatch_threads_max=4,
+                                          viewer_stall_seconds=0.2, viewer_spare_idle_seconds=0.5)
+    host = ViewerHost(settings)
+    name = model.settings.model_name
+    stuck = [host.add(Viewer(f"stuck-{i}", name, on_change=stall, record=True, log_values=False,
+                             metrics=host.metrics)) for i in range(3)]
+    others = [host.add(Viewer(f"ok-{i}", name, record=True, log_values=False, metrics=host.metrics))
+              for i in range(3)]
+    mvc_stack.adopt(host)
+    caplog.set_level(logging.WARNING, logger="remote_mvc.hoststream")
+    host.start()
+    assert host.dispatch_workers() == 2
+    wait_until(lambda: host.wait_subscribed(0.05), 10, message="viewers to subscribe")
+    rm = mvc_stack.client("controller")
+    revs = [rm.modify({"value": 1})]
+    wait_until(lambda: len(blocked) == 3, 10, message="all three handlers to stall")  # two workers were not enough
+    revs += [rm.modify({"value": i}) for i in range(2, 11)]
+    for view in others:  # a spare worker runs them, every change once, in order
+        assert view.wait_for(revs[-1], 10)
+        assert view.received == [0, *revs]
+    assert host.dispatch_workers() == 4  # three stalled and one spare for the rest: the ceiling, never more
+    assert all(view.revision == revs[0] for view in stuck)  # each still in its first handler call
+    assert sample(host.metrics, "remote_mvc_viewer_stalls_total", {"model": name}) >= 1
+    stalls = [r for r in caplog.records if getattr(r, "event", None) == "viewer_handler_stalled"]
+    assert stalls and set(stalls[-1].viewer_ids) <= {v.viewer_id for v in stuck}
+    gate.set()
+    for view in stuck:  # the stalled handlers return and their viewers catch up
+        assert view.wait_for(revs[-1], 10)
+        assert view.received == sorted(set(view.received)) and view.values["value"] == 10
+    wait_until(lambda: host.dispatch_workers() == 2, 10, message="the spares to retire")
+    rev = rm.modify({"value": 11})
+    for view in [*stuck, *others]:
+        assert view.wait_for(rev, 10)
+
+
 def test_the_stream_resubscribes_once_after_a_model_server_restart(mvc_stack):
     server = mvc_stack.process("model")
     server.wait_for_log(lambda r: r.get("event") == "registered", 15)

@@ -30,7 +30,8 @@ def test_unknown_setting_is_rejected_with_the_known_ones_listed():
 
 
 @pytest.mark.parametrize("env", [{"MVC_NS_PORT": "ninety"}, {"MVC_LEASE_SECONDS": "0"}, {"MVC_QUEUE_LIMIT": "0"},
-                                 {"MVC_VIEWER_SERVER": "forking"},
+                                 {"MVC_VIEWER_SERVER": "forking"}, {"MVC_VIEWER_STALL_SECONDS": "0"},
+                                 {"MVC_VIEWER_DISPATCH_THREADS": "8", "MVC_VIEWER_DISPATCH_THREADS_MAX": "4"},
                                  {"MVC_VIEWER_SERVER": "multiplex", "MVC_TLS_CA": "ca", "MVC_TLS_CERT": "c",
                                   "MVC_TLS_KEY": "k"}])
 def test_bad_values_are_rejected(env):
