@@ -6,12 +6,19 @@ group's metadata, see :func:`~remote_mvc.client.resolve_all`) and keeps a key
 that is SIGKILLed cannot unregister; its lease runs out instead, and the other replicas remove its
 name from the name server (after two rounds without its key, so a slow lease renewal is not
 taken for a death). Clients then stop trying it: they find only live replicas.
+
+A replica that had to take a new lease (its own had expired: etcd lost quorum, or this replica
+was cut off from it) judges nobody for one ``ttl`` after: its siblings' keys very likely expired
+in the same outage, and each renews at its own pace. Without that wait, the first replica back
+would remove the names of live ones (they register again, but their clients see them vanish).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 from Pyro5.errors import CommunicationError, NamingError, PyroError
 
@@ -33,8 +40,9 @@ class Membership:
     """This replica's liveness key in etcd, and the removal of dead siblings' names."""
 
     def __init__(self, store: EtcdStore, settings: Settings, model: str, replica: str, ttl: int = 5,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self._clock = clock
         self._loop_errors = (metrics or Metrics()).loop_errors.labels("replica-membership")
         self.settings = settings
         self.model = model
@@ -43,6 +51,7 @@ class Membership:
         self.prefix = store.key(model, "replicas/")
         self._lease = 0
         self._missing: dict[str, int] = {}  # sibling -> rounds its key was missing
+        self._judge_after = 0.0  # no sibling is judged dead before this (clock): see the module's docstring
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"replica-membership-{model}", daemon=True)
 
@@ -76,8 +85,12 @@ class Membership:
             self._lease = int(self.store.call("lease/grant", {"TTL": self.ttl, "ID": 0})["ID"])
             self.store.call("kv/put", {"key": b64(self.prefix + self.replica), "value": b64(self.replica),
                                        "lease": self._lease})
+            self._missing.clear()
+            self._judge_after = self._clock() + self.ttl  # the siblings' leases may have gone with ours
 
     def _sweep(self) -> None:
+        if self._clock() < self._judge_after:
+            return  # we are just back (or new): give the siblings a lease's time to renew theirs
         alive = self.alive()
         if self.replica not in alive:
             return  # our own key is not there yet: judge nobody

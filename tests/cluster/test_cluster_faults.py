@@ -106,6 +106,9 @@ def test_loss_of_quorum_refuses_writes_says_reads_may_be_stale_and_loses_nothing
     # the controllers retried through the outage with their request ids: no error reached them,
     # unless the outage outlasted their retry budget; either way nothing acknowledged is lost
     scenario.finish(allow_refusals=True)
+    # every replica lived through it: none took another for dead when their leases went with the
+    # quorum (the first one back waits a lease's time before judging its siblings)
+    assert [e for proc in scenario.replicas.values() for e in proc.events("replica_removed")] == []
 
 
 def test_rolling_restart_of_all_replicas_while_controllers_write(scenario):
