@@ -176,8 +176,10 @@ class Gateway(ViewerHost):
         return self
 
     def healthy(self) -> bool:
-        """True while the service is healthy (its viewers subscribed) and the HTTP server runs."""
-        return super().healthy() and self._server is not None and self._server.started and not self.closing
+        """True while the service is healthy (its viewers subscribed), every feed holds its model's
+        state (before that, reads answer 503), and the HTTP server runs."""
+        return (super().healthy() and all(feed.synced for feed in self.feeds.values())
+                and self._server is not None and self._server.started and not self.closing)
 
     def _stop_http(self) -> None:
         """End every stream (each writes its last bytes and closes), then the HTTP server."""

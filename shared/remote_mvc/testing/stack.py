@@ -299,13 +299,14 @@ class Stack:
 
     def gateway(self, **overrides: Any) -> Any:
         """Start a web gateway (``remote_mvc.gateway.Gateway``) on an ephemeral HTTP port, in this
-        process, once its viewers are subscribed; needs the ``gateway`` extra."""
+        process; returns once it is healthy (subscribed, every feed holding its model's state);
+        needs the ``gateway`` extra."""
         from ..gateway import Gateway
 
         gw = Gateway(self.settings.replace(service="gateway", identity="gateway", gateway_port=0, **overrides))
         self._services.append(gw)
         gw.start()
-        wait_until(lambda: gw.wait_subscribed(0.05), 10, message="the gateway to subscribe")
+        wait_until(gw.healthy, 10, message="the gateway to subscribe and hold every model's state")
         return gw
 
     def client(self, identity: str | None = "controller", model: str | None = None,
