@@ -287,14 +287,16 @@ class Stack:
 
     def viewers(self, count: int = 1, model: str | None = None, prefix: str = "viewer",
                 metrics: Metrics | None = None, **overrides: Any) -> tuple[ViewerHost, list[Viewer]]:
-        """A viewer host with ``count`` recording viewers, subscribed before it returns."""
+        """A viewer host with ``count`` recording viewers; returns once they are subscribed and each
+        holds the model's state (its first snapshot arrives after the subscribe call returns)."""
         host = ViewerHost(self.settings.replace(service="viewer", **overrides), metrics)
         model = model or self.settings.model_name
         views = [host.add(Viewer(f"{prefix}-{i}", model, metrics=host.metrics, record=True, log_values=False))
                  for i in range(count)]
         self._services.append(host)
         host.start()
-        wait_until(lambda: host.wait_subscribed(0.05), 10, message="viewers to subscribe")
+        wait_until(lambda: host.wait_subscribed(0.05) and all(v.synced for v in views), 10,
+                   message="viewers to subscribe and hold the model's state")
         return host, views
 
     def gateway(self, **overrides: Any) -> Any:
