@@ -520,16 +520,24 @@ class EtcdPipeline(Pipeline):
     # history pruning ---------------------------------------------------------------------
     def _compactor(self) -> None:
         """Remove events, audit records and request ids older than the history limit, off the commit
-        path, after every hundredth revision (any replica may do it; deleting twice is harmless)."""
+        path, after every hundredth revision (any replica may do it; deleting twice is harmless).
+        A prune that etcd did not answer is tried again every second until one goes through, not
+        left to the next hundredth revision (which may never come); the first failure is logged."""
+        failing = False
         while not self._stop.is_set():
             if not self._compact_due.wait(1.0):
                 continue
             self._compact_due.clear()
             try:
                 self.prune()
+                failing = False
             except ServiceUnavailable as exc:
-                log_event(log, "prune_failed", "history pruning failed; next time", level=logging.WARNING,
-                          model=self.name, error=str(exc))
+                if not failing:
+                    log_event(log, "prune_failed", "history pruning failed; trying again every second",
+                              level=logging.WARNING, model=self.name, error=str(exc))
+                failing = True
+                if not self._stop.wait(1.0):
+                    self._compact_due.set()
             except Exception:  # a bug: logged with its traceback, counted, and pruning goes on
                 log.exception("history pruning error")
                 self.metrics.loop_errors.labels("etcd-compactor").inc()

@@ -20,6 +20,7 @@ from remote_mvc import (
     HistoryCompacted,
     Metrics,
     ModelServer,
+    ServiceUnavailable,
     ValidationError,
 )
 from remote_mvc.cluster import EtcdPipeline
@@ -148,6 +149,34 @@ def test_history_is_pruned_in_etcd_with_the_history_compacted_contract(etcd, pre
         assert [e["revision"] for e in a.history(100)] == list(range(101, 131))
         kvs, _, _ = a.pipeline.store.range(f"{prefix}/m/requests/", f"{prefix}/m/requests0", keys_only=True)
         assert len(kvs) == 131 - first  # request ids go with their events
+    finally:
+        a.close()
+
+
+class _FirstPruneLost(EtcdStore):
+    """etcd as it is, except that the first pruning transaction (deletes only) gets no answer."""
+
+    lost = 0
+
+    def txn(self, compare, success, failure, deadline=None):
+        if not self.lost and success and all("request_delete_range" in op for op in success):
+            self.lost += 1
+            raise ServiceUnavailable("no answer from etcd (injected)")
+        return super().txn(compare, success, failure, deadline)
+
+
+def test_a_prune_etcd_did_not_answer_is_tried_again(etcd, prefix, tmp_path):
+    store = _FirstPruneLost(etcd.endpoints, prefix, 50, timeout=1.0)
+    metrics = Metrics()
+    a = ModelServer("m", ExampleModel, store, AuditLog(tmp_path / "audit.jsonl", metrics), metrics,
+                    history_limit=50, call_timeout=3.0).start()
+    try:
+        for i in range(130):
+            a.modify({"value": i})
+        # not left until revision 200 (which never comes): tried again, and pruned
+        first = wait_until(lambda: (store.first_revision("m") or 1) - 1, message="events pruned") + 1
+        assert store.lost == 1 and 51 <= first <= 81
+        assert [e["revision"] for e in a.history(100)] == list(range(101, 131))
     finally:
         a.close()
 
