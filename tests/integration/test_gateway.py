@@ -339,12 +339,18 @@ def test_slow_reader_gets_a_snapshot_instead_of_a_backlog(mvc_stack, big_model):
         seen = events_until(slow, last, timeout=60)
     kinds = [k for k, _ in seen]
     assert "snapshot" in kinds, "the slow reader never got a snapshot"
-    cut = kinds.index("snapshot")
-    before, snap, after = seen[:cut], seen[cut][1], seen[cut + 1:]
-    assert [d["revision"] for _, d in before] == list(range(1, len(before) + 1))  # no gap before it
-    assert snap["reason"] == "slow" and snap["revision"] > len(before)
-    assert [d["revision"] for _, d in after] == list(range(snap["revision"] + 1, last + 1))  # none after
-    assert seen[-1][1]["values"]["value"] == last
+    # every change once, in order, except where a snapshot stands for the ones the reader could not
+    # take; more than one when the gateway's writer was itself slow on a loaded machine: its buffer of
+    # 4 overflowed once before the socket was full, and again once it was
+    revision = 0
+    for kind, data in seen:
+        if kind == "snapshot":
+            assert data["reason"] == "slow" and data["revision"] > revision, "a snapshot that goes back"
+        else:
+            assert data["revision"] == revision + 1, "a gap that no snapshot covers"
+        revision = data["revision"]
+    assert revision == last and seen[-1][1]["values"]["value"] == last
+    assert len(seen) < last // 2  # a snapshot instead of the backlog
     assert slow_clients_dropped(gw, big_model) == 0
 
 
