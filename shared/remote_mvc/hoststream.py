@@ -237,20 +237,19 @@ class Dispatcher:
                 continue
             if member is None:
                 return
-            with self._lock:
-                self._running[me] = (self._clock(), member)
             try:
-                self._run(member)
+                self._run(member, me)
             except Exception as exc:  # noqa: BLE001 - a worker outlives anything one run hits
+                with self._lock:
+                    self._running.pop(me, None)  # the run ended here, not at its own end
                 self._loop_errors.inc()
                 log_exception(log, "loop_error", "unexpected error in a viewer dispatch worker; it goes on", exc,
                               loop="viewer-dispatch")
-            finally:
-                with self._lock:
-                    self._running.pop(me, None)
 
-    def _run(self, member: _Member) -> None:
-        """One run of a member: everything pending for it, in order; then the back of the line."""
+    def _run(self, member: _Member, worker: threading.Thread) -> None:
+        """One run of a member: everything pending for it, in order; then the back of the line.
+        While it runs, ``_running`` holds when it began (what the watchdog calls stalled), kept in the
+        two lock sections a run takes anyway."""
         with self._lock:
             batches = list(member.pending)
             member.pending.clear()
@@ -260,6 +259,7 @@ class Dispatcher:
             if member.removed or not (batches or conflate or sync_to is not None):
                 member.scheduled = False
                 return
+            self._running[worker] = (self._clock(), member)
         viewer = member.viewer
         try:
             if sync_to is not None:
@@ -277,6 +277,7 @@ class Dispatcher:
             log_event(log, "handler_error", f"viewer handler raised: {exc!r}", level=logging.WARNING,
                       viewer_id=viewer.viewer_id, model=viewer.model, revision=viewer.revision)
         with self._lock:
+            del self._running[worker]
             again = not member.removed and bool(member.pending or member.conflate or member.sync_to is not None)
             member.scheduled = again
         if again:
