@@ -40,8 +40,8 @@ def prefix():
     return f"/t-{uuid.uuid4().hex[:8]}"
 
 
-def replica(etcd, prefix, tmp_path, name="a", history_limit=10000, metrics=None):
-    store = EtcdStore(etcd.endpoints, prefix, history_limit, timeout=1.0)  # the production default (call_timeout / 3)
+def replica(etcd, prefix, tmp_path, name="a", history_limit=10000, metrics=None, store_class=EtcdStore):
+    store = store_class(etcd.endpoints, prefix, history_limit, timeout=1.0)  # the production default (call_timeout / 3)
     metrics = metrics or Metrics()
     return ModelServer("m", ExampleModel, store, AuditLog(tmp_path / f"audit-{name}.jsonl", metrics), metrics,
                        history_limit=history_limit, call_timeout=3.0).start()
@@ -166,10 +166,8 @@ class _FirstPruneLost(EtcdStore):
 
 
 def test_a_prune_etcd_did_not_answer_is_tried_again(etcd, prefix, tmp_path):
-    store = _FirstPruneLost(etcd.endpoints, prefix, 50, timeout=1.0)
-    metrics = Metrics()
-    a = ModelServer("m", ExampleModel, store, AuditLog(tmp_path / "audit.jsonl", metrics), metrics,
-                    history_limit=50, call_timeout=3.0).start()
+    a = replica(etcd, prefix, tmp_path, "a", history_limit=50, store_class=_FirstPruneLost)
+    store = a.pipeline.store
     try:
         for i in range(130):
             a.modify({"value": i})

@@ -96,17 +96,10 @@ def test_a_slow_handler_holds_up_only_its_own_viewer_and_is_conflated(mvc_stack,
             blocked.set()
             gate.wait(30)  # a handler far slower than the change rate
 
-    from remote_mvc import ViewerHost
-
-    host = ViewerHost(mvc_stack.settings.replace(service="viewer", viewer_backlog=5, viewer_dispatch_threads=2))
     name = model.settings.model_name
-    stuck = host.add(Viewer("stuck", name, on_change=slow, record=True, log_values=False, metrics=host.metrics))
-    others = [host.add(Viewer(f"ok-{i}", name, record=True, log_values=False, metrics=host.metrics))
-              for i in range(5)]
-    mvc_stack.adopt(host)
     caplog.set_level(logging.WARNING, logger="remote_mvc.hoststream")
-    host.start()
-    wait_until(lambda: host.wait_subscribed(0.05), 10, message="viewers to subscribe")
+    host, (stuck, *others) = mvc_stack.viewers(6, viewer_backlog=5, viewer_dispatch_threads=2)
+    stuck.on_change = slow  # each already holds the model's state
     rm = mvc_stack.client("controller")
     rm.modify({"value": 1})
     assert blocked.wait(10)  # the slow handler now holds its worker
@@ -151,21 +144,14 @@ def test_stalled_handlers_get_spare_workers_up_to_the_ceiling(mvc_stack, caplog)
             blocked.append(viewer.viewer_id)
             gate.wait(60)
 
-    from remote_mvc import ViewerHost
-
-    settings = mvc_stack.settings.replace(service="viewer", viewer_dispatch_threads=2, viewer_dispatch_threads_max=4,
-                                          viewer_stall_seconds=0.2, viewer_spare_idle_seconds=0.5)
-    host = ViewerHost(settings)
     name = model.settings.model_name
-    stuck = [host.add(Viewer(f"stuck-{i}", name, on_change=stall, record=True, log_values=False,
-                             metrics=host.metrics)) for i in range(3)]
-    others = [host.add(Viewer(f"ok-{i}", name, record=True, log_values=False, metrics=host.metrics))
-              for i in range(3)]
-    mvc_stack.adopt(host)
     caplog.set_level(logging.WARNING, logger="remote_mvc.hoststream")
-    host.start()
+    host, views = mvc_stack.viewers(6, viewer_dispatch_threads=2, viewer_dispatch_threads_max=4,
+                                    viewer_stall_seconds=0.2, viewer_spare_idle_seconds=0.5)
+    stuck, others = views[:3], views[3:]
+    for view in stuck:  # each already holds the model's state
+        view.on_change = stall
     assert host.dispatch_workers() == 2
-    wait_until(lambda: host.wait_subscribed(0.05), 10, message="viewers to subscribe")
     rm = mvc_stack.client("controller")
     revs = [rm.modify({"value": 1})]
     wait_until(lambda: len(blocked) == 3, 10, message="all three handlers to stall")  # two workers were not enough
