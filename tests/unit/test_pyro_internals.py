@@ -38,6 +38,10 @@ def test_serializer_registry():
     assert serializers.serializers_by_id[1] is serializers.serializers["serpent"], \
         _why("serializers_by_id", "pyro.daemons and pyro.hardening")
     assert hasattr(protocol, "zlib"), _why("protocol.zlib", "pyro.hardening")
+    decoders = {name for name, f in vars(serializers.SerpentSerializer).items()
+                if inspect.isfunction(f) and "serpent.loads" in inspect.getsource(f)}
+    assert decoders == {"loads", "loadsCall"}, _why("the serpent serializer's decoding methods",
+                                                    "pyro.hardening._SerializedSerpent")
 
 
 def test_daemon_hooks_we_override():

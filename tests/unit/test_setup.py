@@ -64,6 +64,7 @@ def test_setup_applies_once_and_again_is_harmless():
     assert result["changed"] and result["same"] and result["done"]
     first = result["first"]
     assert first["serializers"]["2"] == "_RefusingSerializer"  # marshal refused on input, wrapped once
+    assert first["serializers"]["1"] == "_SerializedSerpent"  # one decode at a time (python/cpython#106905)
     assert first["zlib"] == "_BoundedZlib"
     assert first["config"]["SERIALIZER"] == "'serpent'" and first["config"]["THREADPOOL_SIZE"] == "50"
     assert first["config"]["MAX_RETRIES"] == "0"
@@ -96,3 +97,52 @@ def test_a_viewer_daemon_gets_its_server_type_and_the_process_keeps_its_own():
             assert config.SERVERTYPE == before
         finally:
             daemon.close()
+
+
+def test_serpent_decoding_survives_the_ast_constructor_race():
+    """python/cpython#106905: before 3.13 a garbage collection that runs Python code (a ``__del__``)
+    in the middle of ``ast.literal_eval`` lets another thread's decode interleave, and one of them
+    fails with a SystemError. Serpent turns the GC off while it decodes, but any decode that ends
+    turns it on again for all threads, so that a decode in progress runs with the GC on now and then.
+    Here it always does (serpent's GC switch is made a no-op), with cyclic garbage and a tiny switch
+    interval: raw serpent fails (the control), Pyro5's serpent serializer after setup() never does."""
+    result = run("""
+        import json, sys, threading, types
+        import serpent
+        from Pyro5 import serializers
+        from remote_mvc import Settings, setup
+        setup(Settings())
+        payload = serpent.dumps([{"a": i, "b": [1, 2, (3, 4)], "c": "x" * 10} for i in range(100)])
+        call = serializers.serializers["serpent"].dumpsCall("obj", "method", (payload,), {"k": 1})
+
+        class Garbage:
+            def __del__(self):
+                sum(range(50))
+
+        def hammer(decode):
+            failures, expected = [], serpent.loads(payload)
+            def run():
+                for _ in range(100):
+                    for _ in range(20):
+                        g = Garbage(); g.me = g  # cyclic: collected by the GC, anywhere
+                    try:
+                        assert decode() == expected
+                    except SystemError as exc:
+                        failures.append(str(exc))
+            threads = [threading.Thread(target=run) for _ in range(4)]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+            return failures
+
+        serpent.gc = types.SimpleNamespace(disable=lambda: None, enable=lambda: None)  # the GC stays on
+        sys.setswitchinterval(1e-6)
+        by_id = serializers.serializers_by_id[serializers.serializers["serpent"].serializer_id]
+        raw = hammer(lambda: serpent.loads(payload))
+        guarded = hammer(lambda: serializers.serializers["serpent"].loads(payload))
+        guarded += hammer(lambda: serpent.loads(by_id.loadsCall(call)[2][0]))
+        print(json.dumps({"raw": raw[:3], "raw_count": len(raw), "guarded": guarded[:3],
+                          "race": sys.version_info < (3, 13)}))
+    """)
+    assert result["guarded"] == [], result
+    if result["race"]:  # the control: the race is real here, and provoked
+        assert result["raw_count"] > 0 and all("recursion depth mismatch" in e for e in result["raw"]), result

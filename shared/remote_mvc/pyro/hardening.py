@@ -8,11 +8,23 @@
   ``MAX_MESSAGE_SIZE`` on the compressed size only, so a small message could
   otherwise inflate into gigabytes. Inflation stops at the bound and the message
   is refused.
+* Serpent decoding is serialized and retried on one transient error: serpent
+  parses with ``ast.literal_eval``, and CPython before 3.13 keeps the AST
+  constructor's recursion depth per interpreter, not per thread
+  (python/cpython#106905). When a garbage collection runs Python code (a
+  proxy's ``__del__``) in the middle of a decode, another thread's decode can
+  interleave, and one of them fails with ``SystemError: AST constructor
+  recursion depth mismatch``: a good request or reply lost. Decoding is
+  CPU-bound under the GIL, so one lock costs little; the retry covers an AST
+  built elsewhere in the process (the check resets at each decode).
 """
 
 from __future__ import annotations
 
+import threading
 import zlib
+from collections.abc import Callable
+from typing import Any
 
 from Pyro5 import config as pyro_config
 from Pyro5 import errors, protocol, serializers
@@ -20,6 +32,8 @@ from Pyro5 import errors, protocol, serializers
 __all__ = ["harden_pyro", "REFUSED_SERIALIZERS"]
 
 REFUSED_SERIALIZERS = ("marshal",)
+_AST_RACE = "AST constructor recursion depth mismatch"  # python/cpython#106905
+_DECODE_ATTEMPTS = 3
 
 
 class _RefusingSerializer:
@@ -34,6 +48,34 @@ class _RefusingSerializer:
         raise errors.SecurityError(f"{self.name} is not accepted here (unsafe on untrusted input); use serpent")
 
     loads = loadsCall = _refuse  # noqa: N815 - Pyro5's names
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+
+class _SerializedSerpent:
+    """Pyro5's serpent serializer with decoding under one lock, retried on the AST race (module doc)."""
+
+    def __init__(self, real: serializers.SerializerBase) -> None:
+        self._real = real
+        self._lock = threading.RLock()  # reentrant: a class hook may decode again in the same thread
+        self.serializer_id = real.serializer_id
+
+    def _decode(self, decode: Callable[[Any], Any], data: Any) -> Any:
+        for attempt in range(1, _DECODE_ATTEMPTS + 1):
+            with self._lock:
+                try:
+                    return decode(data)
+                except SystemError as exc:
+                    if _AST_RACE not in str(exc) or attempt == _DECODE_ATTEMPTS:
+                        raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def loads(self, data: Any) -> Any:
+        return self._decode(self._real.loads, data)
+
+    def loadsCall(self, data: Any) -> Any:  # noqa: N802 - Pyro5's name
+        return self._decode(self._real.loadsCall, data)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._real, name)
@@ -59,7 +101,12 @@ class _BoundedZlib:
 
 
 def harden_pyro() -> None:
-    """Install the serializer refusal and the bounded inflation (idempotent)."""
+    """Install the serializer refusal, the serialized serpent decoding and the bounded inflation
+    (idempotent)."""
+    serpent = serializers.serializers["serpent"]
+    if not isinstance(serpent, _SerializedSerpent):
+        guarded = _SerializedSerpent(serpent)
+        serializers.serializers["serpent"] = serializers.serializers_by_id[serpent.serializer_id] = guarded
     for name in REFUSED_SERIALIZERS:
         real = serializers.serializers[name]
         if not isinstance(real, _RefusingSerializer):
