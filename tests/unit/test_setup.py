@@ -146,3 +146,36 @@ def test_serpent_decoding_survives_the_ast_constructor_race():
     assert result["guarded"] == [], result
     if result["race"]:  # the control: the race is real here, and provoked
         assert result["raw_count"] > 0 and all("recursion depth mismatch" in e for e in result["raw"]), result
+
+
+def test_a_serpent_decode_hit_by_the_race_is_tried_again_and_nothing_else_is():
+    """An AST built outside serpent (pytest's, say) can still collide with a decode: that one
+    SystemError is retried, up to three attempts; any other error reaches the caller at once."""
+    result = run("""
+        import json
+        import serpent
+        from Pyro5 import serializers
+        from remote_mvc import Settings, setup
+        setup(Settings())
+        real, calls = serpent.loads, []
+        def flaky(errors):
+            def loads(data):
+                calls.append(1)
+                if errors:
+                    raise SystemError(errors.pop(0))
+                return real(data)
+            return loads
+        race = "AST constructor recursion depth mismatch (before=27, after=21)"
+        data, out = serpent.dumps({"a": 1}), {}
+        for case, errors in (("once", [race]), ("always", [race] * 5), ("other", ["something else"])):
+            calls.clear()
+            serpent.loads = flaky(errors)
+            try:
+                out[case] = [serializers.serializers["serpent"].loads(data), len(calls)]
+            except SystemError as exc:
+                out[case] = [str(exc), len(calls)]
+        print(json.dumps(out))
+    """)
+    assert result["once"] == [{"a": 1}, 2]
+    assert result["always"][1] == 3 and "recursion depth mismatch" in result["always"][0]
+    assert result["other"] == ["something else", 1]

@@ -62,14 +62,15 @@ class _SerializedSerpent:
         self.serializer_id = real.serializer_id
 
     def _decode(self, decode: Callable[[Any], Any], data: Any) -> Any:
-        for attempt in range(1, _DECODE_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             with self._lock:
                 try:
                     return decode(data)
                 except SystemError as exc:
-                    if _AST_RACE not in str(exc) or attempt == _DECODE_ATTEMPTS:
+                    if _AST_RACE not in str(exc) or attempt >= _DECODE_ATTEMPTS:
                         raise
-        raise AssertionError("unreachable")  # pragma: no cover
+            attempt += 1
 
     def loads(self, data: Any) -> Any:
         return self._decode(self._real.loads, data)
