@@ -10,6 +10,7 @@ from Pyro5.serializers import serializers
 from remote_mvc import Metrics
 from remote_mvc.fanout import Fanout
 from remote_mvc.fanout.cursor import Cursor
+from remote_mvc.fanout.registry import Registry
 from remote_mvc.fanout.stream import Stream
 from remote_mvc.fanout.window import ACK_INTERVAL, MAX_IN_FLIGHT, ONEWAY_WINDOW, UnexpectedAnswer, Window
 from remote_mvc.pyro import notify
@@ -289,6 +290,39 @@ def test_leases_expire_unless_renewed_and_the_gauge_follows(made):
     assert f.metrics.registry.get_sample_value(
         "remote_mvc_viewers_dropped_total", {"model": "m", "reason": "lease_expired"}) == 1
     assert f.renew([b.id]) == [b.id] and b.stopped
+
+
+def test_a_drop_is_counted_before_the_viewer_leaves_the_count(made):
+    """Whoever sees a dropped viewer gone (the viewers gauge, the subscriber count) sees its drop
+    counted already: the count falls after the counter rises, never before (a test or a dashboard
+    that waits for the count to fall then reads the counter once found it still at 0)."""
+    f, clock, _ = made(lease_seconds=10)
+    sub = f.add("a", "PYRO:viewer.a@127.0.0.1:9", [])
+    seen: list[tuple[str, int]] = []
+    registry = Registry(lambda n: seen.append(("count", n)))
+    registry.add(sub)
+    assert registry.remove("ghost/1", before=lambda s: seen.append(("before", 0))) is None
+    assert registry.remove(sub.id, before=lambda s: seen.append(("before", len(registry)))) == (sub, 0)
+    assert seen == [("count", 0), ("count", 1), ("before", 1), ("count", 0)]
+    # the fan-out counts its drops in that hook: the viewer is still counted when the counter rises
+    counted_at: list[int] = []
+    real = f.metrics.viewers_dropped
+
+    class Spy:
+        def labels(self, *labels):
+            child = real.labels(*labels)
+
+            class Child:
+                def inc(self):
+                    counted_at.append(len(f))
+                    child.inc()
+            return Child()
+
+    f.metrics.viewers_dropped = Spy()
+    clock.now = 11
+    assert f.expire() == 1 and len(f) == 0 and counted_at == [1]
+    assert f.metrics.registry.get_sample_value(
+        "remote_mvc_viewers_dropped_total", {"model": "m", "reason": "lease_expired"}) == 1
 
 
 def test_resubscribing_viewer_replaces_its_old_subscription(made):

@@ -134,9 +134,11 @@ class Fanout:
         """Extend leases; return the ids this server does not know (to re-subscribe)."""
         return self.registry.renew(subscription_ids, self.clock() + self.lease_seconds)
 
-    def remove(self, subscription_id: str, event: str = "viewer_unsubscribed", reason: str = "") -> bool:
-        """End a subscription (its connection is closed); False when unknown."""
-        removed = self.registry.remove(subscription_id)
+    def remove(self, subscription_id: str, event: str = "viewer_unsubscribed", reason: str = "",
+               before: Callable[[Subscription], None] | None = None) -> bool:
+        """End a subscription (its connection is closed); False when unknown. ``before`` runs as it
+        is unregistered (see :meth:`Registry.remove`)."""
+        removed = self.registry.remove(subscription_id, before)
         if removed is None:
             return False
         sub, count = removed
@@ -148,9 +150,12 @@ class Fanout:
         return True
 
     def drop(self, sub: Subscription, reason: str, detail: str = "") -> None:
-        """End a subscription for ``reason`` (counted in ``remote_mvc_viewers_dropped_total``)."""
-        if self.remove(sub.id, "viewer_dropped", reason):
+        """End a subscription for ``reason`` (counted in ``remote_mvc_viewers_dropped_total`` before the
+        viewer leaves ``remote_mvc_viewers``: whoever sees it gone sees the drop counted)."""
+        def count(_sub: Subscription) -> None:
             self.metrics.viewers_dropped.labels(self.model, reason).inc()
+
+        if self.remove(sub.id, "viewer_dropped", reason, before=count):
             if detail:
                 log.debug("drop detail for %s: %s", sub.viewer_id, detail)
 

@@ -98,12 +98,17 @@ class Registry:
             if self._owned[key] <= 0:
                 del self._owned[key]
 
-    def remove(self, subscription_id: str) -> tuple[Subscription, int] | None:
-        """Unregister a subscription: it and the number left, or None when unknown."""
+    def remove(self, subscription_id: str,
+               before: Callable[[Subscription], None] | None = None) -> tuple[Subscription, int] | None:
+        """Unregister a subscription: it and the number left, or None when unknown. ``before`` runs
+        first, only when it is there (a drop is counted before the viewer leaves the count)."""
         with self._lock:
-            sub = self._subs.pop(subscription_id, None)
+            sub = self._subs.get(subscription_id)
             if sub is None:
                 return None
+            if before is not None:
+                before(sub)
+            del self._subs[subscription_id]
             if self._by_viewer.get(sub.viewer_id) is sub:
                 del self._by_viewer[sub.viewer_id]
             self._disown(sub)
