@@ -585,8 +585,10 @@ class ViewerHost(Service):
         self._granted[stream.model] = reply["lease"]
         self._subs[stream] = reply["subscription"]
         self._told[stream] = version
+        took_ms = round((time.monotonic() - self._keeper_turned) * 1000, 1)  # this keeper turn so far
         log_event(log, "subscribed", f"subscribed to {stream.model}", viewer_id=stream.viewer_id,
-                  uri=str(uri), members=len(members), revision=mirror.revision, server_revision=reply["revision"], since=since)
+                  uri=str(uri), members=len(members), revision=mirror.revision, server_revision=reply["revision"],
+                  since=since, took_ms=took_ms)
 
     def _unsubscribe(self, model: str, sid: str, retry_until: float) -> Exception | None:
         """Unsubscribe through this host's client of ``model`` (see :func:`unsubscribe`)."""
