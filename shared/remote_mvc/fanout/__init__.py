@@ -151,7 +151,7 @@ class Fanout:
 
     def drop(self, sub: Subscription, reason: str, detail: str = "") -> None:
         """End a subscription for ``reason`` (counted in ``remote_mvc_viewers_dropped_total`` before the
-        viewer leaves ``remote_mvc_viewers``: whoever sees it gone sees the drop counted)."""
+        viewer leaves ``remote_mvc_viewers_connected``: whoever sees it gone sees the drop counted)."""
         def count(_sub: Subscription) -> None:
             self.metrics.viewers_dropped.labels(self.model, reason).inc()
 
