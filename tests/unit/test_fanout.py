@@ -327,8 +327,10 @@ def test_a_drop_is_counted_before_the_viewer_leaves_the_count(made):
 
 def test_resubscribing_viewer_replaces_its_old_subscription(made):
     f, _, _ = made()
-    old = f.add("v", "PYRO:viewer.v@127.0.0.1:9", [])
-    new = f.add("v", "PYRO:viewer.v@127.0.0.1:8", [])
+    # two object ids: the socket pairs are kept by object id, and a connection made for the old
+    # subscription after the new one's would replace (and close) the new one's peer: a drop
+    old = f.add("v", "PYRO:viewer.v1@127.0.0.1:9", [])
+    new = f.add("v", "PYRO:viewer.v2@127.0.0.1:8", [])
     assert len(f) == 1 and f.renew([old.id]) == [old.id] and f.renew([new.id]) == []
     assert old.stopped and f.of_viewer("v") is new
     assert f.remove(new.id) and not f.remove(new.id) and len(f) == 0
