@@ -109,6 +109,10 @@ class Settings:
     audit_refusals_per_second: float = 20.0
     audit_refusal_burst: int = 100
     register_interval: float = 2.0  # how often services check their name server registration
+    # a service's stop (SIGTERM) returns within about this many seconds, whatever its peers do: keep it
+    # below the orchestrator's grace period (compose and Swarm stop_grace_period 10 s in our files,
+    # Kubernetes terminationGracePeriodSeconds), or the process is killed before it has said goodbye
+    stop_timeout: float = 8.0
     # cap of the jittered exponential backoff of every retry and reconnect loop (viewers re-subscribing,
     # services re-registering, clients reconnecting): after a restart, clients come back spread over it
     retry_backoff_max: float = 5.0
@@ -155,7 +159,7 @@ class Settings:
     def __post_init__(self) -> None:
         for name in ("lease_seconds", "call_timeout", "ticker_interval", "register_interval", "handshake_timeout",
                      "idle_timeout", "anonymous_idle_timeout", "gateway_send_timeout", "gateway_heartbeat",
-                     "gateway_header_timeout",
+                     "gateway_header_timeout", "stop_timeout",
                      "retry_backoff_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be positive")

@@ -51,6 +51,7 @@ class Service:
         self._objects: list[tuple[Any, str | None, str | None]] = []
         self._metadata: dict[str, set[str]] = {}  # name server metadata of a name (cluster groups)
         self._closing = threading.Event()  # stop() began
+        self._stop_deadline: float | None = None  # time.monotonic() by which stop() returns
         self._stopping = threading.Event()  # the daemon is going down
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -135,10 +136,18 @@ class Service:
                   metrics_port=self.metrics_server.port if self.metrics_server else None)
         return self
 
-    def _spawn(self, target: Callable[..., Any], name: str, *args: Any) -> None:
+    def _spawn(self, target: Callable[..., Any], name: str, *args: Any) -> threading.Thread:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
         t.start()
         self._threads.append(t)
+        return t
+
+    def stop_time_left(self) -> float:
+        """Seconds left of the stop's budget (``MVC_STOP_TIMEOUT``, counted from :meth:`stop`); what a
+        closer may still spend. Infinite before a stop began."""
+        if self._stop_deadline is None:
+            return float("inf")
+        return max(0.0, self._stop_deadline - time.monotonic())
 
     def healthy(self) -> bool:
         """True while the daemon serves and every name is registered."""
@@ -224,10 +233,12 @@ class Service:
             log_exception(log, "unregister_failed", "could not unregister from the name server", exc)
 
     def stop(self) -> None:
-        """Stop serving: unregister, shut the daemon down, run closers. Idempotent."""
+        """Stop serving: unregister, shut the daemon down, run closers. Idempotent; returns within about
+        ``MVC_STOP_TIMEOUT`` (a thread still busy then is a daemon thread, left to the process' exit)."""
         if self._closing.is_set():
-            self._stopped.wait(10)
+            self._stopped.wait(self.settings.stop_timeout + 1)
             return
+        self._stop_deadline = time.monotonic() + self.settings.stop_timeout
         self._closing.set()
         log_event(log, "service_stopping", "service stopping")
         self._run_closers(self._early_closers)
@@ -239,7 +250,7 @@ class Service:
             if close is not None:
                 close()
         for t in self._threads:
-            t.join(timeout=5)
+            t.join(timeout=max(0.05, self.stop_time_left()))
         self._run_closers(self._closers)
         if self.daemon is not None:
             self.daemon.close()

@@ -350,13 +350,13 @@ class ViewerHost(Service):
                                       spare_idle_seconds=settings.viewer_spare_idle_seconds)
         self._clients: dict[str, ModelClient] = {}
         self._kick = threading.Event()
-        self._sub_lock = threading.Lock()  # subscribing vs. unsubscribing at stop
+        self._keeper: threading.Thread | None = None  # the only thread that subscribes and unsubscribes
         self._granted: dict[str, float] = {}  # model -> the lease its server granted (renew well within it)
         self.renewals = 0  # renew rounds made (tests, tools)
         self._keeper_turned = time.monotonic()
         self._keeper_errors = self.metrics.loop_errors.labels("viewer-keeper")
-        self.on_stop(self._unsubscribe_all, early=True)
-        self.on_stop(self._dispatcher.stop, early=True)
+        self.on_stop(self._await_unsubscribed, early=True)
+        self.on_stop(lambda: self._dispatcher.stop(min(5.0, self.stop_time_left())), early=True)
 
     def make_daemon(self) -> Pyro5.api.Daemon:
         """The viewer host's daemon: notify calls take the short path."""
@@ -422,7 +422,7 @@ class ViewerHost(Service):
         """Serve the streams, start the dispatcher and the keeper that subscribes them; returns self."""
         super().start()
         self._dispatcher.start()
-        self._spawn(self._keep_subscribed, "viewer-keeper")
+        self._keeper = self._spawn(self._keep_subscribed, "viewer-keeper")
         return self
 
     def healthy(self) -> bool:
@@ -469,11 +469,8 @@ class ViewerHost(Service):
         while not self._closing.is_set():
             self._keeper_turned = time.monotonic()
             try:
-                with self._sub_lock:
-                    if self._closing.is_set():
-                        break
-                    self._renew_all()
-                    self._subscribe_missing()
+                self._renew_all()
+                self._subscribe_missing()
                 failing = False
                 backoff.reset()
             except (MVCError, CommunicationError, PyroError, OSError) as exc:
@@ -499,6 +496,11 @@ class ViewerHost(Service):
                 wait = lease / 3 if self._settled() else min(0.5, lease / 10)
             self._kick.wait(wait)
             self._kick.clear()
+        try:
+            self._unsubscribe_all()
+        except Exception as exc:  # noqa: BLE001 - logged, never a silently dead keeper
+            self._keeper_errors.inc()
+            log_exception(log, "loop_error", "unexpected error unsubscribing at stop", exc, loop="viewer-keeper")
 
     def _close_clients(self) -> None:
         for client in self._clients.values():
@@ -594,14 +596,28 @@ class ViewerHost(Service):
         """Unsubscribe through this host's client of ``model`` (see :func:`unsubscribe`)."""
         return unsubscribe(self._client(model), sid, retry_until)
 
-    def _unsubscribe_all(self) -> None:
+    def _await_unsubscribed(self) -> None:
+        """Early in the stop: wake the keeper, which ends its turn, unsubscribes every stream over its own
+        connections (nothing to resolve, no handshake) and ends; wait for it while the stop's budget lasts,
+        less a reserve for the rest of the stop. A keeper still in a call then is left: the server drops
+        this host (``unreachable``) when the stop closes its connections."""
         self._kick.set()
-        with self._sub_lock:
-            self._unsubscribe_locked()
+        if self._keeper is None:
+            return
+        self._keeper.join(max(0.0, self.stop_time_left() - self._stop_reserve()))
+        if self._keeper.is_alive():
+            log_event(log, "unsubscribe_unfinished", "stopping before the model server answered; it drops this "
+                      "host when its connection closes", level=logging.WARNING, streams=len(self._subs))
 
-    def _unsubscribe_locked(self) -> None:
-        # a retry after a timeout only early in the stop: one extra call timeout in all, never a hang
-        retry_until = time.monotonic() + 2 * self.settings.call_timeout
+    def _stop_reserve(self) -> float:
+        """What the stop keeps for after the unsubscribing (the dispatcher, the daemon, the threads)."""
+        return min(1.0, self.settings.stop_timeout / 4)
+
+    def _unsubscribe_all(self) -> None:
+        """The keeper's last act: end every subscription. A timed-out call is tried again only while a
+        whole call still fits in the stop's budget, so the stop ends in time whatever the server does."""
+        now, call = time.monotonic(), self.settings.call_timeout
+        retry_until = now + min(2 * call, self.stop_time_left() - self._stop_reserve() - call)
         for stream, sid in list(self._subs.items()):
             error = self._unsubscribe(stream.model, sid, retry_until)
             if error is None:

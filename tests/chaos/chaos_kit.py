@@ -34,7 +34,7 @@ from typing import Any
 
 from e2e_stack import MODEL, REPO, TICKER, Stack, parse_json_lines, sh, wait_until
 
-__all__ = ["DOCKER_QUIRKS", "ChaosStack", "ControllerRun", "chaos_stack", "check_sequence", "free_subnet", "log",
+__all__ = ["DOCKER_QUIRKS", "ChaosStack", "ContainerLogs", "ControllerRun", "chaos_stack", "check_sequence", "free_subnet", "log",
            "percentiles", "MODEL", "TICKER", "wait_until"]
 
 HERE = Path(__file__).resolve().parent
@@ -278,6 +278,48 @@ class ControllerRun:
 def wait_acks(runs: list[ControllerRun], n: int, timeout: float) -> int:
     return wait_until(lambda: sum(len(r.acked()) for r in runs) >= n and sum(len(r.acked()) for r in runs),
                       timeout=timeout, what=f"{n} acknowledged modifications")
+
+
+class ContainerLogs:
+    """``docker logs --follow`` of containers into files that outlive them: compose removes the
+    replicas it scales down, and their logs with them, so what a leaving replica said on its way out
+    is only kept if it was followed. ``with ContainerLogs(dir) as logs:`` stops the followers."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._followed: dict[str, tuple[subprocess.Popen[bytes], Any, Path]] = {}
+
+    def __enter__(self) -> ContainerLogs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def follow(self, containers: Iterable[str]) -> None:
+        """Follow each container not followed yet (a follower ends when its container is removed)."""
+        for container in containers:
+            if container in self._followed:
+                continue
+            path = self.directory / f"{container[:12]}.log"
+            out = path.open("wb")
+            proc = subprocess.Popen(["docker", "logs", "--follow", container], stdout=out,
+                                    stderr=subprocess.STDOUT)
+            self._followed[container] = (proc, out, path)
+
+    def of_host(self, hostname: str, last: int = 40) -> str:
+        """The last lines logged by the container whose hostname (Docker's default: the short id) this is."""
+        for container, (_, out, path) in self._followed.items():
+            if container.startswith(hostname):
+                out.flush()
+                lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+                return "\n".join(lines[-last:])
+        return f"(no followed container has hostname {hostname})"
+
+    def close(self) -> None:
+        for proc, out, _ in self._followed.values():
+            proc.terminate()
+            proc.wait(10)
+            out.close()
 
 
 # ---------------------------------------------------------------------------- the stack

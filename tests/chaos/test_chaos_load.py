@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from chaos_kit import (
     MODEL,
     TICKER,
     ChaosStack,
+    ContainerLogs,
     ControllerRun,
     chaos_stack,
     check_sequence,
@@ -90,7 +92,12 @@ def _scale(stack: ChaosStack, n: int) -> float:
 
 
 # ---------------------------------------------------------------------------- 7
-def test_viewer_burst_3_to_30_to_3_leaks_nothing(load: ChaosStack, figures: dict[str, Any]) -> None:
+def test_viewer_burst_3_to_30_to_3_leaks_nothing(load: ChaosStack, figures: dict[str, Any], tmp_path: Path) -> None:
+    with ContainerLogs(tmp_path) as logs:
+        _burst(load, figures, logs)
+
+
+def _burst(load: ChaosStack, figures: dict[str, Any], logs: ContainerLogs) -> None:
     load.wait_healthy("viewer", count=BASE_VIEWERS)
     model = load.one("model")
     for value in (1, 2):  # warm up every path once (modify, fan-out, the metrics server)
@@ -105,6 +112,7 @@ def test_viewer_burst_3_to_30_to_3_leaks_nothing(load: ChaosStack, figures: dict
         log(f"burst {cycle}: scaling viewers {BASE_VIEWERS} -> {BURST}")
         up_s = _scale(load, BURST)
         viewers = load.containers("viewer")
+        logs.follow(viewers)  # the leaving viewers' logs outlive their containers
         revision = load.set(value=100 + cycle)
         load.wait_revision(revision, viewers, timeout=90)
         peak = _settled(load, model, samples=1)
@@ -126,9 +134,11 @@ def test_viewer_burst_3_to_30_to_3_leaks_nothing(load: ChaosStack, figures: dict
     dropped = load.metric(model, "remote_mvc_viewers_dropped_total", samples) - dropped0
     left = len(load.events(model, "viewer_unsubscribed")) - unsub0
     reasons = [(e.get("viewer_id"), e.get("reason")) for e in load.events(model, "viewer_dropped")]
+    said = "".join(f"\n--- the last lines of {vid} ---\n{logs.of_host(str(vid).rsplit('-', 1)[0])}"
+                   for vid, _ in reasons)
     assert (left, dropped) == (2 * LEFT, 0), (
         f"{left} leaving viewers unsubscribed and {int(dropped)} were dropped instead, expected {2 * LEFT} and 0; "
-        f"drops: {reasons}")
+        f"drops: {reasons}{said}")
 
     after1, after2 = cycles[0]["after"], cycles[1]["after"]
     for c in cycles:

@@ -1,7 +1,9 @@
 """Dead, stalled and lagging viewers; model server and name server restarts."""
 
+import logging
 import signal
 import threading
+import time
 
 from remote_mvc import ModelClient
 from remote_mvc.testing import wait_until
@@ -62,6 +64,28 @@ def test_idle_stalled_viewer_loses_its_lease(mvc_stack):
     stalled.signal(signal.SIGSTOP)  # no changes flow: only the lease can notice
     wait_until(lambda: model.server.subscriber_count == 0, 10, message="the lease to expire")
     assert dropped(model, "lease_expired") == 1
+
+
+def test_a_viewer_host_stops_in_its_budget_while_the_model_server_hangs(mvc_stack, caplog):
+    """SIGTERM to a viewer host whose model server is frozen mid-call: the stop must still end within
+    MVC_STOP_TIMEOUT, or the orchestrator's SIGKILL comes first (compose: 10 s). Waiting for the keeper's
+    call, then resolving, connecting and retrying an unsubscribe would take several call timeouts."""
+    server = mvc_stack.process("model")
+    server.wait_for_log(lambda r: r.get("event") == "registered", 15)
+    host, views = mvc_stack.viewers(2, call_timeout=2.0, stop_timeout=3.0)
+    server.signal(signal.SIGSTOP)
+    try:
+        renewals = host.renewals
+        wait_until(lambda: host.renewals > renewals, 10, message="a renewal the frozen server does not answer")
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="remote_mvc.viewer"):
+            host.stop()
+        took = time.monotonic() - started
+    finally:
+        server.signal(signal.SIGCONT)
+    assert took < 3.0 + 1.5, f"the stop took {took:.1f} s, its budget is 3 s"
+    said = {getattr(r, "event", None) for r in caplog.records}
+    assert said & {"unsubscribe_unfinished", "unsubscribe_failed"}, "a stop that did not say goodbye says so"
 
 
 def test_lagging_viewer_gets_batches_then_a_snapshot(mvc_stack):
