@@ -36,8 +36,8 @@ command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 if [ "${#missing[@]}" -gt 0 ]; then
     log "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -q
-    $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" tini iptables ca-certificates
+    $SUDO apt-get -o Acquire::Retries=5 update -q
+    $SUDO apt-get -o Acquire::Retries=5 install -y -q --no-install-recommends "${missing[@]}" tini iptables ca-certificates
 else
     log "docker, dockerd and debootstrap already installed"
 fi
@@ -83,8 +83,8 @@ else
                 PYTHON=.venv/bin/python
             else
                 log "no pip for $PYTHON; installing python3-pip"
-                $SUDO apt-get update -q
-                DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends python3-pip
+                $SUDO apt-get -o Acquire::Retries=5 update -q
+                DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o Acquire::Retries=5 install -y -q --no-install-recommends python3-pip
                 PYTHON=/usr/bin/python3
             fi
         fi

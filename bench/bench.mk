@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 # hiredis: redis-py's C reply parser, picked by redis-py whenever installed: the Redis baseline a user
 # who cares about latency runs (bench/viewer_proc.py requires it)
 BENCH_PY_DEPS := redis 'hiredis>=3,<4' psutil numpy matplotlib py-spy
-APT_GET := env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q -y
+APT_GET := env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=5 -q -y
 
 .PHONY: bench bench-quick bench-profile bench-deps bench-commit bench-gateway
 

@@ -6,8 +6,8 @@ FROM ${BASE_IMAGE}
 ARG BASE_IMAGE
 LABEL org.opencontainers.image.title="remote-mvc-etcd" remote-mvc.base-image="${BASE_IMAGE}"
 
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends etcd-server etcd-client \
+RUN apt-get -o Acquire::Retries=5 update \
+ && DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=5 install -y --no-install-recommends etcd-server etcd-client \
  && rm -rf /var/lib/apt/lists/* /usr/share/doc/* /usr/share/man/* \
  && mkdir -p /var/lib/etcd-data \
  && chown etcd:etcd /var/lib/etcd-data \

@@ -7,8 +7,8 @@ FROM ${BASE_IMAGE}
 ARG BASE_IMAGE
 LABEL org.opencontainers.image.title="remote-mvc-prometheus" remote-mvc.base-image="${BASE_IMAGE}"
 
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus \
+RUN apt-get -o Acquire::Retries=5 update \
+ && DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=5 install -y --no-install-recommends prometheus \
  && rm -rf /var/lib/apt/lists/* /usr/share/doc/* /usr/share/man/* \
  && mkdir -p /prometheus \
  && chown prometheus:prometheus /prometheus
