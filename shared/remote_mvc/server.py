@@ -463,6 +463,10 @@ class ModelServer:
                 log_exception(log, "loop_error", "unexpected error in the lease reaper; it goes on", exc,
                               model=self._name, loop="reaper")
 
+    def may_be_stale(self) -> bool:
+        """True in cluster mode while this replica cannot reach etcd: what it serves may be behind."""
+        return self._pipeline.stale
+
     def healthy(self) -> bool:
         """The reaper and the fan-out loop are running (see Fanout.healthy)."""
         reaper = self._reaper
@@ -551,6 +555,11 @@ class ModelService(Service):
     def healthy(self) -> bool:
         """True while the service and its model server are healthy."""
         return super().healthy() and self.server.healthy()
+
+    def may_register(self) -> bool:
+        """Not while the replica may be stale (cut off from etcd): its siblings remove its name when
+        its liveness key expires, and it must not put the name back until it is in touch again."""
+        return not self.server.may_be_stale()
 
     def _role_of(self, identity: str) -> str | None:
         """The role of ``identity`` in this service's credentials table (for delegated modifies)."""

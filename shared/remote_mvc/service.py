@@ -167,9 +167,17 @@ class Service:
             self._stopping.wait(0.02)
         return True
 
+    def may_register(self) -> bool:
+        """Whether the registrar may put this service's names (back) in the name server now. A service
+        that cannot serve for a while says False (a model replica cut off from etcd): names that point
+        here stay, but one removed meanwhile (siblings judged this replica dead) is not put back, so it
+        does not flap in and out of the name server while clients are sent to it for nothing."""
+        return True
+
     def _keep_registered(self) -> None:
         """Make sure each name points at us; after a name server restart, register again."""
         ns = None
+        held: set[str] = set()  # names not put back while may_register() says no (logged once)
         interval = self.settings.register_interval
         backoff = Backoff(0.05, min(self.settings.retry_backoff_max, interval))
         identity, secret = client_credentials(self.settings)
@@ -183,6 +191,15 @@ class Service:
                     except NamingError:
                         current = None
                     if current is None or str(current) != str(uri):
+                        if not self.may_register():
+                            self._registered.discard(name)
+                            if name not in held:
+                                held.add(name)
+                                log_event(log, "registration_held", f"{name} is not in the name server; not "
+                                          "registering it until this service can serve again",
+                                          level=logging.WARNING, registered=name, current=str(current or ""))
+                            continue
+                        held.discard(name)
                         ns.register(name, uri, safe=False, metadata=self._metadata.get(name))
                         self.metrics.registrations.labels(name).inc()
                         log_event(log, "registered", f"registered {name} with the name server", registered=name,

@@ -73,9 +73,19 @@ def test_a_replica_cut_off_from_etcd_refuses_writes_and_stale_reads_then_catches
         with pytest.raises(ServiceUnavailable):
             r0.query()
         s.wait_progress(60)  # the controllers go on through the other replicas
+        # its siblings remove r0's name once its liveness key expires, and r0 does not put it back
+        # while it is cut off: its name does not flap in and out, clients are not sent to it
+        settings = s.stack.settings
+        wait_until(lambda: s.replicas["r0"].events("registration_held"), 30, message="r0 holding its name back")
+        registered = len(s.replicas["r0"].events("registered"))
+        s.wait_progress(30)  # many registration rounds of r0 (every 0.5 s)
+        assert len(s.replicas["r0"].events("registered")) == registered, "r0 put its name back while cut off"
+        assert len(resolve_all(settings.model_name, settings)) == 2
         for p in proxies:
             p.restore()
-        wait_until(lambda: not r0.snapshot()["stale"], 15, message="r0 back in touch with etcd")
+        # found by name again once it is back in touch (not stale) and has registered
+        wait_until(lambda: retrying(lambda: not r0.snapshot()["stale"], 15), 15, message="r0 back in touch with etcd")
+        wait_until(lambda: len(resolve_all(settings.model_name, settings)) == 3, 15, message="r0's name back")
         s.wait_progress(30)
         counts = s.finish()
         assert all(e["values"]["value"] != -1 for e in all_history(s.reader))
