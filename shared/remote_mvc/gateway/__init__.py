@@ -193,7 +193,7 @@ class Gateway(ViewerHost):
                 pass
             server.should_exit = True
         if self._http_thread is not None:
-            self._http_thread.join(10)
+            self._http_thread.join(min(10.0, max(0.1, self.stop_time_left() - 0.5)))
         if self._socket is not None:
             self._socket.close()
 
