@@ -31,7 +31,12 @@ member through the host's :class:`Dispatcher`:
   waits and fewer than ``viewer_dispatch_threads`` workers are free of stalled
   handlers, a watchdog adds a spare worker (at most
   ``viewer_dispatch_threads_max`` in all; spares retire when idle), logs
-  ``viewer_handler_stalled`` and counts ``remote_mvc_viewer_stalls_total``.
+  ``viewer_handler_stalled`` and counts ``remote_mvc_viewer_stalls_total``;
+* when even the ceiling is not enough (every worker runs a stalled handler and
+  work waits), the host is *exhausted*: logged at ERROR
+  (``viewer_dispatch_exhausted``), the gauge
+  ``remote_mvc_viewer_dispatch_exhausted`` is 1 and the host reports itself
+  unhealthy until a handler returns, so its supervisor can restart it.
 
 The model server's sender therefore never waits on a viewer's handler: the
 stream answers as soon as the mirror applied the batch. The server drops a host
@@ -96,6 +101,8 @@ class Dispatcher:
         self._running: dict[threading.Thread, tuple[float, _Member]] = {}  # worker -> (since, member) in a run
         self._spawned = 0
         self._watchdog: threading.Thread | None = None
+        self._exhausted = False  # every worker (at the ceiling) stalled while work waits
+        self._exhausted_gauge = metrics.viewer_dispatch_exhausted
         self._stopping = threading.Event()
         self._logged: dict[str, float] = {}  # model -> when a conflation was last logged
         self._conflations: dict[str, int] = collections.Counter()
@@ -109,7 +116,7 @@ class Dispatcher:
             self._stopping.clear()
             for _ in range(self.threads):
                 self._spawn()
-        if self.max_threads > self.threads:
+        if self._watchdog is None or not self._watchdog.is_alive():  # spares; a pool exhausted by stalls
             self._watchdog = threading.Thread(target=self._watch, name="viewer-dispatch-watchdog", daemon=True)
             self._watchdog.start()
 
@@ -128,6 +135,11 @@ class Dispatcher:
             self._watchdog.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._workers.clear()
+
+    def exhausted(self) -> bool:
+        """True while every worker, at the ceiling, runs a stalled handler and other work waits: no
+        viewer of this host gets anything until one of those handlers returns."""
+        return self._exhausted
 
     def workers(self) -> int:
         """How many workers the pool has now (spares included)."""
@@ -156,11 +168,19 @@ class Dispatcher:
         now = self._clock()
         with self._lock:
             stalled = [(since, m) for since, m in self._running.values() if now - since >= self.stall_seconds]
-            if (self._ready.empty() or len(self._workers) - len(stalled) >= self.threads
-                    or len(self._workers) >= self.max_threads):
-                return
-            self._spawn()
+            waiting = not self._ready.empty()
+            at_ceiling = len(self._workers) >= self.max_threads
+            exhausted = waiting and at_ceiling and len(stalled) >= len(self._workers)
+            turned, self._exhausted = exhausted != self._exhausted, exhausted
             workers = len(self._workers)
+            grow = waiting and workers - len(stalled) < self.threads and not at_ceiling
+            if grow:
+                self._spawn()
+                workers += 1
+        if turned:
+            self._exhausted_changed(exhausted, workers, stalled)
+        if not grow:
+            return
         models = sorted({m.viewer.model for _, m in stalled})
         for model in models:
             self._metrics.viewer_stalls.labels(model).inc()
@@ -168,6 +188,16 @@ class Dispatcher:
                   "other viewers", level=logging.WARNING, models=models, workers=workers,
                   viewer_ids=sorted(m.viewer.viewer_id for _, m in stalled),
                   stalled_seconds=round(max(now - since for since, _ in stalled), 3))
+
+    def _exhausted_changed(self, exhausted: bool, workers: int, stalled: list[tuple[float, _Member]]) -> None:
+        self._exhausted_gauge.set(1 if exhausted else 0)
+        if exhausted:
+            log_event(log, "viewer_dispatch_exhausted", "every dispatch worker runs a stalled handler, at the "
+                      "ceiling: no viewer of this host gets changes until one returns; the host reports itself "
+                      "unhealthy", level=logging.ERROR, workers=workers,
+                      viewer_ids=sorted(m.viewer.viewer_id for _, m in stalled))
+        else:
+            log_event(log, "viewer_dispatch_recovered", "the dispatch workers run again", workers=workers)
 
     def offer(self, member: _Member, batch: dict[str, Any], events: int) -> None:
         """Queue a notification for ``member`` (``events``: how many events it carries, a snapshot

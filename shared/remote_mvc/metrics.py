@@ -94,6 +94,10 @@ class Metrics:
         self.viewer_stalls = Counter(
             "remote_mvc_viewer_stalls", "Times a viewer host added a spare dispatch worker because viewer "
             "handlers were stalled (running longer than MVC_VIEWER_STALL_SECONDS).", ["model"], registry=r)
+        self.viewer_dispatch_exhausted = Gauge(
+            "remote_mvc_viewer_dispatch_exhausted", "1 while every dispatch worker of this viewer host (at "
+            "MVC_VIEWER_DISPATCH_THREADS_MAX) runs a stalled handler and other viewers' changes wait.",
+            registry=r)
         self.handler_errors = Counter(
             "remote_mvc_viewer_handler_errors", "Viewer handlers (on_change) that raised.", ["model"], registry=r)
         self.auth_failures = Counter(

@@ -426,11 +426,13 @@ class ViewerHost(Service):
         return self
 
     def healthy(self) -> bool:
-        """Serving, every viewer's stream subscribed, and the keeper turning (not dead, not stuck)."""
-        keeper = next((t for t in self._threads if t.name == "viewer-keeper"), None)
+        """Serving, every viewer's stream subscribed, the keeper turning (not dead, not stuck), and the
+        dispatcher not exhausted by stalled handlers."""
+        keeper = self._keeper
         stuck_after = max(30.0, 10 * self.settings.call_timeout + self.lease())
         keeping = keeper is None or (keeper.is_alive() and time.monotonic() - self._keeper_turned < stuck_after)
-        return super().healthy() and keeping and self.subscribed() == len(self.viewers)
+        return (super().healthy() and keeping and self.subscribed() == len(self.viewers)
+                and not self._dispatcher.exhausted())
 
     def lease(self) -> float:
         """The shortest lease the model servers granted (our own setting until one did)."""

@@ -174,6 +174,41 @@ def test_stalled_handlers_get_spare_workers_up_to_the_ceiling(mvc_stack, caplog)
         assert view.wait_for(rev, 10)
 
 
+def test_a_host_whose_every_worker_is_stalled_at_the_ceiling_says_so(mvc_stack, caplog):
+    """Two handlers block on a host of at most two dispatch workers: the third viewer's change waits
+    with no worker left. The host reports it (ERROR log, gauge, unhealthy) instead of going quiet,
+    and recovers when a handler returns."""
+    mvc_stack.model()
+    gate = threading.Event()
+    blocked: list[str] = []
+
+    def stall(viewer, event):
+        if event is not None:
+            blocked.append(viewer.viewer_id)
+            gate.wait(60)
+
+    caplog.set_level(logging.INFO, logger="remote_mvc.hoststream")
+    host, views = mvc_stack.viewers(3, viewer_dispatch_threads=1, viewer_dispatch_threads_max=2,
+                                    viewer_stall_seconds=0.2)
+    stuck, free = views[:2], views[2]
+    for view in stuck:
+        view.on_change = stall
+    assert host.healthy()
+    exhausted = lambda: sample(host.metrics, "remote_mvc_viewer_dispatch_exhausted", {})  # noqa: E731
+    rev = mvc_stack.client("controller").modify({"value": 1})
+    wait_until(lambda: not host.healthy(), 10, message="the host to report its workers exhausted")
+    assert sorted(blocked) == sorted(v.viewer_id for v in stuck) and free.revision < rev
+    assert exhausted() == 1 and host.dispatch_workers() == 2
+    said = [r for r in caplog.records if getattr(r, "event", None) == "viewer_dispatch_exhausted"]
+    assert len(said) == 1 and said[0].levelname == "ERROR"
+    assert set(said[0].viewer_ids) == {v.viewer_id for v in stuck}
+    gate.set()
+    assert free.wait_for(rev, 10)
+    wait_until(host.healthy, 10, message="the host healthy again")
+    assert exhausted() == 0
+    assert any(getattr(r, "event", None) == "viewer_dispatch_recovered" for r in caplog.records)
+
+
 def test_the_stream_resubscribes_once_after_a_model_server_restart(mvc_stack):
     server = mvc_stack.process("model")
     server.wait_for_log(lambda r: r.get("event") == "registered", 15)
