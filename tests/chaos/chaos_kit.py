@@ -318,7 +318,11 @@ class ContainerLogs:
     def close(self) -> None:
         for proc, out, _ in self._followed.values():
             proc.terminate()
-            proc.wait(10)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             out.close()
 
 

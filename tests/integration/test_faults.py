@@ -72,7 +72,7 @@ def test_a_viewer_host_stops_in_its_budget_while_the_model_server_hangs(mvc_stac
     call, then resolving, connecting and retrying an unsubscribe would take several call timeouts."""
     server = mvc_stack.process("model")
     server.wait_for_log(lambda r: r.get("event") == "registered", 15)
-    host, views = mvc_stack.viewers(2, call_timeout=2.0, stop_timeout=3.0)
+    host, views = mvc_stack.viewers(2, call_timeout=3.0, stop_timeout=3.0)
     server.signal(signal.SIGSTOP)
     try:
         renewals = host.renewals
@@ -83,7 +83,7 @@ def test_a_viewer_host_stops_in_its_budget_while_the_model_server_hangs(mvc_stac
         took = time.monotonic() - started
     finally:
         server.signal(signal.SIGCONT)
-    assert took < 3.0 + 1.5, f"the stop took {took:.1f} s, its budget is 3 s"
+    assert took < 3.0 + 2.5, f"the stop took {took:.1f} s, its budget is 3 s"
     said = {getattr(r, "event", None) for r in caplog.records}
     assert said & {"unsubscribe_unfinished", "unsubscribe_failed"}, "a stop that did not say goodbye says so"
 

@@ -194,7 +194,10 @@ def test_a_host_whose_every_worker_is_stalled_at_the_ceiling_says_so(mvc_stack, 
     for view in stuck:
         view.on_change = stall
     assert host.healthy()
-    exhausted = lambda: sample(host.metrics, "remote_mvc_viewer_dispatch_exhausted", {})  # noqa: E731
+
+    def exhausted():
+        return sample(host.metrics, "remote_mvc_viewer_dispatch_exhausted", {})
+
     rev = mvc_stack.client("controller").modify({"value": 1})
     wait_until(lambda: not host.healthy(), 10, message="the host to report its workers exhausted")
     assert sorted(blocked) == sorted(v.viewer_id for v in stuck) and free.revision < rev
