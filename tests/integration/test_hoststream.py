@@ -20,6 +20,20 @@ def sample(metrics, name, labels):
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
+def staller():
+    """A handler that blocks (I/O without a timeout) in its first change until the gate is set,
+    and the ids of the viewers it blocked."""
+    gate = threading.Event()
+    blocked: list[str] = []
+
+    def stall(viewer, event):
+        if event is not None:
+            blocked.append(viewer.viewer_id)
+            gate.wait(60)
+
+    return gate, blocked, stall
+
+
 def test_viewers_of_one_host_share_one_subscription_and_one_connection(mvc_stack):
     model = mvc_stack.model()
     host, views = mvc_stack.viewers(20)
@@ -136,14 +150,7 @@ def test_stalled_handlers_get_spare_workers_up_to_the_ceiling(mvc_stack, caplog)
     spare workers, never past the ceiling, so the other viewers get every change; the spares retire
     once the stalled handlers return."""
     model = mvc_stack.model()
-    gate = threading.Event()
-    blocked: list[str] = []
-
-    def stall(viewer, event):
-        if event is not None:
-            blocked.append(viewer.viewer_id)
-            gate.wait(60)
-
+    gate, blocked, stall = staller()
     name = model.settings.model_name
     caplog.set_level(logging.WARNING, logger="remote_mvc.hoststream")
     host, views = mvc_stack.viewers(6, viewer_dispatch_threads=2, viewer_dispatch_threads_max=4,
@@ -179,14 +186,7 @@ def test_a_host_whose_every_worker_is_stalled_at_the_ceiling_says_so(mvc_stack, 
     with no worker left. The host reports it (ERROR log, gauge, unhealthy) instead of going quiet,
     and recovers when a handler returns."""
     mvc_stack.model()
-    gate = threading.Event()
-    blocked: list[str] = []
-
-    def stall(viewer, event):
-        if event is not None:
-            blocked.append(viewer.viewer_id)
-            gate.wait(60)
-
+    gate, blocked, stall = staller()
     caplog.set_level(logging.INFO, logger="remote_mvc.hoststream")
     host, views = mvc_stack.viewers(3, viewer_dispatch_threads=1, viewer_dispatch_threads_max=2,
                                     viewer_stall_seconds=0.2)
