@@ -96,7 +96,7 @@ class Gateway(ViewerHost):
                             log_values=False))
         self.app = build_app(self)
         self.on_stop(self._stop_http, early=True)
-        self.on_stop(self._close_clients)
+        self.on_stop(self._close_callers)
 
     # the relay -------------------------------------------------------------------------
     def _on_change(self, viewer: Viewer, event: dict[str, Any] | None) -> None:
@@ -197,7 +197,9 @@ class Gateway(ViewerHost):
         if self._socket is not None:
             self._socket.close()
 
-    def _close_clients(self) -> None:
+    def _close_callers(self) -> None:
+        """At stop: the clients that forward modifies, and the audit log (not ``_close_clients``, the
+        viewer host's keeper's own reset of its model clients after a failure)."""
         for client in self._callers.values():
             client.close()
         self.audit.close()
