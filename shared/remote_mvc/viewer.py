@@ -630,8 +630,7 @@ class ViewerHost(Service):
                           viewer_id=stream.viewer_id, model=stream.model, error=str(error))
         self._subs.clear()
         self._told.clear()
-        for client in self._clients.values():
-            client.close()
+        self._close_clients()
 
 
 class Unsubscriber(Protocol):
